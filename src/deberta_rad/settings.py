@@ -1,0 +1,41 @@
+"""Environment and secrets (pydantic-settings); knobs that shape results live in params.yaml instead."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Read from the environment (prefix DEBERTA_RAD_) and an optional `.env` file."""
+
+    model_config = SettingsConfigDict(env_prefix="DEBERTA_RAD_", env_file=".env", extra="ignore")
+
+    # MLflow: the embedded default is a SQLite file in the repo; MLFLOW_TRACKING_URI overrides it.
+    mlflow_tracking_uri: str = Field(default="sqlite:///mlflow.db", validation_alias="MLFLOW_TRACKING_URI")
+    mlflow_experiment: str = "deberta-rad"
+    registered_model: str = "deberta-rad"
+
+    # LLM teacher: any OpenAI-compatible endpoint. Reports are PHI, so sending them is opt-in.
+    openai_base_url: str | None = Field(default=None, validation_alias="OPENAI_BASE_URL")
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
+    llm_model: str = "gpt-4o-mini"
+    allow_external_llm: bool = False
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """One Settings per process; tests clear the cache after changing the environment."""
+    return Settings()
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    """params.yaml, the one place for knobs (DVC tracks it; `dvc exp run -S` overrides it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no params file")
+    return yaml.safe_load(path.read_text()) or {}

@@ -1,0 +1,108 @@
+"""Persistent cache of LLM teacher answers, so reruns and resumed runs pay only for what is new.
+
+SQLite in WAL mode with one committed transaction per answer: a crash (or Ctrl-C) loses at most the
+requests in flight, never a half-written row. Rows are keyed by (sha256 of the report text, model,
+prompt version); report text itself is never stored, because reports are PHI and the hash suffices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+CACHE_FILENAME = "llm_cache.sqlite"
+_LOOKUP_CHUNK = 500  # stays below SQLite's bound-parameter limit
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS labels (
+    text_sha256 TEXT NOT NULL,
+    model TEXT NOT NULL,
+    prompt_version TEXT NOT NULL,
+    labels_json TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (text_sha256, model, prompt_version)
+)
+"""
+
+
+def text_sha256(text: str) -> str:
+    """Cache key of a report: the hex sha256 of its exact UTF-8 text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class CachedAnswer:
+    """A validated answer and the tokens it cost when it was first requested."""
+
+    labels: dict[str, str]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class LabelCache:
+    """SQLite store of validated labels; ``cache_dir=None`` keeps it in memory for one run only."""
+
+    def __init__(self, cache_dir: Path | str | None) -> None:
+        if cache_dir is None:
+            self.path: Path | None = None
+            self._conn = sqlite3.connect(":memory:")
+        else:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            self.path = Path(cache_dir) / CACHE_FILENAME
+            self._conn = sqlite3.connect(self.path, timeout=30)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        self._conn.execute(_SCHEMA)
+        self._conn.commit()
+
+    def get_many(self, hashes: Iterable[str], model: str, prompt_version: str) -> dict[str, CachedAnswer]:
+        """Cached answers for those of ``hashes`` already labelled with this model and prompt version."""
+        wanted = list(dict.fromkeys(hashes))
+        found: dict[str, CachedAnswer] = {}
+        for start in range(0, len(wanted), _LOOKUP_CHUNK):
+            chunk = wanted[start : start + _LOOKUP_CHUNK]
+            placeholders = ",".join("?" * len(chunk))
+            rows = self._conn.execute(
+                "SELECT text_sha256, labels_json, prompt_tokens, completion_tokens FROM labels "
+                f"WHERE model = ? AND prompt_version = ? AND text_sha256 IN ({placeholders})",
+                (model, prompt_version, *chunk),
+            )
+            for text_hash, labels_json, prompt_tokens, completion_tokens in rows:
+                found[text_hash] = CachedAnswer(json.loads(labels_json), prompt_tokens, completion_tokens)
+        return found
+
+    def put(self, text_hash: str, model: str, prompt_version: str, answer: CachedAnswer) -> None:
+        """Store one validated answer and commit at once, so it survives an interruption right after."""
+        with self._conn:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO labels VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    text_hash,
+                    model,
+                    prompt_version,
+                    json.dumps(answer.labels, sort_keys=True),
+                    answer.prompt_tokens,
+                    answer.completion_tokens,
+                    datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                ),
+            )
+
+    def __len__(self) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM labels").fetchone()[0])
+
+    def close(self) -> None:
+        """Close the connection (WAL is checkpointed by SQLite when the last connection closes)."""
+        self._conn.close()
+
+    def __enter__(self) -> LabelCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

