@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deberta_rad.data import iu_report_text
 from deberta_rad.evaluate import presence_metrics
-from deberta_rad.gold import iu_presence_gold, iu_report_text
+from deberta_rad.gold import iu_presence_gold
 from deberta_rad.schema import FINDINGS, Report
 from deberta_rad.teachers import get_teacher
 

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import IU_DEV
 
-from deberta_rad.data import InputError
+from deberta_rad.data import InputError, iu_report_text
 from deberta_rad.gold import (
     GoldSet,
     iu_mesh_findings,
     iu_presence_gold,
-    iu_report_text,
     match_finding_name,
     read_chexgpt_jsonl,
     read_chexpert_csv,
@@ -20,9 +20,6 @@ from deberta_rad.gold import (
     read_label_jsonl,
 )
 from deberta_rad.schema import FINDINGS
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-IU_DEV = SHARED_DATA / "iu-xray" / "dev.jsonl"
 
 
 def write_jsonl(path: Path, records: list[object]) -> Path:

@@ -77,13 +77,18 @@ def label(
 ) -> None:
     """Pseudo-label reports with a teacher."""
     from deberta_rad.teachers import label_reports
+    from deberta_rad.teachers.llm import LLMTeacherError
 
     try:
         reports = data.read_reports(input)
-        records = label_reports(teacher, reports, llm_model=llm_model, cache=cache)
+        records, usage = label_reports(teacher, reports, llm_model=llm_model, cache=cache)
     except (data.InputError, ValueError) as err:
         _fail(str(err))
+    except LLMTeacherError as err:  # says what was labelled and cached before it stopped
+        _fail(f"{err}" + (f"\n{err.summary.describe()}" if err.summary else ""))
     data.write_jsonl(output, records)
+    if usage:
+        typer.echo(usage)
     typer.echo(f"labelled {len(records)} reports with teacher {teacher!r} into {output}")
 
 

@@ -37,7 +37,7 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+def json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line, failing on the first bad one."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -69,7 +69,7 @@ def _checked_report(data: dict, where: str) -> Report:
     return report
 
 
-def _iu_text(record: dict) -> str:
+def iu_report_text(record: dict) -> str:
     """IU X-ray keeps FINDINGS and IMPRESSION apart; the report text is both, headed as sections."""
     sections = [(name, (record.get(name.lower()) or "").strip()) for name in ("FINDINGS", "IMPRESSION")]
     return "\n".join(f"{name}: {body}" for name, body in sections if body)
@@ -78,10 +78,10 @@ def _iu_text(record: dict) -> str:
 def read_jsonl_reports(path: Path) -> list[Report]:
     """Report JSONL (DESIGN.md), the radlabels JSONL (`text`) or the IU X-ray JSONL (`findings`, `impression`)."""
     reports = []
-    for number, record in _json_lines(path):
+    for number, record in json_lines(path):
         where = f"{path}:{number}"
         if "text" not in record and ("findings" in record or "impression" in record):
-            record = {**record, "text": _iu_text(record), "institution": record.get("institution", "iu-xray")}
+            record = {**record, "text": iu_report_text(record), "institution": record.get("institution", "iu-xray")}
         if "text" not in record:
             raise InputError(f"{where}: no 'text' field (nor IU 'findings'/'impression')")
         reports.append(_checked_report(record, where))
@@ -117,7 +117,10 @@ def read_txt_folder(path: Path) -> list[Report]:
     reports = []
     for file in files:
         patient = file.parent.name if re.fullmatch(r"p\d+", file.parent.name) else None
-        text = file.read_text(encoding="utf-8", errors="strict")
+        try:
+            text = file.read_text(encoding="utf-8", errors="strict")
+        except UnicodeDecodeError as err:
+            raise InputError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         reports.append(_checked_report({"report_id": file.stem, "text": text, "patient_id": patient}, str(file)))
     return reports
 
@@ -140,7 +143,7 @@ def read_label_records(path: str | Path) -> list[LabelRecord]:
     """Label JSONL (DESIGN.md): all 13 findings per record, one record per report id."""
     path = Path(path)
     records, seen = [], set()
-    for number, data in _json_lines(path):
+    for number, data in json_lines(path):
         record = _validated(LabelRecord, data, f"{path}:{number}")
         if record.report_id in seen:
             raise InputError(f"{path}:{number}: report {record.report_id!r} is labelled twice")

@@ -17,6 +17,8 @@ Zero-division conventions (shared by every function here):
 from __future__ import annotations
 
 import itertools
+import json
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -199,7 +201,7 @@ def _score_dict(scores: Mapping[str, np.ndarray], index: tuple[int, ...] | int) 
 # ----------------------------------------------------------------------------------------------
 
 
-def _cohen_kappa(confusion: np.ndarray) -> float | None:
+def cohen_kappa(confusion: np.ndarray) -> float | None:
     """Cohen's kappa of a pooled 4x4 confusion; None when chance agreement is 1 (kappa undefined)."""
     n = int(confusion.sum())
     chance_pairs = int(confusion.sum(axis=1) @ confusion.sum(axis=0))  # exact integers: no rounding
@@ -238,7 +240,7 @@ def _metrics_from_confusion(confusion: np.ndarray) -> dict[str, Any]:
         "status_f1": {s: scores["f1"] for s, scores in status_scores.items()},
         "status_scores": status_scores,
         "agreement": float(np.trace(overall) / overall.sum()),
-        "kappa": _cohen_kappa(overall),
+        "kappa": cohen_kappa(overall),
         "n_cells": int(overall.sum()),
     }
 
@@ -632,9 +634,6 @@ def score_files(predictions_path: Path, gold_path: Path, gold_format: str = "aut
 def evaluate_split(model_dir: Path, split_dir: Path, plots_dir: Path, batch_size: int = 64) -> dict[str, Any]:
     """The evaluate stage: label a split with the student and score it against the teacher's labels
     and, where the sources carried it, ground truth. Writes DVC plots; returns the metrics."""
-    import json
-    import time
-
     from deberta_rad.data import labels_by_id, read_label_records, read_reports
     from deberta_rad.model import load_student
     from deberta_rad.predict import LabelingEngine
@@ -647,7 +646,8 @@ def evaluate_split(model_dir: Path, split_dir: Path, plots_dir: Path, batch_size
     predictions = labels_by_id(records)
     results: dict[str, Any] = {"inference": {"reports": len(reports), "reports_per_s": len(reports) / seconds}}
     for reference in ("labels", "gold"):
-        gold = labels_by_id(read_label_records(split_dir / f"{reference}.jsonl"))
+        path = split_dir / f"{reference}.jsonl"
+        gold = labels_by_id(read_label_records(path)) if path.is_file() else {}
         if not gold:
             continue
         name = "teacher" if reference == "labels" else "gold"

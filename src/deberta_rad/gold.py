@@ -10,14 +10,12 @@ says which kind it returns. Error messages name the file and line, never report 
 from __future__ import annotations
 
 import csv
-import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from deberta_rad.data import InputError, labels_by_id, read_label_records
+from deberta_rad.data import InputError, json_lines, labels_by_id, read_label_records
 from deberta_rad.schema import CHEXPERT_TO_STATUS, FINDINGS, STATUSES
 
 StatusGold = dict[str, dict[str, str]]
@@ -111,7 +109,7 @@ def read_chexgpt_jsonl(path: str | Path) -> StatusGold:
     """
     path = Path(path)
     gold: StatusGold = {}
-    for number, record in _json_lines(path):
+    for number, record in json_lines(path):
         where = f"{path}:{number}"
         report_id = record.get("study_id", record.get("report_id"))
         if report_id is None or str(report_id).strip() == "":
@@ -135,7 +133,7 @@ def iu_presence_gold(path: str | Path) -> PresenceGold:
     """
     path = Path(path)
     gold: PresenceGold = {}
-    for number, record in _json_lines(path):
+    for number, record in json_lines(path):
         where = f"{path}:{number}"
         mesh = record.get("mesh")
         if "report_id" not in record or not isinstance(mesh, list):
@@ -163,12 +161,6 @@ def iu_mesh_findings(term: str) -> set[str]:
     return findings
 
 
-def iu_report_text(record: dict[str, Any]) -> str:
-    """Report text of an IU record as the project's ingest builds it: FINDINGS and IMPRESSION sections."""
-    sections = [(name, (record.get(name.lower()) or "").strip()) for name in ("FINDINGS", "IMPRESSION")]
-    return "\n".join(f"{name}: {body}" for name, body in sections if body)
-
-
 def read_gold(path: str | Path, fmt: str = "auto") -> GoldSet:
     """Read any supported gold file; `fmt` is one of GOLD_FORMATS or "auto" (sniffed from the file)."""
     path = Path(path)
@@ -190,7 +182,7 @@ def sniff_gold_format(path: Path) -> str:
     """CSV is CheXpert; JSONL is told apart by the keys of its first record."""
     if path.suffix.lower() == ".csv":
         return "chexpert"
-    for number, record in _json_lines(path):
+    for number, record in json_lines(path):
         if "labels" in record:
             return "labels"
         if "label" in record:
@@ -247,18 +239,3 @@ def _add_unique(gold: dict[str, Any], report_id: str, labels: dict[str, Any], wh
     if report_id in gold:
         raise InputError(f"{where}: report {report_id!r} appears twice")
     gold[report_id] = labels
-
-
-def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line, failing on the first line that is not an object."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record

@@ -25,6 +25,14 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
     llm_model: str = "gpt-4o-mini"
     allow_external_llm: bool = False
+    # How hard to drive the endpoint and what a run may spend (None: no limit / cost not estimated).
+    llm_concurrency: int = Field(default=8, ge=1)
+    llm_timeout_s: float = Field(default=60.0, gt=0)
+    llm_max_retries: int = Field(default=5, ge=0)
+    llm_max_requests: int | None = Field(default=None, ge=1)
+    llm_max_tokens: int | None = Field(default=None, ge=1)
+    llm_price_per_1k_input: float | None = Field(default=None, ge=0)
+    llm_price_per_1k_output: float | None = Field(default=None, ge=0)
 
 
 @lru_cache

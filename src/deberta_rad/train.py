@@ -42,6 +42,7 @@ class TrainConfig:
     epochs: float = 3
     batch_size: int = 16
     learning_rate: float = 1e-4
+    head_learning_rate: float = 2e-3
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     alpha: float = 0.5
@@ -126,7 +127,7 @@ def validation_metrics(prediction: EvalPrediction) -> dict[str, float]:
 
 
 def training_arguments(config: TrainConfig, work_dir: Path, report_to: list[str]) -> TrainingArguments:
-    """AdamW, cosine schedule with warm-up, length-grouped batches, per-epoch validation."""
+    """Cosine schedule with warm-up, length-grouped batches, per-epoch validation (AdamW is passed in)."""
     return TrainingArguments(
         output_dir=str(work_dir),
         num_train_epochs=config.epochs,
@@ -136,7 +137,6 @@ def training_arguments(config: TrainConfig, work_dir: Path, report_to: list[str]
         weight_decay=config.weight_decay,
         warmup_steps=config.warmup_ratio,
         lr_scheduler_type="cosine",
-        optim="adamw_torch",
         train_sampling_strategy="group_by_length",
         eval_strategy="epoch",
         save_strategy="epoch",
@@ -150,6 +150,29 @@ def training_arguments(config: TrainConfig, work_dir: Path, report_to: list[str]
         report_to=report_to,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
+    )
+
+
+def adamw_with_head_rate(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with a higher rate for the freshly initialised heads than for the pretrained encoder.
+
+    The Trainer's own optimizer has one rate for all weights; with a small encoder and a short CPU run
+    the random heads then learn far too slowly, so we hand it the optimizer (it still builds the cosine
+    warm-up schedule around it). Biases and LayerNorm weights get no weight decay, as in the Trainer."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        is_head = name.startswith("heads.")
+        decays = parameter.ndim > 1
+        groups.setdefault((is_head, decays), []).append(parameter)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": params,
+                "lr": config.head_learning_rate if is_head else config.learning_rate,
+                "weight_decay": config.weight_decay if decays else 0.0,
+            }
+            for (is_head, decays), params in groups.items()
+        ]
     )
 
 
@@ -175,6 +198,7 @@ def train_student(
         processing_class=student.tokenizer,
         compute_metrics=validation_metrics,
         callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)],
+        optimizers=(adamw_with_head_rate(student.model, config), None),
         alpha=config.alpha,
         temperature=config.temperature,
     )

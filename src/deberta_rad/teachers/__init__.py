@@ -39,9 +39,29 @@ def get_teacher(name: str, **options: object) -> Teacher:
     raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHER_NAMES)}")
 
 
+def llm_options(llm_model: str | None, cache: Path | None) -> dict[str, object]:
+    """The LLM teacher's options: model and cache from the caller, endpoint limits from the settings."""
+    from deberta_rad.settings import get_settings
+
+    settings = get_settings()
+    return {
+        "model": llm_model,
+        "cache_dir": cache,
+        "concurrency": settings.llm_concurrency,
+        "timeout_s": settings.llm_timeout_s,
+        "max_retries": settings.llm_max_retries,
+        "max_requests": settings.llm_max_requests,
+        "max_tokens_budget": settings.llm_max_tokens,
+        "price_per_1k_input": settings.llm_price_per_1k_input,
+        "price_per_1k_output": settings.llm_price_per_1k_output,
+    }
+
+
 def label_reports(
     teacher: str, reports: Sequence[Report], llm_model: str | None = None, cache: Path | None = None
-) -> list[LabelRecord]:
-    """Label with a teacher by name; the LLM options only apply to `llm`."""
-    options: dict[str, object] = {"model": llm_model, "cache_dir": cache} if teacher == "llm" else {}
-    return get_teacher(teacher, **options).label(reports)
+) -> tuple[list[LabelRecord], str | None]:
+    """Label with a teacher by name; returns the records and, for the LLM, its usage and cost line."""
+    labeler = get_teacher(teacher, **(llm_options(llm_model, cache) if teacher == "llm" else {}))
+    records = labeler.label(reports)
+    last_run = getattr(labeler, "last_run", None)
+    return records, None if last_run is None else last_run.describe()

