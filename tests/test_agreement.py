@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+from pathlib import Path
 
-from deberta_rad.schema import FINDINGS, STATUS_INDEX
+import pytest
+from typer.testing import CliRunner
+
+from deberta_rad.cli import app
+from deberta_rad.data import write_jsonl
+from deberta_rad.schema import FINDINGS, STATUS_INDEX, Report
 from deberta_rad.teachers.agreement import format_agreement_table, teacher_agreement
 
 
@@ -97,3 +103,39 @@ def test_table_shows_agreement_kappa_and_the_most_common_disagreement() -> None:
     assert "only in llm: 1 (only_llm)" in table
     assert "Cohen's kappa" in table
     assert all(finding in table for finding in FINDINGS)
+
+
+def test_agreement_command_names_the_teachers_and_writes_json(tmp_path: Path) -> None:
+    from deberta_rad.teachers import label_reports
+
+    reports = [
+        Report(report_id="a", text="No pneumothorax. Small left pleural effusion."),
+        Report(report_id="b", text="Possible right lower lobe pneumonia. Heart size normal."),
+    ]
+    for teacher in ("rules", "keyword"):
+        records, _ = label_reports(teacher, reports)
+        write_jsonl(tmp_path / f"{teacher}.jsonl", records)
+    result = CliRunner().invoke(
+        app,
+        [
+            "agreement",
+            str(tmp_path / "rules.jsonl"),
+            str(tmp_path / "keyword.jsonl"),
+            "--json",
+            str(tmp_path / "a.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "rules:vocabulary" in result.output and "keyword:keywords" in result.output
+    written = json.loads((tmp_path / "a.json").read_text())
+    assert written["n_reports"] == 2 and set(written["per_finding"]) == set(FINDINGS)
+
+
+def test_agreement_command_fails_clearly_without_shared_reports(tmp_path: Path) -> None:
+    from deberta_rad.teachers import label_reports
+
+    for name, rid in (("one", "a"), ("two", "b")):
+        records, _ = label_reports("rules", [Report(report_id=rid, text="Normal chest.")])
+        write_jsonl(tmp_path / f"{name}.jsonl", records)
+    result = CliRunner().invoke(app, ["agreement", str(tmp_path / "one.jsonl"), str(tmp_path / "two.jsonl")])
+    assert result.exit_code == 2 and "share no report ids" in result.output

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
+from fake_openai import expected_labels, serve
 
 from deberta_rad.data import read_label_records, read_reports
 from deberta_rad.schema import FINDINGS
@@ -29,10 +30,14 @@ SMALL_PARAMS = {
 }
 
 
-def run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    """Run a command in the copy with the venv on PATH and no MLflow URI from outside."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI" and not k.startswith("DEBERTA_RAD_")}
+def run(
+    args: list[str], cwd: Path, timeout: int = 600, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command in the copy with the venv on PATH and no MLflow, LLM or project settings from outside."""
+    outside = ("MLFLOW_TRACKING_URI", "OPENAI_BASE_URL", "OPENAI_API_KEY")
+    env = {k: v for k, v in os.environ.items() if k not in outside and not k.startswith("DEBERTA_RAD_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra_env or {})
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
@@ -56,18 +61,23 @@ def set_params(path: Path, values: dict[tuple[str, ...], object]) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def copy_of_repo(copy: Path, params: dict[tuple[str, ...], object]) -> Path:
+    """A git repository holding what a fresh clone holds, with some params changed."""
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
-    copy = tmp_path_factory.mktemp("project")
     for name in repo_files():
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, copy / name)
-    set_params(copy / "params.yaml", SMALL_PARAMS)
+    set_params(copy / "params.yaml", params)
     run(["git", "init", "-q", "-b", "main"], copy)
     run(["git", "add", "-A"], copy)
     run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "copy"], copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    copy = copy_of_repo(tmp_path_factory.mktemp("project"), SMALL_PARAMS)
     run([str(BIN / "dvc"), "repro"], copy, timeout=900)
     return copy
 
@@ -164,3 +174,27 @@ def test_changed_knob_reruns_from_train_and_registers_a_challenger(project: Path
     assert "Running stage 'train'" in rerun.stdout and "Running stage 'split'" not in rerun.stdout
     registered = json.loads((project / "metrics/register.json").read_text())
     assert registered["version"] == 2 and registered["aliases"] == ["challenger"]
+
+
+def test_llm_teacher_runs_in_the_pipeline_and_a_forced_rerun_is_answered_from_its_cache(tmp_path: Path) -> None:
+    copy = copy_of_repo(
+        tmp_path,
+        {
+            ("ingest", "synthetic", "n_reports"): 25,
+            ("pseudo_label", "teacher"): "llm",
+            ("pseudo_label", "llm_model"): "m",
+        },
+    )
+    with serve() as fake:
+        env = {"OPENAI_BASE_URL": fake.url, "OPENAI_API_KEY": "sk-pipeline-secret"}
+        run([str(BIN / "dvc"), "repro", "pseudo_label"], copy, extra_env=env)
+        first = len(fake.requests)
+        run([str(BIN / "dvc"), "repro", "--force", "--single-item", "pseudo_label"], copy, extra_env=env)
+        assert len(fake.requests) == first
+    records = read_label_records(copy / "data/pseudo_labels.jsonl")
+    reports = {r.report_id: r.text for r in read_reports(copy / "data/reports.jsonl")}
+    assert first == len(records) == len(reports)
+    assert {(r.teacher.name, r.teacher.model) for r in records} == {("llm", "m")}
+    assert all(r.labels == expected_labels(reports[r.report_id]) for r in records)
+    tracked = [copy / "dvc.lock", copy / "params.yaml", *(copy / ".dvc").rglob("*")]
+    assert not any("sk-pipeline-secret" in p.read_text(errors="ignore") for p in tracked if p.is_file())

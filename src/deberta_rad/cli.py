@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from deberta_rad import data, evaluate
+from deberta_rad.schema import LabelRecord
 from deberta_rad.settings import load_params
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -90,6 +91,34 @@ def label(
     if usage:
         typer.echo(usage)
     typer.echo(f"labelled {len(records)} reports with teacher {teacher!r} into {output}")
+
+
+@app.command()
+def agreement(
+    labels_a: Annotated[Path, typer.Argument(help="First teacher's label JSONL (rows of the cross-tab).")],
+    labels_b: Annotated[Path, typer.Argument(help="Second teacher's label JSONL (columns).")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full agreement report here.")] = None,
+) -> None:
+    """Where two teachers' labels of the same reports agree and differ, per finding and status."""
+    from deberta_rad.teachers.agreement import format_agreement_table, teacher_agreement
+
+    try:
+        records_a, records_b = data.read_label_records(labels_a), data.read_label_records(labels_b)
+        result = teacher_agreement(data.labels_by_id(records_a), data.labels_by_id(records_b))
+    except (data.InputError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(format_agreement_table(result, _teacher_name(records_a, labels_a), _teacher_name(records_b, labels_b)))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+def _teacher_name(records: list[LabelRecord], path: Path) -> str:
+    """The teacher named in the first record (e.g. `llm:gpt-4o-mini`), else the file name."""
+    info = records[0].teacher if records else None
+    if info is None:
+        return path.stem
+    return f"{info.name}:{info.model}" if info.model else info.name
 
 
 @app.command()
