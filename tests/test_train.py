@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
+from tiny_backbones import tiny_deberta_backbone
 
 from deberta_rad.data import labels_by_id, split_reports
 from deberta_rad.evaluate import compute_metrics
 from deberta_rad.predict import LabelingEngine
-from deberta_rad.schema import FINDINGS, STATUSES
+from deberta_rad.schema import FINDINGS, STATUS_INDEX, STATUSES
 from deberta_rad.synthetic import generate_corpus
-from deberta_rad.train import TrainConfig, adamw_with_head_rate, train_student
+from deberta_rad.train import TrainConfig, adamw_with_head_rate, repeat_factors, train_student
 
 FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 
@@ -62,3 +69,43 @@ def test_heads_get_their_own_learning_rate(trained) -> None:
 def test_unknown_train_knob_is_refused() -> None:
     with pytest.raises(ValueError, match=r"unknown model/train keys \['epoch'\]"):
         TrainConfig.from_params({"model": {}, "train": {"epoch": 3}})
+
+
+def test_repeat_factors_show_rare_finding_status_pairs_more_often() -> None:
+    not_mentioned = STATUS_INDEX["not_mentioned"]
+    targets = np.full((100, len(FINDINGS)), not_mentioned)
+    targets[:50, 0] = STATUS_INDEX["absent"]  # common: half the reports
+    targets[50:52, 1] = STATUS_INDEX["present"]  # rare: 2% of reports
+    factors = repeat_factors(targets, threshold=0.5, seed=0)
+    assert (factors[:50] == 1).all() and (factors[52:] == 1).all()
+    assert set(factors[50:52]) <= {5, 6}  # sqrt(0.5 / 0.02) = 5
+    assert (repeat_factors(targets, threshold=0.0, seed=0) == 1).all()
+
+
+@pytest.fixture(scope="module")
+def deberta_backbone(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tiny_deberta_backbone(tmp_path_factory.mktemp("backbone") / "tiny-deberta"))
+
+
+def test_deberta_student_trains_and_an_interrupted_run_resumes_from_its_last_checkpoint(
+    deberta_backbone: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pairs = generate_corpus(48, seed=5)
+    gold = labels_by_id(labels for _, labels in pairs)
+    train, val = [r for r, _ in pairs[:40]], [r for r, _ in pairs[40:]]
+    config = TrainConfig(backbone=deberta_backbone, max_length=48, epochs=2, batch_size=8, early_stopping_patience=5)
+    student, scores = train_student(train, val, gold, config, tmp_path)
+    assert student.model.encoder.config.model_type == "deberta-v2" and scores["epoch"] == 2
+    checkpoints = sorted((tmp_path / name for name in os.listdir(tmp_path) if name.startswith("checkpoint-")), key=str)
+    assert len(checkpoints) == 2
+    shutil.rmtree(max(checkpoints, key=lambda path: int(path.name.split("-")[1])))  # killed during epoch 2
+
+    with caplog.at_level(logging.WARNING, logger="deberta_rad.train"):
+        train_student(train, val, gold, config, tmp_path)
+    first = min(checkpoints, key=lambda path: int(path.name.split("-")[1]))
+    assert f"resuming the interrupted training from {first}" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deberta_rad.train"):
+        train_student(train, val, gold, replace(config, alpha=0.3), tmp_path)  # another run: starts afresh
+    assert "resuming" not in caplog.text

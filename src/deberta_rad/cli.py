@@ -141,16 +141,51 @@ def train(
     output: Annotated[Path, typer.Option("--output", "-o", help="Model directory to write.")] = Path("models/student"),
     params: ParamsOption = Path("params.yaml"),
     work_dir: Annotated[Path, typer.Option(help="Trainer checkpoints.")] = Path("models/checkpoints"),
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run of the same params and data from its last checkpoint.")
+    ] = True,
 ) -> None:
     """Distil the teacher labels into the student; logs the run to MLflow."""
     from deberta_rad.model import BackboneUnavailableError
     from deberta_rad.train import train_from_splits
 
     try:
-        summary = train_from_splits(splits, output, load_params(params), work_dir)
+        summary = train_from_splits(splits, output, load_params(params), work_dir, resume)
     except BackboneUnavailableError as err:
         _fail(str(err))
     typer.echo(f"saved the student to {output}; validation macro F1 {summary['eval_macro_f1']:.4f}")
+
+
+@app.command()
+def tune(
+    splits: Annotated[Path, typer.Option(help="Folder written by `split` (train and val are used).")] = Path(
+        "data/splits"
+    ),
+    params: ParamsOption = Path("params.yaml"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Search results JSON to write.")] = Path(
+        "metrics/tune.json"
+    ),
+    work_dir: Annotated[Path | None, typer.Option(help="Parent of the per-trial checkpoint folders.")] = None,
+) -> None:
+    """Search alpha, T_distill and the learning rate on the val split (params `tune`); logs to MLflow."""
+    import optuna
+
+    from deberta_rad.model import BackboneUnavailableError
+    from deberta_rad.tune import format_trials_table
+    from deberta_rad.tune import tune as run_search
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from us instead
+
+    def progress(record: dict) -> None:
+        typer.echo(f"trial {record['trial']}: val macro F1 {record['val_macro_f1']:.4f}")
+
+    try:
+        result = run_search(splits, load_params(params), work_dir, on_trial=progress)
+    except (BackboneUnavailableError, data.InputError) as err:
+        _fail(str(err))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    typer.echo(f"\n{format_trials_table(result)}\nwrote {output}")
 
 
 @app.command()
@@ -205,6 +240,55 @@ def register(
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2))
     typer.echo(f"registered {result['name']} version {result['version']} (aliases: {', '.join(result['aliases'])})")
+
+
+@app.command()
+def promote(
+    version: Annotated[int | None, typer.Option(help="Version to promote (default: the `challenger`).")] = None,
+    force: Annotated[bool, typer.Option(help="Promote even when the gate refuses (needs --reason).")] = False,
+    reason: Annotated[str | None, typer.Option(help="Why --force overrides the gate; kept as a version tag.")] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Move alias `champion` to a version if it passes the gate in params `promote`: on the same test data,
+    Macro F1 not lower and no finding's F1 down by more than `max_finding_drop`.
+
+    Exit codes: 0 promoted (or already champion), 1 refused by the gate, 2 usage or registry error.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from deberta_rad import registry
+
+    if force and not (reason or "").strip():
+        _fail("--force needs --reason TEXT (it is recorded on the version)")
+    if reason and not force:
+        _fail("--reason goes with --force")
+    section = load_params(params).get("promote") if params.is_file() else None
+    config = {**registry.PROMOTION_DEFAULTS, **(section or {})}
+    try:
+        registry.configure_mlflow()
+        candidate, champion = registry.promotion_candidates(version)
+    except (registry.PromotionError, MlflowException) as err:
+        _fail(str(err))
+    if champion is not None and champion.version == candidate.version:
+        typer.echo(f"version {candidate.version} is already {registry.CHAMPION}; nothing to do")
+        return
+    gate = None
+    if champion is not None:
+        gate = registry.promotion_gate(champion, candidate, config["reference"], float(config["max_finding_drop"]))
+        typer.echo(registry.format_gate_table(gate))
+        if not gate.passed and not force:
+            typer.secho(
+                f"refused: {registry.CHAMPION} stays version {champion.version} (override: --force --reason TEXT)",
+                err=True,
+            )
+            raise typer.Exit(code=1)
+    try:
+        registry.promote_version(candidate, champion, gate, reason)
+    except MlflowException as err:
+        _fail(str(err))
+    previous = f"was version {champion.version}" if champion else "there was none"
+    forced = " (forced past the gate)" if gate and not gate.passed else ""
+    typer.echo(f"promoted version {candidate.version} to {registry.CHAMPION}{forced}; {previous}")
 
 
 @app.command()

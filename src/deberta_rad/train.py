@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shutil
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 from deberta_rad.data import labels_by_id, read_label_records, read_reports
 from deberta_rad.evaluate import compute_metrics
@@ -29,6 +34,9 @@ from deberta_rad.registry import RUN_FILE, configure_mlflow, data_version_tags
 from deberta_rad.schema import FINDINGS, STATUS_INDEX, STATUSES, LabelRecord, Report
 
 logger = logging.getLogger(__name__)
+
+# ZeRO stage 2, bf16 where the GPU has it, batch size and clipping filled in from TrainingArguments.
+DEEPSPEED_CONFIG = Path(__file__).with_name("deepspeed_zero2_bf16.json")
 
 
 @dataclass
@@ -49,6 +57,18 @@ class TrainConfig:
     temperature: float = 2.0
     early_stopping_patience: int = 2
     logging_steps: int = 10
+    repeat_threshold: float = 0.0
+    deepspeed: bool | str = "auto"  # auto: on when CUDA is present; true: always (CPU too); false: never
+    deepspeed_config: str | None = None  # a DeepSpeed JSON; None: the packaged ZeRO-2 bf16 one
+
+    def __post_init__(self) -> None:
+        if self.deepspeed not in ("auto", True, False):
+            raise ValueError(f"params.yaml: train.deepspeed must be auto, true or false, not {self.deepspeed!r}")
+
+    def deepspeed_config_path(self) -> str | None:
+        """The DeepSpeed config for the Trainer on this machine, or None when DeepSpeed is off."""
+        enabled = torch.cuda.is_available() if self.deepspeed == "auto" else self.deepspeed
+        return str(self.deepspeed_config or DEEPSPEED_CONFIG) if enabled else None
 
     @classmethod
     def from_params(cls, params: Mapping) -> TrainConfig:
@@ -94,6 +114,31 @@ def build_dataset(
     return LabelledReports(encodings, status_matrix([r.report_id for r in reports], labels))
 
 
+def repeat_factors(targets: np.ndarray, threshold: float, seed: int) -> np.ndarray:
+    """How many times each training report is shown per epoch (LVIS repeat-factor sampling).
+
+    Most cells are not_mentioned and some (finding, status) pairs are rare. Instead of reweighting the
+    loss, which must stay the paper's, a report is repeated r = max over its mentioned findings of
+    max(1, sqrt(threshold / share of reports with that finding and status)) times, rounded
+    stochastically with the seed. threshold 0 turns it off."""
+    n_reports = len(targets)
+    if threshold <= 0 or n_reports == 0:
+        return np.ones(n_reports, dtype=np.int64)
+    mentioned = targets != STATUS_INDEX["not_mentioned"]
+    shares = np.stack([(targets == s).mean(axis=0) for s in range(len(STATUSES))])  # [statuses, findings]
+    cell_share = shares[targets, np.arange(targets.shape[1])]  # [reports, findings]
+    cell_factor = np.where(mentioned, np.sqrt(threshold / cell_share), 1.0)
+    factor = np.maximum(1.0, cell_factor.max(axis=1))
+    whole = np.floor(factor)
+    return (whole + (np.random.default_rng(seed).random(n_reports) < factor - whole)).astype(np.int64)
+
+
+def repeated(dataset: LabelledReports, factors: np.ndarray) -> LabelledReports:
+    """The dataset with report i listed factors[i] times (length grouping still sorts the whole epoch)."""
+    order = np.repeat(np.arange(len(dataset)), factors)
+    return LabelledReports([dataset.encodings[i] for i in order], dataset.targets[order])
+
+
 def statuses_from_indices(indices: np.ndarray, report_ids: Sequence[str]) -> dict[str, dict[str, str]]:
     """Turn an [N, 13] index matrix back into report_id -> {finding: status}."""
     return {
@@ -126,8 +171,25 @@ def validation_metrics(prediction: EvalPrediction) -> dict[str, float]:
     return {"macro_f1": float(metrics["macro_f1"] or 0.0), "agreement": float(metrics["agreement"])}
 
 
+def _one_process_world() -> None:
+    """Describe a world of one process when no launcher (`deepspeed`, `torchrun`) did, as the transformers
+    docs do for DeepSpeed in a notebook; otherwise DeepSpeed looks for MPI (mpi4py) and fails."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    world = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    for key, value in {**world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
+
+
 def training_arguments(config: TrainConfig, work_dir: Path, report_to: list[str]) -> TrainingArguments:
-    """Cosine schedule with warm-up, length-grouped batches, per-epoch validation (AdamW is passed in)."""
+    """Cosine schedule with warm-up, length-grouped batches, per-epoch validation (AdamW is passed in);
+    DeepSpeed ZeRO-2 when `deepspeed` says so, in bf16 on a GPU that has it."""
+    deepspeed = config.deepspeed_config_path()
+    if deepspeed:
+        _one_process_world()
     return TrainingArguments(
         output_dir=str(work_dir),
         num_train_epochs=config.epochs,
@@ -150,7 +212,24 @@ def training_arguments(config: TrainConfig, work_dir: Path, report_to: list[str]
         report_to=report_to,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
+        deepspeed=deepspeed,
+        bf16=bool(deepspeed) and torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
     )
+
+
+def fp32_master_weights(model: torch.nn.Module) -> None:
+    """Put DeepSpeed's fp32 master weights back into the model, as an fp32 model, after training.
+
+    DeepSpeed in bf16 turns the module itself to bf16; the fp32 weights live in its ZeRO optimizer,
+    partitioned over the ranks. Gathering them is a collective: every rank calls this."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {name: safe_get_full_fp32_param(parameter) for name, parameter in model.named_parameters()}
+    model.float()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if masters[name] is not None:
+                parameter.copy_(masters[name])
 
 
 def adamw_with_head_rate(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -176,6 +255,37 @@ def adamw_with_head_rate(model: torch.nn.Module, config: TrainConfig) -> torch.o
     )
 
 
+def run_fingerprint(
+    config: TrainConfig,
+    train_reports: Sequence[Report],
+    val_reports: Sequence[Report],
+    labels: Mapping[str, Mapping[str, str]],
+) -> str:
+    """A hash of everything that shapes a training run, so a checkpoint is resumed only by its own run
+    (the knobs as resolved on this machine: `deepspeed: auto` means ZeRO-2 bf16 on a GPU, plain on a CPU)."""
+    resolved = {**asdict(config), "deepspeed": config.deepspeed_config_path(), "cuda": torch.cuda.is_available()}
+    digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode())
+    for report in [*train_reports, *val_reports]:
+        digest.update(json.dumps([report.report_id, report.text, labels[report.report_id]], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def checkpoint_to_resume(trainer: Trainer, work_dir: Path, fingerprint: str, resume: bool) -> str | None:
+    """The last checkpoint in ``work_dir`` when resuming and it belongs to this run; otherwise start the
+    folder afresh. Only the main process clears and marks it; the others wait, so every rank decides alike."""
+    marker = work_dir / "run_fingerprint.txt"
+    same_run = resume and marker.is_file() and marker.read_text() == fingerprint
+    trainer.accelerator.wait_for_everyone()
+    if same_run:
+        return get_last_checkpoint(str(work_dir))
+    if trainer.is_world_process_zero():
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True)
+        marker.write_text(fingerprint)
+    trainer.accelerator.wait_for_everyone()
+    return None
+
+
 def train_student(
     train_reports: Sequence[Report],
     val_reports: Sequence[Report],
@@ -183,11 +293,17 @@ def train_student(
     config: TrainConfig,
     work_dir: Path,
     report_to: Sequence[str] = ("none",),
+    resume: bool = True,
 ) -> tuple[Student, dict[str, float]]:
-    """Train a fresh student on teacher labels; returns the best-on-validation model and its scores."""
+    """Train a student on teacher labels; returns the best-on-validation model and its scores.
+
+    With ``resume``, an interrupted run of the same config and data continues from its last
+    checkpoint in ``work_dir``; checkpoints of any other run there are cleared first."""
     torch.manual_seed(config.seed)
     student = student_from_backbone(config.backbone, config.max_length, config.head_dropout)
     train_set = build_dataset(train_reports, labels, student.tokenizer, config.max_length)
+    train_set = repeated(train_set, repeat_factors(train_set.targets, config.repeat_threshold, config.seed))
+    logger.info("training on %d reports, %d examples per epoch after repeats", len(train_reports), len(train_set))
     val_set = build_dataset(val_reports, labels, student.tokenizer, config.max_length)
     trainer = DistillationTrainer(
         model=student.model,
@@ -198,30 +314,48 @@ def train_student(
         processing_class=student.tokenizer,
         compute_metrics=validation_metrics,
         callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)],
-        optimizers=(adamw_with_head_rate(student.model, config), None),
+        # The two-rate AdamW goes in as a factory, not as `optimizers=(AdamW, None)`: with DeepSpeed the
+        # Trainer drops a ready-made optimizer and builds its own one-rate AdamW through create_optimizer(),
+        # which calls this factory. For the same reason the DeepSpeed config must define no `optimizer`
+        # (nor `scheduler`, so the cosine warm-up stays the Trainer's).
+        optimizer_cls_and_kwargs=(lambda: adamw_with_head_rate, {"config": config}),
         alpha=config.alpha,
         temperature=config.temperature,
     )
-    result = trainer.train()
+    fingerprint = run_fingerprint(config, train_reports, val_reports, labels)
+    checkpoint = checkpoint_to_resume(trainer, work_dir, fingerprint, resume)
+    if checkpoint:
+        logger.warning("resuming the interrupted training from %s", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     final = trainer.evaluate()
+    if trainer.is_deepspeed_enabled:
+        fp32_master_weights(student.model)
     student.model.eval()
     scores = {"train_loss": float(result.training_loss), **{k: float(v) for k, v in final.items()}}
     return student, scores
 
 
-def _split_files(splits_dir: Path, name: str) -> tuple[list[Report], list[LabelRecord]]:
+def read_split(splits_dir: Path, name: str) -> tuple[list[Report], list[LabelRecord]]:
+    """The reports and teacher labels of one split written by the `split` stage."""
     return read_reports(splits_dir / name / "reports.jsonl"), read_label_records(splits_dir / name / "labels.jsonl")
 
 
-def train_from_splits(splits_dir: Path, output: Path, params: Mapping, work_dir: Path) -> dict[str, float]:
+def train_from_splits(
+    splits_dir: Path, output: Path, params: Mapping, work_dir: Path, resume: bool = True
+) -> dict[str, float]:
     """The train stage: fit on the train split, select on val, save the model directory, and record
     everything in one MLflow run (params, per-step loss and learning rate, validation metrics, data
     version). The run id is written beside the model so `register` logs into the same run."""
     config = TrainConfig.from_params(params)
-    train_reports, train_labels = _split_files(splits_dir, "train")
-    val_reports, val_labels = _split_files(splits_dir, "val")
+    train_reports, train_labels = read_split(splits_dir, "train")
+    val_reports, val_labels = read_split(splits_dir, "val")
     labels = labels_by_id([*train_labels, *val_labels])
     teacher = train_labels[0].teacher if train_labels and train_labels[0].teacher else None
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Another process under the `deepspeed` launcher (it sets RANK for each one): it trains alongside
+        # rank 0 and joins its collectives, but only rank 0 records the MLflow run and writes the model.
+        _, scores = train_student(train_reports, val_reports, labels, config, work_dir, resume=resume)
+        return scores
     configure_mlflow()
     with mlflow.start_run(run_name=f"train-{config.backbone.split('/')[-1]}") as run:
         mlflow.set_tags({"stage": "train", "teacher": teacher.name if teacher else "unknown", **data_version_tags()})
@@ -232,7 +366,9 @@ def train_from_splits(splits_dir: Path, output: Path, params: Mapping, work_dir:
                 "n_val": len(val_reports),
             }
         )
-        student, scores = train_student(train_reports, val_reports, labels, config, work_dir, report_to=("mlflow",))
+        student, scores = train_student(
+            train_reports, val_reports, labels, config, work_dir, report_to=("mlflow",), resume=resume
+        )
         student.save(output)
         (output / RUN_FILE).write_text(json.dumps({"mlflow_run_id": run.info.run_id}, indent=2))
     return scores

@@ -1,0 +1,214 @@
+"""Optional hyper-parameter search: alpha, T_distill and the learning rate, chosen on the validation split.
+
+Each trial trains a fresh student on the train split with `train.train_student` (same seed, same data,
+only the searched knobs differ) and is scored by its macro F1 against the teacher on the val split.
+A seeded TPE sampler (Optuna) proposes the values. MLflow gets one parent run `tune` with a nested run
+per trial (its knobs and validation scores) and the best knobs and score on the parent; nothing in the
+runs, the JSON or the table carries report text. Not a `dvc repro` stage: run it when you want to
+retune, then copy the best values into params.yaml (README)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+
+from deberta_rad.data import InputError, labels_by_id
+from deberta_rad.registry import configure_mlflow, data_version_tags
+from deberta_rad.train import TrainConfig, read_split, train_student
+
+logger = logging.getLogger(__name__)
+
+# The searched TrainConfig fields (params.yaml `train.<name>`), in table order.
+SEARCHED: tuple[str, ...] = ("alpha", "temperature", "learning_rate")
+COLUMN_TITLES = {"alpha": "alpha", "temperature": "T_distill", "learning_rate": "learning_rate"}
+
+
+@dataclass(frozen=True)
+class Range:
+    """Where one knob is searched: [low, high], uniformly or (log) on a log scale."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @classmethod
+    def from_params(cls, name: str, values: Mapping) -> Range:
+        unknown = sorted(set(values) - {"low", "high", "log"})
+        if unknown:
+            raise ValueError(f"params.yaml tune.{name}: unknown keys {unknown} (expected low, high, log)")
+        searched = cls(float(values["low"]), float(values["high"]), bool(values.get("log", False)))
+        if not searched.low < searched.high:
+            raise ValueError(f"params.yaml tune.{name}: low must be below high; got {searched.low}, {searched.high}")
+        if searched.log and searched.low <= 0:
+            raise ValueError(f"params.yaml tune.{name}: a log-scale range needs low > 0")
+        return searched
+
+
+@dataclass
+class TuneConfig:
+    """The `tune` section of params.yaml: budget, seed and the range of each searched knob."""
+
+    n_trials: int = 10
+    seed: int = 13
+    startup_trials: int = 4  # random trials before TPE starts modelling the results
+    epochs: float | None = None  # per trial; None: train.epochs
+    max_train_reports: int | None = None  # a seeded sample of the train split per trial; None: all of it
+    alpha: Range = field(default_factory=lambda: Range(0.1, 0.9))
+    temperature: Range = field(default_factory=lambda: Range(1.0, 4.0))
+    learning_rate: Range = field(default_factory=lambda: Range(2e-5, 3e-4, log=True))
+
+    @classmethod
+    def from_params(cls, params: Mapping) -> TuneConfig:
+        """Build from the parsed params.yaml `tune` section, rejecting unknown keys."""
+        values = dict(params.get("tune") or {})
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"params.yaml: unknown tune keys {unknown}")
+        for name in SEARCHED:
+            if name in values:
+                values[name] = Range.from_params(name, values[name])
+        config = cls(**values)
+        if config.n_trials < 1:
+            raise ValueError("params.yaml tune.n_trials must be at least 1")
+        if config.alpha.low < 0.0 or config.alpha.high > 1.0:
+            raise ValueError("params.yaml tune.alpha must lie within [0, 1] (the weight of the distillation term)")
+        if config.temperature.low <= 0:
+            raise ValueError("params.yaml tune.temperature must be positive")
+        return config
+
+
+def suggest(trial: optuna.Trial, config: TuneConfig) -> dict[str, float]:
+    """The trial's value of each searched knob, drawn from its range."""
+    ranges = {name: getattr(config, name) for name in SEARCHED}
+    return {name: trial.suggest_float(name, r.low, r.high, log=r.log) for name, r in ranges.items()}
+
+
+def tune(
+    splits_dir: Path,
+    params: Mapping,
+    work_dir: Path | None = None,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run the search on `<splits_dir>/{train,val}`; returns the best trial and every trial (JSON-ready).
+
+    `on_trial(record)` is called after each trial (the CLI prints progress with it). Trainer checkpoints
+    go to a temporary folder per trial (under `work_dir` when given) and are removed after it."""
+    base = TrainConfig.from_params(params)
+    config = TuneConfig.from_params(params)
+    train_reports, train_labels = read_split(splits_dir, "train")
+    val_reports, val_labels = read_split(splits_dir, "val")
+    if not train_reports or not val_reports:
+        raise InputError(f"{splits_dir}: the train and val splits must both hold reports")
+    if config.max_train_reports and len(train_reports) > config.max_train_reports:
+        train_reports = random.Random(config.seed).sample(train_reports, config.max_train_reports)
+    labels = labels_by_id([*train_labels, *val_labels])
+    teacher = train_labels[0].teacher.name if train_labels and train_labels[0].teacher else "unknown"
+    epochs = config.epochs if config.epochs is not None else base.epochs
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+
+    records: list[dict[str, Any]] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        knobs = suggest(trial, config)
+        trial_config = replace(base, epochs=epochs, **knobs)
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
+            mlflow.set_tags({"stage": "tune-trial", "trial": str(trial.number)})
+            mlflow.log_params({**knobs, "epochs": epochs, "trial": trial.number})
+            with tempfile.TemporaryDirectory(prefix=f"tune-trial-{trial.number}-", dir=work_dir) as checkpoints:
+                _, scores = train_student(train_reports, val_reports, labels, trial_config, Path(checkpoints))
+            record = {
+                "trial": trial.number,
+                "params": knobs,
+                "val_macro_f1": scores["eval_macro_f1"],
+                "val_agreement": scores["eval_agreement"],
+                "train_loss": scores["train_loss"],
+                "mlflow_run_id": run.info.run_id,
+            }
+            mlflow.log_metrics({k: record[k] for k in ("val_macro_f1", "val_agreement", "train_loss")})
+        records.append(record)
+        best_so_far = max(r["val_macro_f1"] for r in records)
+        mlflow.log_metrics(
+            {"trial_val_macro_f1": record["val_macro_f1"], "best_val_macro_f1_so_far": best_so_far},
+            step=trial.number,
+        )
+        logger.info("tune trial %d: val macro F1 %.4f", trial.number, record["val_macro_f1"])
+        if on_trial is not None:
+            on_trial(record)
+        return record["val_macro_f1"]
+
+    sampler = optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.startup_trials)
+    study = optuna.create_study(direction="maximize", sampler=sampler, study_name="deberta-rad-tune")
+    configure_mlflow()
+    with mlflow.start_run(run_name="tune") as parent:
+        mlflow.set_tags({"stage": "tune", "teacher": teacher, **data_version_tags()})
+        mlflow.log_params(
+            {
+                **{f"tune.{k}": v for k, v in asdict(config).items() if k not in SEARCHED},
+                **{f"tune.{name}.{k}": v for name in SEARCHED for k, v in asdict(getattr(config, name)).items()},
+                **{f"params.{k}": v for k, v in asdict(base).items() if k not in SEARCHED and k != "epochs"},
+                "epochs_per_trial": epochs,
+                "n_train": len(train_reports),
+                "n_val": len(val_reports),
+            }
+        )
+        study.optimize(objective, n_trials=config.n_trials)
+        best = max(records, key=lambda r: (r["val_macro_f1"], -r["trial"]))
+        mlflow.log_params({f"best.{name}": value for name, value in best["params"].items()})
+        mlflow.log_params({"best.trial": best["trial"]})
+        mlflow.log_metrics({"best_val_macro_f1": best["val_macro_f1"], "best_val_agreement": best["val_agreement"]})
+        result = {
+            "objective": "macro F1 of the student against the teacher on the val split (maximised)",
+            "best": best,
+            "dvc_exp_run": dvc_exp_command(best["params"]),
+            "trials": records,
+            "search": {name: asdict(getattr(config, name)) for name in SEARCHED},
+            "n_trials": config.n_trials,
+            "seed": config.seed,
+            "epochs_per_trial": epochs,
+            "n_train": len(train_reports),
+            "n_val": len(val_reports),
+            "mlflow_run_id": parent.info.run_id,
+        }
+        mlflow.log_dict(result, "tune.json")
+    return result
+
+
+def dvc_exp_command(best_params: Mapping[str, float]) -> str:
+    """The `dvc exp run` line that trains the full pipeline with the best knobs."""
+    return "dvc exp run " + " ".join(f"-S train.{name}={value:.4g}" for name, value in best_params.items())
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3e}" if abs(value) < 1e-2 else f"{value:.4f}"
+
+
+def format_trials_table(result: Mapping[str, Any]) -> str:
+    """A fixed-width table of the trials, the best one starred, and how to apply it."""
+    header = ["trial", *(COLUMN_TITLES[name] for name in SEARCHED), "val macro F1", "val agreement"]
+    rows = [
+        [
+            f"{'*' if r['trial'] == result['best']['trial'] else ' '}{r['trial']}",
+            *(_fmt(r["params"][name]) for name in SEARCHED),
+            f"{r['val_macro_f1']:.4f}",
+            f"{r['val_agreement']:.4f}",
+        ]
+        for r in result["trials"]
+    ]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in [header, *rows]]
+    best = result["best"]
+    lines += [
+        "",
+        f"best: trial {best['trial']}, val macro F1 {best['val_macro_f1']:.4f} (* above)",
+        f"apply: {result['dvc_exp_run']}  (or copy the values into params.yaml `train`)",
+    ]
+    return "\n".join(lines)
