@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from fractions import Fraction
 
@@ -15,8 +16,10 @@ from sklearn.metrics import (
     f1_score,
     precision_recall_fscore_support,
 )
+from typer.testing import CliRunner
 
 from deberta_rad import evaluate
+from deberta_rad.cli import app
 from deberta_rad.evaluate import (
     compare_labelers,
     compute_metrics,
@@ -394,3 +397,31 @@ def test_confusion_rows_are_one_per_cell(hand_case: tuple[dict, dict]) -> None:
 def test_plot_confusion_matrices_writes_png(tmp_path, hand_case: tuple[dict, dict]) -> None:
     out = plot_confusion_matrices(confusion_matrices(*hand_case), tmp_path / "plots" / "confusion.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def write_labels(path, labels: dict) -> None:
+    path.write_text("".join(json.dumps({"report_id": rid, "labels": row}) + "\n" for rid, row in labels.items()))
+
+
+def test_compare_command_prints_both_labelers_tests_and_ids(tmp_path, two_labelers: tuple[dict, dict, dict]) -> None:
+    gold, good, bad = two_labelers
+    for name, labels in (("gold", gold), ("good", good), ("bad", bad)):
+        write_labels(tmp_path / f"{name}.jsonl", labels)
+    files = [str(tmp_path / f"{name}.jsonl") for name in ("good", "bad", "gold")]
+    args = ["compare", *files[:2], "--gold", files[2], "--n-bootstrap", "200", "--json", str(tmp_path / "c.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "good vs bad" in result.output and "Wilcoxon" in result.output and "95% CI" in result.output
+    written = json.loads((tmp_path / "c.json").read_text())
+    assert written["pairs"][0]["bootstrap"]["n_resamples"] == 200
+    expected = compare_labelers(gold, {"good": good, "bad": bad}, n_bootstrap=200)
+    assert written["pairs"][0]["difference"] == pytest.approx(expected["pairs"][0]["difference"])
+
+
+def test_compare_command_refuses_presence_only_gold(tmp_path) -> None:
+    iu = tmp_path / "iu.jsonl"
+    iu.write_text(json.dumps({"report_id": "a", "findings": "Normal.", "impression": "", "mesh": ["normal"]}) + "\n")
+    write_labels(tmp_path / "a.jsonl", {"a": ALL_NOT_MENTIONED})
+    args = ["compare", str(tmp_path / "a.jsonl"), str(tmp_path / "a.jsonl"), "--gold", str(iu), "--gold-format", "iu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "presence-only gold" in result.output

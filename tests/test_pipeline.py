@@ -27,6 +27,7 @@ SMALL_PARAMS = {
     ("model", "max_length"): 64,
     ("train", "epochs"): 1,
     ("train", "batch_size"): 16,
+    ("train", "logging_steps"): 2,
 }
 
 
@@ -115,6 +116,11 @@ def test_dvc_shows_metrics_and_plots(project: Path) -> None:
     assert "metrics/evaluate.json" in json.dumps(shown)
     run([str(BIN / "dvc"), "plots", "show", "-o", "dvc_plots"], project)
     assert (project / "dvc_plots" / "index.html").is_file()
+    plots = json.loads(run([str(BIN / "dvc"), "plots", "show", "--json"], project).stdout)
+    assert not plots.get("errors")
+    confusion = plots["data"]["plots/confusion/teacher/pneumothorax.json"][0]["content"]
+    assert {"actual", "predicted"} <= set(confusion["data"]["values"][0])
+    assert "plots/confusion_gold.png" in plots["data"]
 
 
 def test_mlflow_run_has_params_metrics_data_version_and_no_report_text(project: Path) -> None:
@@ -125,6 +131,9 @@ def test_mlflow_run_has_params_metrics_data_version_and_no_report_text(project: 
     run_data = client.get_run(version.run_id).data
     assert run_data.params["params.alpha"] == "0.5" and "params.temperature" in run_data.params
     assert "test.teacher.macro_f1" in run_data.metrics and "eval_macro_f1" in run_data.metrics
+    assert all(len(client.get_metric_history(version.run_id, key)) > 1 for key in ("loss", "learning_rate"))
+    artifacts = {a.path for a in client.list_artifacts(version.run_id, "evaluation")}
+    assert {"evaluation/evaluate.json", "evaluation/confusion_teacher.png"} <= artifacts
     assert any(tag.startswith("data.data/pseudo_labels.jsonl") for tag in version.tags)
     texts = {r.text for r in read_reports(project / "data/reports.jsonl")}
     logged = [*run_data.params.values(), *run_data.tags.values(), *version.tags.values()]

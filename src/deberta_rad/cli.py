@@ -228,6 +228,39 @@ def evaluate_command(
 
 
 @app.command()
+def compare(
+    labelers: Annotated[list[Path], typer.Argument(help="Label JSONL files; the first is compared with each other.")],
+    gold: Annotated[Path, typer.Option(help="Status gold (label JSONL, CheXpert CSV, CheX-GPT JSONL).")],
+    gold_format: Annotated[str, typer.Option(help="auto | labels | chexpert | chexgpt")] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full comparison here.")] = None,
+    all_pairs: Annotated[bool, typer.Option(help="Compare every pair, not only the first with the others.")] = False,
+    n_bootstrap: Annotated[int, typer.Option(help="Paired bootstrap resamples over reports.")] = 2000,
+    seed: int = 0,
+) -> None:
+    """Labelers side by side on one gold: Macro F1, paired t-test and Wilcoxon over per-finding F1, a
+    paired bootstrap 95% CI of the difference, and where they disagree (report ids only)."""
+    from deberta_rad.gold import read_gold
+
+    names = [str(path) if [p.stem for p in labelers].count(path.stem) > 1 else path.stem for path in labelers]
+    try:
+        gold_set = read_gold(gold, gold_format)
+        if gold_set.kind != "status":
+            raise ValueError(f"{gold} holds presence-only gold: compare needs statuses (use evaluate for presence F1)")
+        predictions = {
+            name: data.labels_by_id(data.read_label_records(path)) for name, path in zip(names, labelers, strict=True)
+        }
+        comparison = evaluate.compare_labelers(
+            gold_set.labels, predictions, n_bootstrap=n_bootstrap, seed=seed, all_pairs=all_pairs
+        )
+    except (data.InputError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(evaluate.format_comparison_table(comparison))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(comparison, indent=2))
+
+
+@app.command()
 def register(
     model_dir: Annotated[Path, typer.Option()] = Path("models/student"),
     metrics: Annotated[Path, typer.Option(help="Evaluation metrics JSON to attach.")] = Path("metrics/evaluate.json"),
@@ -299,7 +332,10 @@ def evaluate_split(
     plots_dir: Annotated[Path, typer.Option()] = Path("plots"),
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Label a split with the student and score it against the teacher (and ground truth if any)."""
+    """Label a split with the student and score it against the teacher (and ground truth if any); the
+    metrics go to DVC (the JSON and plots) and to the model's MLflow training run."""
+    from deberta_rad.registry import log_evaluation
+
     plots_dir.mkdir(parents=True, exist_ok=True)
     batch_size = load_params(params).get("evaluate", {}).get("batch_size", 64)
     results = evaluate.evaluate_split(model, split_dir, plots_dir, batch_size)
@@ -311,3 +347,5 @@ def evaluate_split(
     typer.echo(f"\ninference: {results['inference']['reports_per_s']:.1f} reports/s")
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(results, indent=2))
+    run_id = log_evaluation(model, results, [json_out, *sorted(plots_dir.glob("confusion_*.png"))])
+    typer.echo(f"logged the evaluation to MLflow run {run_id}")

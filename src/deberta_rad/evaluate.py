@@ -653,6 +653,16 @@ def evaluate_split(model_dir: Path, split_dir: Path, plots_dir: Path, batch_size
         name = "teacher" if reference == "labels" else "gold"
         results[name] = compute_metrics(predictions, gold)
         plot_confusion_matrices(confusion_matrices(predictions, gold), plots_dir / f"confusion_{name}.png")
+        write_confusion_plots(confusion_rows(predictions, gold), plots_dir / "confusion" / name)
         rows = [{"finding": f, "f1": m["f1"]} for f, m in results[name]["per_finding"].items() if m["f1"] is not None]
         (plots_dir / f"per_finding_f1_{name}.json").write_text(json.dumps(rows, indent=1))
     return results
+
+
+def write_confusion_plots(rows: list[dict[str, str]], out_dir: Path) -> None:
+    """One `{actual, predicted}` file per finding, the data DVC's `confusion` template draws (dvc.yaml
+    declares the folder), so `dvc plots diff` shows each finding's matrix for two versions side by side."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for finding in FINDINGS:
+        cells = [{"actual": r["actual"], "predicted": r["predicted"]} for r in rows if r["finding"] == finding]
+        (out_dir / f"{finding.lower().replace(' ', '_')}.json").write_text(json.dumps(cells))

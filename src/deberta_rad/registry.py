@@ -6,7 +6,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -152,13 +152,28 @@ def evaluation_tags(metrics: Mapping) -> dict[str, str]:
     return {key: f"{value:.4f}" for key, value in tags.items() if isinstance(value, int | float)}
 
 
-def register_model(model_dir: Path, metrics: Mapping) -> dict:
-    """The register stage: log test metrics and the model into the training run, register a version."""
-    configure_mlflow()
+def training_run_id(model_dir: Path) -> str | None:
+    """The MLflow run that trained this model directory (None for a model trained outside `train`)."""
     run_file = model_dir / RUN_FILE
-    run_id = json.loads(run_file.read_text())["mlflow_run_id"] if run_file.is_file() else None
-    with mlflow.start_run(run_id=run_id) as run:
+    return json.loads(run_file.read_text())["mlflow_run_id"] if run_file.is_file() else None
+
+
+def log_evaluation(model_dir: Path, metrics: Mapping, files: Sequence[Path]) -> str:
+    """The evaluate stage's record in the training run: every test metric as `test.<reference>.<key>`,
+    plus the metrics JSON and the confusion-matrix PNGs as artifacts under `evaluation/`."""
+    configure_mlflow()
+    with mlflow.start_run(run_id=training_run_id(model_dir)) as run:
         mlflow.log_metrics(flatten_metrics(metrics, "test."))
+        for path in files:
+            mlflow.log_artifact(str(path), artifact_path="evaluation")
+    return run.info.run_id
+
+
+def register_model(model_dir: Path, metrics: Mapping) -> dict:
+    """The register stage: log the model into the training run (whose test metrics the evaluate stage
+    logged), register a version tagged with its data version and evaluation, set the aliases."""
+    configure_mlflow()
+    with mlflow.start_run(run_id=training_run_id(model_dir)) as run:
         model_uri = log_student_model(model_dir)
     version = register_version(model_uri, run.info.run_id, {**data_version_tags(), **evaluation_tags(metrics)})
     aliases = [
