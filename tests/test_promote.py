@@ -37,6 +37,7 @@ from deberta_rad.registry import (
     EVALUATION_DATA_TAG,
     finding_f1_tag,
     format_gate_table,
+    gate_reference,
     promotion_gate,
     register_model,
     resolve_model,
@@ -313,6 +314,14 @@ def test_versions_evaluated_on_other_data_are_not_compared() -> None:
     no_gold = {"teacher": metrics["teacher"]}
     other_reference = promotion_gate(version("1", metrics, "a"), version("2", no_gold, "a"), "gold", 0.05)
     assert other_reference.problems == ["version 2 (candidate) has no evaluation against 'gold'"]
+
+
+def test_auto_reference_is_gold_only_when_both_versions_have_it() -> None:
+    metrics = synthetic_evaluation(seed=2, error_rate=0.1)
+    with_gold, teacher_only = version("1", metrics, "a"), version("2", {"teacher": metrics["teacher"]}, "a")
+    assert gate_reference("auto", with_gold, with_gold) == "gold"
+    assert gate_reference("auto", with_gold, teacher_only) == "teacher"
+    assert gate_reference("gold", with_gold, teacher_only) == "gold"
 
 
 def test_a_drop_within_the_threshold_passes() -> None:

@@ -307,7 +307,8 @@ def promote(
         return
     gate = None
     if champion is not None:
-        gate = registry.promotion_gate(champion, candidate, config["reference"], float(config["max_finding_drop"]))
+        reference = registry.gate_reference(config["reference"], champion, candidate)
+        gate = registry.promotion_gate(champion, candidate, reference, float(config["max_finding_drop"]))
         typer.echo(registry.format_gate_table(gate))
         if not gate.passed and not force:
             typer.secho(

@@ -188,7 +188,7 @@ def register_model(model_dir: Path, metrics: Mapping) -> dict:
 # Promotion: `champion` moves to a candidate that passes the gate, or that a person overrides it for
 # ----------------------------------------------------------------------------------------------
 
-PROMOTION_DEFAULTS = {"reference": "gold", "max_finding_drop": 0.05}
+PROMOTION_DEFAULTS = {"reference": "auto", "max_finding_drop": 0.05}
 # The test split (reports, teacher labels, gold) a version was evaluated on, as dvc.lock names it.
 EVALUATION_DATA_TAG = "data.data/splits.md5"
 MACRO_F1 = "Macro F1"
@@ -272,6 +272,15 @@ def comparability_problems(champion: ModelVersion, candidate: ModelVersion, refe
         if (finding_f1_tag(reference, f) in champion.tags) != (finding_f1_tag(reference, f) in candidate.tags)
     ]
     return [f"scored on one version only: {', '.join(one_sided)}"] if one_sided else []
+
+
+def gate_reference(reference: str, champion: ModelVersion, candidate: ModelVersion) -> str:
+    """`auto`: ground truth when both versions were scored against it (sources that carry gold), else
+    the teacher labels; any other value is used as it is."""
+    if reference != "auto":
+        return reference
+    both_have_gold = all("eval.gold.macro_f1" in version.tags for version in (champion, candidate))
+    return "gold" if both_have_gold else "teacher"
 
 
 def promotion_gate(
