@@ -35,7 +35,7 @@ def run(
     args: list[str], cwd: Path, timeout: int = 600, extra_env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run a command in the copy with the venv on PATH and no MLflow, LLM or project settings from outside."""
-    outside = ("MLFLOW_TRACKING_URI", "OPENAI_BASE_URL", "OPENAI_API_KEY")
+    outside = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "OPENAI_BASE_URL", "OPENAI_API_KEY")
     env = {k: v for k, v in os.environ.items() if k not in outside and not k.startswith("DEBERTA_RAD_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra_env or {})
