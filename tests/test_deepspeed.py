@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import mlflow
 import pytest
 import torch
 import yaml
+from conftest import free_port
 from tiny_backbones import tiny_deberta_backbone
 
 from deberta_rad.data import split_reports, write_jsonl
@@ -41,12 +41,6 @@ def run_bounded(args: list[str], timeout: int, **kwargs) -> subprocess.Completed
             output, _ = process.communicate()
             pytest.fail(f"{' '.join(args)} still running after {timeout} s:\n{output[-4000:]}")
     return subprocess.CompletedProcess(args, process.returncode, output)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from conftest import noisy_copy
 from scipy import stats
 from sklearn.metrics import (
     accuracy_score,
@@ -39,14 +40,6 @@ def random_gold(rng: np.random.Generator, n_reports: int) -> dict[str, dict[str,
     """Gold with skewed statuses, like real reports (not_mentioned most common, uncertain rare)."""
     draws = rng.choice(len(STATUSES), size=(n_reports, len(FINDINGS)), p=[0.2, 0.3, 0.1, 0.4])
     return {f"r{i}": {f: STATUSES[s] for f, s in zip(FINDINGS, row, strict=True)} for i, row in enumerate(draws)}
-
-
-def noisy_copy(rng: np.random.Generator, gold: dict, error_rate: float) -> dict[str, dict[str, str]]:
-    """A labeler that copies gold but replaces a share of cells with a random status."""
-    return {
-        rid: {f: (STATUSES[rng.integers(4)] if rng.random() < error_rate else s) for f, s in labels.items()}
-        for rid, labels in gold.items()
-    }
 
 
 def column(labels: dict, finding: str) -> list[str]:

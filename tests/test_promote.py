@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from conftest import free_port, noisy_copy
 from mlflow import MlflowClient
 from tiny_backbones import tiny_deberta_backbone
 from typer.testing import CliRunner
@@ -57,12 +57,6 @@ DROPPED = "Pleural Effusion"  # the finding the worse version gets badly wrong
 # ----------------------------------------------------------------------------------------------
 # A real MLflow server
 # ----------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_health(url: str, server: subprocess.Popen, log: Path) -> None:
@@ -129,14 +123,6 @@ def mlflow_server(root: Path) -> Iterator[str]:
 
 def random_labels(rng: np.random.Generator, n_reports: int) -> dict[str, dict[str, str]]:
     return {f"r{i}": {f: STATUSES[rng.integers(len(STATUSES))] for f in FINDINGS} for i in range(n_reports)}
-
-
-def noisy_copy(rng: np.random.Generator, labels: dict, error_rate: float) -> dict[str, dict[str, str]]:
-    """A copy of ``labels`` with a share of the cells replaced by a random status."""
-    return {
-        rid: {f: STATUSES[rng.integers(len(STATUSES))] if rng.random() < error_rate else s for f, s in row.items()}
-        for rid, row in labels.items()
-    }
 
 
 def synthetic_evaluation(seed: int, error_rate: float, dropped: str | None = None) -> dict:

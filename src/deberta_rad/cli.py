@@ -25,6 +25,12 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _write_json(path: Path, payload: object) -> None:
+    """Write a command's JSON result, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+
+
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Configure logging once; log lines carry ids and counts, never report text."""
@@ -109,8 +115,7 @@ def agreement(
         _fail(str(err))
     typer.echo(format_agreement_table(result, _teacher_name(records_a, labels_a), _teacher_name(records_b, labels_b)))
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(result, indent=2))
+        _write_json(json_out, result)
 
 
 def _teacher_name(records: list[LabelRecord], path: Path) -> str:
@@ -183,8 +188,7 @@ def tune(
         result = run_search(splits, load_params(params), work_dir, on_trial=progress)
     except (BackboneUnavailableError, data.InputError) as err:
         _fail(str(err))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2))
+    _write_json(output, result)
     typer.echo(f"\n{format_trials_table(result)}\nwrote {output}")
 
 
@@ -223,8 +227,7 @@ def evaluate_command(
         evaluate.format_metrics_table(metrics) if "status_f1" in metrics else evaluate.format_presence_table(metrics)
     )
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(metrics, indent=2))
+        _write_json(json_out, metrics)
 
 
 @app.command()
@@ -256,8 +259,7 @@ def compare(
         _fail(str(err))
     typer.echo(evaluate.format_comparison_table(comparison))
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(comparison, indent=2))
+        _write_json(json_out, comparison)
 
 
 @app.command()
@@ -270,8 +272,7 @@ def register(
     from deberta_rad.registry import register_model
 
     result = register_model(model_dir, json.loads(metrics.read_text()))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2))
+    _write_json(output, result)
     typer.echo(f"registered {result['name']} version {result['version']} (aliases: {', '.join(result['aliases'])})")
 
 
@@ -346,7 +347,6 @@ def evaluate_split(
                 f"\n== student vs {reference} on {split_dir} ==\n{evaluate.format_metrics_table(results[reference])}"
             )
     typer.echo(f"\ninference: {results['inference']['reports_per_s']:.1f} reports/s")
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(results, indent=2))
+    _write_json(json_out, results)
     run_id = log_evaluation(model, results, [json_out, *sorted(plots_dir.glob("confusion_*.png"))])
     typer.echo(f"logged the evaluation to MLflow run {run_id}")
