@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 
 from deberta_rad.schema import STATUSES
 
@@ -59,3 +63,33 @@ def noisy_copy(rng: np.random.Generator, labels: dict, error_rate: float) -> dic
         rid: {f: (STATUSES[rng.integers(len(STATUSES))] if rng.random() < error_rate else s) for f, s in row.items()}
         for rid, row in labels.items()
     }
+
+
+def wait_for_http(url: str, server: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's log if it exits or never answers."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=10).status_code == 200:
+                return
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} gave no 200 within {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stop a server started with ``start_new_session`` and the workers it started (its process group),
+    by force if it lingers."""
+    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 20)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -7,11 +7,8 @@ a synthetic evaluation shaped like metrics/evaluate.json; no training is needed 
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +21,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from conftest import free_port, noisy_copy
+from conftest import free_port, noisy_copy, stop_server, wait_for_http
 from mlflow import MlflowClient
 from tiny_backbones import tiny_deberta_backbone
 from typer.testing import CliRunner
@@ -59,35 +56,6 @@ DROPPED = "Pleural Effusion"  # the finding the worse version gets badly wrong
 # ----------------------------------------------------------------------------------------------
 
 
-def wait_for_health(url: str, server: subprocess.Popen, log: Path) -> None:
-    """Poll /health until the server answers; fail with its log if it exits or never answers."""
-    deadline = time.monotonic() + HEALTH_WAIT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow server gave no /health answer within {HEALTH_WAIT_S} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(server: subprocess.Popen) -> None:
-    """Stop the server and the workers it started (its own process group), by force if it lingers."""
-    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 20)):
-        try:
-            os.killpg(server.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            server.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @contextmanager
 def mlflow_server(root: Path) -> Iterator[str]:
     """`mlflow server` on a SQLite store and a local artifact root under ``root``; yields its URL."""
@@ -110,10 +78,10 @@ def mlflow_server(root: Path) -> Iterator[str]:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}"
-            wait_for_health(url, server, log)
+            wait_for_http(f"{url}/health", server, log, HEALTH_WAIT_S)
             yield url
         finally:
-            stop(server)
+            stop_server(server)
 
 
 # ----------------------------------------------------------------------------------------------

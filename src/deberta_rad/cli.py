@@ -18,6 +18,7 @@ app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=F
 InputOption = Annotated[Path, typer.Option("--input", "-i", help="Reports: JSONL, CSV or a folder of .txt reports.")]
 OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Label JSONL to write.")]
 ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml with the knobs.")]
+ModelOption = Annotated[str, typer.Option("--model", help="Model directory or MLflow URI.")]
 
 
 def _fail(message: str) -> None:
@@ -196,7 +197,7 @@ def tune(
 def predict(
     input: InputOption,
     output: OutputOption,
-    model: Annotated[str, typer.Option(help="Model directory or MLflow URI.")] = "models:/deberta-rad@champion",
+    model: ModelOption = "models:/deberta-rad@champion",
     batch_size: int = 64,
 ) -> None:
     """Label reports with a trained student (a model directory or e.g. models:/deberta-rad@champion)."""
@@ -209,6 +210,38 @@ def predict(
         _fail(str(err))
     data.write_jsonl(output, records)
     typer.echo(f"labelled {len(records)} reports into {output} ({speed:.1f} reports/s)")
+
+
+@app.command()
+def serve(
+    model: ModelOption = "models:/deberta-rad@champion",
+    host: Annotated[str, typer.Option(help="Address to bind; off loopback an API key is required.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 3000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="DEBERTA_RAD_SERVE_API_KEY", help="Callers must send it as X-API-Key.")
+    ] = None,
+) -> None:
+    """Serve the model with BentoML (`POST /label`, `/readyz`, `/metrics`); follows an alias's moves."""
+    from deberta_rad.serve import run_server
+
+    try:
+        code = run_server(model, host, port, api_key)
+    except ValueError as err:
+        _fail(str(err))
+    raise typer.Exit(code=code)
+
+
+@app.command()
+def bento(model: ModelOption = "models:/deberta-rad@champion") -> None:
+    """Build a Bento of the service with the model packed in (then `bentoml serve` or containerize it)."""
+    from deberta_rad.serve import build_bento
+
+    try:
+        tag, version = build_bento(model)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(f"built Bento {tag} serving {version}\n  serve it:        bentoml serve {tag}")
+    typer.echo(f"  containerize it: bentoml containerize {tag}   (needs Docker)")
 
 
 @app.command(name="evaluate")

@@ -110,7 +110,7 @@ def alias_version(alias: str) -> ModelVersion | None:
         return None
 
 
-def resolve_model(ref: str, cache_dir: Path = Path(".cache/models")) -> tuple[Path, str]:
+def resolve_model(ref: str, cache_dir: Path | None = None) -> tuple[Path, str]:
     """A model directory or an MLflow model URI (`models:/deberta-rad@champion`, `runs:/...`) to a local
     model directory and a name for it (the registry version when there is one)."""
     local = Path(ref)
@@ -125,7 +125,7 @@ def resolve_model(ref: str, cache_dir: Path = Path(".cache/models")) -> tuple[Pa
         name, alias = ref.removeprefix("models:/").split("@", 1)
         version = MlflowClient().get_model_version_by_alias(name, alias)
         label, ref = f"{name}/{version.version}", f"models:/{name}/{version.version}"
-    destination = cache_dir / label.replace(":", "_").replace("/", "_")
+    destination = (cache_dir or get_settings().model_cache) / label.replace(":", "_").replace("/", "_")
     downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(destination)))
     return downloaded / "artifacts" / "student", label
 

@@ -34,6 +34,21 @@ class Settings(BaseSettings):
     llm_price_per_1k_input: float | None = Field(default=None, ge=0)
     llm_price_per_1k_output: float | None = Field(default=None, ge=0)
 
+    # Where models resolved from MLflow URIs are downloaded to.
+    model_cache: Path = Path(".cache/models")
+
+    # The label service (serving/): which model, who may call it, and how much one call may ask.
+    serve_model: str = "models:/deberta-rad@champion"
+    serve_api_key: SecretStr | None = None
+    serve_max_reports: int = Field(default=256, ge=1)
+    serve_max_chars: int = Field(default=20_000, ge=1)
+    # Adaptive batching across concurrent requests (BentoML) and the engine's own batch size.
+    serve_max_batch_size: int = Field(default=256, ge=2)
+    serve_max_latency_ms: int = Field(default=60_000, ge=1)
+    serve_engine_batch_size: int = Field(default=64, ge=1)
+    # How often to check the registry alias for a new champion (0: only on POST /reload).
+    serve_poll_s: float = Field(default=30.0, ge=0)
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -1,0 +1,330 @@
+"""The labelling service's contract and its guard, kept apart from BentoML (serving/service.py) so they
+are plain code to test: the request and response models, how probabilities become answers, and the
+ASGI middleware that checks the API key, the JSON and the limits before a request reaches BentoML.
+
+Why a guard in front of BentoML's own validation: BentoML 1.4 logs a traceback with pydantic's
+`input_value` for a request that fails validation, i.e. it would write report text to the log. The
+guard answers every bad request itself with a 4xx that names what and where, and never echoes input.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from deberta_rad.schema import FINDING_INDEX, FINDINGS, STATUSES, Status
+
+logger = logging.getLogger(__name__)
+
+SERVICE_DIR = Path(__file__).resolve().parents[2] / "serving"
+# The model a Bento carries, in BentoML's model store (`deberta-rad bento` puts it there).
+PACKED_MODEL = "deberta-rad-student"
+API_KEY_HEADER = "x-api-key"
+GUARDED_PATHS = ("/label", "/reload")
+
+
+class ReportIn(BaseModel):
+    """One report to label; the id comes back with its labels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    report_id: str = Field(min_length=1)
+    text: str = Field(min_length=1)
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("text is blank")
+        return text
+
+
+class LabelRequest(BaseModel):
+    """`POST /label`: reports, an optional subset of findings, an optional abstention threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reports: list[ReportIn] = Field(min_length=1)
+    findings: list[str] | None = Field(default=None, min_length=1)
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    @field_validator("findings")
+    @classmethod
+    def _known_findings(cls, findings: list[str] | None) -> list[str] | None:
+        unknown = [f for f in findings or [] if f not in FINDING_INDEX]
+        if unknown:
+            raise ValueError(f"unknown findings {unknown}; known: {list(FINDINGS)}")
+        return findings
+
+
+class LabelResult(BaseModel):
+    report_id: str
+    labels: dict[str, Status]
+    probabilities: dict[str, dict[str, float]]
+
+
+class LabelResponse(BaseModel):
+    model_version: str
+    results: list[LabelResult]
+
+
+class Scored(BaseModel):
+    """What the model worker returns per report: the version that scored it and its [13, 4] probabilities."""
+
+    model_version: str
+    probabilities: list[list[float]]
+
+
+def label_result(
+    report_id: str, probabilities: np.ndarray, findings: Sequence[str] | None, threshold: float | None
+) -> LabelResult:
+    """One report's answer. With a threshold, a finding whose most likely status is less probable than it
+    abstains to `uncertain`, so a caller can route low-confidence cells to a person."""
+    chosen = findings or FINDINGS
+    labels: dict[str, str] = {}
+    scores: dict[str, dict[str, float]] = {}
+    for finding in chosen:
+        row = probabilities[FINDING_INDEX[finding]]
+        best = int(row.argmax())
+        confident = threshold is None or float(row[best]) >= threshold
+        labels[finding] = STATUSES[best] if confident else "uncertain"
+        scores[finding] = {status: round(float(p), 6) for status, p in zip(STATUSES, row, strict=True)}
+    return LabelResult(report_id=report_id, labels=labels, probabilities=scores)
+
+
+def error_location(loc: Sequence[int | str]) -> str:
+    """pydantic's ('reports', 3, 'text') as `reports[3].text`."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "body"
+
+
+def validation_problems(error: ValidationError) -> list[dict[str, str]]:
+    """Where and what, never the offending value (it may be report text)."""
+    return [{"loc": error_location(e["loc"]), "msg": e["msg"]} for e in error.errors(include_input=False)]
+
+
+class LimitExceeded(ValueError):
+    """A request within the contract but over the service's limits (413)."""
+
+
+def check_limits(request: LabelRequest, max_reports: int, max_chars: int) -> None:
+    """Raise LimitExceeded naming the first report over the length limit, or the count over the limit."""
+    if len(request.reports) > max_reports:
+        raise LimitExceeded(f"{len(request.reports)} reports in one call; the limit is {max_reports}")
+    for i, report in enumerate(request.reports):
+        if len(report.text) > max_chars:
+            raise LimitExceeded(f"reports[{i}].text has {len(report.text)} characters; the limit is {max_chars}")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+
+class RequestGuard:
+    """ASGI middleware for the label service: API key, body size, JSON, schema and limits, answered
+    with 4xx JSON before BentoML sees the request. Other paths (/readyz, /livez, /metrics) pass through.
+    A request that passes is replayed unchanged to the app."""
+
+    def __init__(self, app: Any, api_key: str | None, max_reports: int, max_chars: int) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.max_reports = max_reports
+        self.max_chars = max_chars
+        # Room for JSON quoting and escapes around the longest allowed payload.
+        self.max_body_bytes = max_reports * (max_chars * 6 + 1024) + 65536
+
+    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in GUARDED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        refusal = self.check_access(scope)
+        if refusal is not None:
+            await _send_json(send, *refusal)
+            return
+        if scope["path"] != "/label":
+            await self.app(scope, receive, send)
+            return
+        body = await _read_body(receive, self.max_body_bytes)
+        refusal = self.check_label_body(body)
+        if refusal is not None:
+            await _send_json(send, *refusal)
+            return
+        await self.app(scope, _replay(body), send)
+
+    def check_access(self, scope: dict) -> tuple[int, dict] | None:
+        """Off loopback a key is required; with a key set, every caller must send it."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        server_host = (scope.get("server") or ("127.0.0.1", 0))[0]
+        if self.api_key is None:
+            if is_loopback(server_host):
+                return None
+            return 503, {"error": "reached off loopback but no API key is set: set DEBERTA_RAD_SERVE_API_KEY"}
+        if headers.get(API_KEY_HEADER) != self.api_key:
+            return 401, {"error": f"missing or wrong API key in the {API_KEY_HEADER} header"}
+        return None
+
+    def check_label_body(self, body: bytes | None) -> tuple[int, dict] | None:
+        """None when the body is a valid request within the limits, else the status and error to answer."""
+        if body is None:
+            return 413, {"error": f"request body over {self.max_body_bytes} bytes"}
+        try:
+            payload = json.loads(body)
+        except json.JSONDecodeError as error:
+            return 400, {"error": f"body is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}"}
+        except UnicodeDecodeError:
+            return 400, {"error": "body is not UTF-8 JSON"}
+        try:
+            request = LabelRequest.model_validate(payload)
+        except ValidationError as error:
+            return 422, {"error": "request does not match the /label contract", "detail": validation_problems(error)}
+        try:
+            check_limits(request, self.max_reports, self.max_chars)
+        except LimitExceeded as error:
+            return 413, {"error": str(error)}
+        return None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole body, or None once it grows past `limit` bytes."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def _replay(body: bytes) -> Receive:
+    """A receive callable that hands the already-read body to the app."""
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def _send_json(send: Send, status: int, payload: dict) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def serve_command(host: str, port: int, service_dir: Path = SERVICE_DIR) -> list[str]:
+    """`bentoml serve` for the service in serving/, the way the README runs it by hand."""
+    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
+    service = ["service:LabelService", "--working-dir", str(service_dir)]
+    return [bentoml, "serve", *service, "--host", host, "--port", str(port)]
+
+
+def absolute_tracking_uri(uri: str, base: Path) -> str:
+    """`sqlite:///mlflow.db` relative to `base` as an absolute URI, so the service finds the same store
+    whatever directory BentoML runs it from."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.removeprefix(prefix).startswith("/"):
+        return prefix + str((base / uri.removeprefix(prefix)).resolve())
+    return uri
+
+
+def run_server(model: str, host: str, port: int, api_key: str | None) -> int:
+    """Start `bentoml serve` in the foreground with the model and store resolved from here."""
+    from deberta_rad.settings import get_settings
+
+    if not is_loopback(host) and not api_key:
+        raise ValueError(f"--host {host} is not loopback: set DEBERTA_RAD_SERVE_API_KEY (or --api-key) first")
+    if Path(model).is_dir():
+        model = str(Path(model).resolve())
+    settings = get_settings()
+    env = os.environ | {
+        "DEBERTA_RAD_SERVE_MODEL": model,
+        "DEBERTA_RAD_MODEL_CACHE": str(Path(settings.model_cache).resolve()),
+        "MLFLOW_TRACKING_URI": absolute_tracking_uri(settings.mlflow_tracking_uri, Path.cwd()),
+    }
+    if api_key:
+        env["DEBERTA_RAD_SERVE_API_KEY"] = api_key
+    return subprocess.call(serve_command(host, port), env=env)
+
+
+def tag_safe(version: str) -> str:
+    """A model version such as `deberta-rad/3` or a path as a BentoML label value."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in version).strip("_.-")[:63] or "unknown"
+
+
+def pack_model(model_ref: str) -> tuple[str, str]:
+    """Copy a model (directory or MLflow URI) into BentoML's model store as `deberta-rad-student`;
+    returns the BentoML tag and the version it packs."""
+    import bentoml
+
+    from deberta_rad.registry import resolve_model
+
+    model_dir, version = resolve_model(model_ref)
+    with bentoml.models.create(
+        PACKED_MODEL, labels={"model_version": tag_safe(version)}, metadata={"model_version": version}
+    ) as packed:
+        shutil.copytree(model_dir, packed.path, dirs_exist_ok=True)
+    return str(packed.tag), version
+
+
+def build_wheel(service_dir: Path = SERVICE_DIR) -> Path:
+    """A wheel of this project in serving/wheels/, which the bentofile installs into the Bento's image."""
+    wheels = service_dir / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels)]
+    subprocess.run([*pip_wheel, str(service_dir.parent)], check=True)
+    return next(wheels.glob("deberta_rad-*.whl"))
+
+
+def build_bento(model_ref: str, service_dir: Path = SERVICE_DIR) -> tuple[str, str]:
+    """`bentoml build` of serving/ with the model packed in; returns the Bento tag and model version."""
+    import bentoml
+    import yaml
+
+    model_tag, version = pack_model(model_ref)
+    wheel = build_wheel(service_dir)
+    listed = yaml.safe_load((service_dir / "bentofile.yaml").read_text())["python"]["wheels"]
+    if f"wheels/{wheel.name}" not in listed:
+        raise ValueError(f"serving/bentofile.yaml lists {listed}, but the project's wheel is wheels/{wheel.name}")
+    # BentoML resolves the bentofile's wheel paths against the working directory, not the build context.
+    previous = Path.cwd()
+    os.chdir(service_dir)
+    try:
+        bento = bentoml.bentos.build_bentofile(
+            "bentofile.yaml",
+            build_ctx=".",
+            labels={"model_version": tag_safe(version), "packed_model": tag_safe(model_tag)},
+        )
+    finally:
+        os.chdir(previous)
+    return str(bento.tag), version
