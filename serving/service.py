@@ -86,7 +86,13 @@ class ModelHolder:
         return True
 
 
-@bentoml.service(name="deberta-rad-labeler", workers=1, traffic={"timeout": 600})
+# BentoML 1.4.40 renews the caller's connection session every 100 requests and closes the old one with
+# calls still in flight on it, which fail with "Server disconnected" under concurrent load
+# (bentoml/BentoML#5540). Between two processes on one host there is nothing to gain by renewing it.
+NEVER_RENEW = {"max_requests": 2**31 - 1, "max_age": float(2**31)}
+
+
+@bentoml.service(name="deberta-rad-labeler", workers=1, traffic={"timeout": 600}, runner_connection=NEVER_RENEW)
 class Labeler:
     """Holds the student; scores batches; follows the registry alias."""
 
