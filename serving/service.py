@@ -15,13 +15,24 @@ import asyncio
 import logging
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import bentoml
 import numpy as np
 
 from deberta_rad.predict import LabelingEngine
-from deberta_rad.serve import PACKED_MODEL, LabelRequest, LabelResponse, ReportIn, RequestGuard, Scored, label_result
+from deberta_rad.serve import (
+    PACKED_MODEL,
+    LabelRequest,
+    LabelResponse,
+    ReportIn,
+    RequestGuard,
+    Scored,
+    capture,
+    captured_record,
+    label_result,
+)
 from deberta_rad.settings import get_settings
 
 # A child of BentoML's logger, so lines go where BentoML's own go, in its format.
@@ -157,10 +168,19 @@ class LabelService:
         request = LabelRequest(reports=reports, findings=findings, threshold=threshold)
         scored = await self._score_one_version([r.text for r in request.reports])
         version = scored[0].model_version
+        probabilities = [np.asarray(s.probabilities) for s in scored]
         results = [
-            label_result(r.report_id, np.asarray(s.probabilities), request.findings, request.threshold)
-            for r, s in zip(request.reports, scored, strict=True)
+            label_result(r.report_id, p, request.findings, request.threshold)
+            for r, p in zip(request.reports, probabilities, strict=True)
         ]
+        if SETTINGS.serve_capture_dir is not None:
+            now = datetime.now(UTC)
+            stamp = now.isoformat(timespec="seconds")
+            capture(
+                SETTINGS.serve_capture_dir,
+                [captured_record(r, p, version, stamp) for r, p in zip(request.reports, probabilities, strict=True)],
+                now,
+            )
         elapsed = time.perf_counter() - started
         self.latency.labels(model_version=version).observe(elapsed)
         self.reports.labels(model_version=version).inc(len(results))

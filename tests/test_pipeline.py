@@ -18,8 +18,9 @@ import yaml
 from conftest import REPO
 from fake_openai import expected_labels, serve
 
-from deberta_rad.data import read_label_records, read_reports
+from deberta_rad.data import read_label_records, read_reports, write_jsonl
 from deberta_rad.schema import FINDINGS
+from deberta_rad.synthetic import generate_corpus
 
 BIN = Path(sys.executable).parent
 SMALL_PARAMS = {
@@ -108,7 +109,8 @@ def test_first_version_is_champion_and_challenger(project: Path) -> None:
 def test_second_repro_reruns_nothing(project: Path) -> None:
     again = run([str(BIN / "dvc"), "repro"], project)
     assert "Running stage" not in again.stdout
-    assert json.loads(run([str(BIN / "dvc"), "status", "--json"], project).stdout) == {}
+    # The main pipeline only: the relabeling loop (pipelines/relabel) has not run here.
+    assert json.loads(run([str(BIN / "dvc"), "status", "dvc.yaml", "--json"], project).stdout) == {}
 
 
 def test_dvc_shows_metrics_and_plots(project: Path) -> None:
@@ -207,3 +209,44 @@ def test_llm_teacher_runs_in_the_pipeline_and_a_forced_rerun_is_answered_from_it
     assert all(r.labels == expected_labels(reports[r.report_id]) for r in records)
     tracked = [copy / "dvc.lock", copy / "params.yaml", *(copy / ".dvc").rglob("*")]
     assert not any("sk-pipeline-secret" in p.read_text(errors="ignore") for p in tracked if p.is_file())
+
+
+def test_the_relabeling_loop_sends_the_drifted_institution_to_the_teacher_and_retrains(tmp_path: Path) -> None:
+    """Train on one institution's style, bring in the other's reports, run pipelines/relabel: drift is
+    found, a budgeted sample is relabeled into the store, and `dvc repro` retrains with it."""
+    budget = 120
+    copy = copy_of_repo(
+        tmp_path,
+        SMALL_PARAMS
+        | {
+            ("ingest", "synthetic", "n_reports"): 500,  # a test split above monitoring.min_window
+            ("ingest", "synthetic", "styles"): ["narrative"],
+            # A model that has learnt enough to label the other style differently (with 1-2 epochs at
+            # length 64 it answers not_mentioned nearly everywhere, in both styles alike).
+            ("model", "max_length"): 128,
+            ("train", "epochs"): 3,
+            ("relabel", "budget"): budget,
+        },
+    )
+    run([str(BIN / "dvc"), "repro"], copy, timeout=900)
+    train_before = {r.report_id for r in read_reports(copy / "data/splits/train/reports.jsonl")}
+    incoming = [report for report, _ in generate_corpus(300, seed=99, styles=["templated"])]
+    for report in incoming:
+        report.report_id = f"incoming-{report.report_id}"
+    write_jsonl(copy / "data/incoming/reports.jsonl", incoming)
+
+    run([str(BIN / "dvc"), "repro", "pipelines/relabel/dvc.yaml"], copy, timeout=900)
+    drift = json.loads((copy / "monitoring/loop/drift/drift.json").read_text())
+    assert drift["drift_detected"], drift
+    assert json.loads((copy / "monitoring/loop/relabel.json").read_text())["labelled"] == budget
+    store = [json.loads(line) for line in (copy / "data/relabeled/records.jsonl").read_text().splitlines()]
+    assert len({row["report_id"] for row in store}) == budget
+
+    run([str(BIN / "dvc"), "add", "data/relabeled/records.jsonl"], copy)
+    rerun = run([str(BIN / "dvc"), "repro"], copy, timeout=900)
+    assert "Running stage 'ingest'" in rerun.stdout and "Running stage 'train'" in rerun.stdout
+    corpus = {r.report_id for r in read_reports(copy / "data/reports.jsonl")}
+    assert {row["report_id"] for row in store} <= corpus
+    train_after = {r.report_id for r in read_reports(copy / "data/splits/train/reports.jsonl")}
+    assert train_before < train_after  # nothing lost, relabeled reports added
+    assert json.loads((copy / "metrics/register.json").read_text())["version"] == 2

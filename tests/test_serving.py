@@ -29,6 +29,7 @@ from tiny_backbones import tiny_deberta_backbone
 from typer.testing import CliRunner
 
 from deberta_rad.cli import app
+from deberta_rad.data import read_label_records
 from deberta_rad.model import student_from_backbone
 from deberta_rad.registry import CHAMPION, register_model
 from deberta_rad.schema import FINDINGS, STATUSES
@@ -140,6 +141,7 @@ def serve_env(root: Path, tracking_uri: str) -> dict[str, str]:
         "DEBERTA_RAD_SERVE_MAX_REPORTS": str(MAX_REPORTS),
         "DEBERTA_RAD_SERVE_MAX_CHARS": str(MAX_CHARS),
         "DEBERTA_RAD_SERVE_POLL_S": "1",
+        "DEBERTA_RAD_SERVE_CAPTURE_DIR": str(root / "capture"),
     }
 
 
@@ -284,6 +286,18 @@ def test_metrics_count_requests_by_model_version(server: Server) -> None:
     assert f'deberta_rad_reports_labelled_total{{model_version="{NAME}/1"}}' in metrics
     assert f'deberta_rad_label_request_seconds_count{{model_version="{NAME}/1"}}' in metrics
     assert "adaptive_batch_size" in metrics  # BentoML's own batching histogram
+
+
+@slow
+def test_answers_are_captured_for_monitoring_without_text(server: Server) -> None:
+    items = [{"report_id": "captured-1", "text": f"{SENTINEL} small effusion", "institution": "northfield"}]
+    assert server.label({"reports": items, "findings": ["Edema"]}).status_code == 200
+    batches = sorted((server.root / "capture").glob("*.jsonl"))
+    assert batches and SENTINEL not in "".join(b.read_text() for b in batches)
+    captured = {r.report_id: r for batch in batches for r in read_label_records(batch, unique=False)}
+    record = captured["captured-1"]
+    assert list(record.labels) == list(FINDINGS) and record.probabilities  # all 13, whatever was asked
+    assert record.institution == "northfield" and record.timestamp and record.teacher.model == f"{NAME}/1"
 
 
 @slow

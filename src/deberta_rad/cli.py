@@ -64,7 +64,7 @@ def ingest(
     """Read every source in params `ingest.sources`, normalise, de-duplicate, write one reports file."""
     config = load_params(params)["ingest"]
     try:
-        result, gold = data.ingest_sources(config["sources"], config.get("synthetic", {}))
+        result, gold = data.ingest_sources(config["sources"], config.get("synthetic", {}), config.get("relabeled"))
     except data.InputError as err:
         _fail(str(err))
     data.write_jsonl(output, result.reports)
@@ -242,6 +242,118 @@ def bento(model: ModelOption = "models:/deberta-rad@champion") -> None:
         _fail(str(err))
     typer.echo(f"built Bento {tag} serving {version}\n  serve it:        bentoml serve {tag}")
     typer.echo(f"  containerize it: bentoml containerize {tag}   (needs Docker)")
+
+
+@app.command()
+def drift(
+    reference: Annotated[Path, typer.Option(help="Label JSONL of the reference window (predictions or teacher).")],
+    current: Annotated[Path, typer.Option(help="Label JSONL of the current window.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for drift.json and report.html.")],
+    webhook: Annotated[str | None, typer.Option(help="POST the verdict here as JSON when drift is found.")] = None,
+    exit_zero: Annotated[bool, typer.Option(help="Exit 0 whatever the verdict (pipelines read drift.json).")] = False,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Compare the status distribution per finding (Evidently). Exit 0 no drift, 1 drift, 2 error,
+    3 window too small to judge, 4 drift found but the webhook alert failed."""
+    from deberta_rad import monitor
+
+    try:
+        settings = monitor.DriftSettings.from_params(load_params(params))
+        result, snapshot = monitor.run_drift(
+            data.read_label_records(reference), data.read_label_records(current), settings
+        )
+    except (data.InputError, FileNotFoundError, TypeError) as err:
+        _fail(str(err))
+    written = monitor.write_result(result, snapshot, output)
+    typer.echo(monitor.format_result(result))
+    typer.echo(f"wrote {written} and {output / 'report.html'}")
+    code = monitor.exit_code([result])
+    if webhook and result["drift_detected"]:
+        failure = monitor.post_alert(webhook, monitor.alert_payload(result, current=str(current)))
+        if failure:
+            typer.secho(f"alert not delivered: {failure}", fg=typer.colors.RED, err=True)
+            code = monitor.EXIT_ALERT_FAILED
+    raise typer.Exit(code=0 if exit_zero else code)
+
+
+@app.command()
+def monitor(
+    reference: Annotated[Path, typer.Option(help="Label JSONL of the reference window.")],
+    incoming: Annotated[Path, typer.Option(help="Folder of prediction batches (*.jsonl).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results and history.jsonl.")] = Path(
+        "monitoring/runs"
+    ),
+    webhook: Annotated[str | None, typer.Option(help="POST each drifted window's verdict here.")] = None,
+    workspace: Annotated[
+        Path | None, typer.Option(help="Evidently workspace to add snapshots to (`evidently ui --workspace`).")
+    ] = Path("monitoring/workspace"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Judge every institution and time window of the incoming batches against the reference; keep a
+    history. Exit codes as `drift`."""
+    from deberta_rad import monitor as monitoring
+
+    try:
+        settings = monitoring.DriftSettings.from_params(load_params(params))
+        results, failures = monitoring.monitor_folder(
+            data.read_label_records(reference), incoming, output, settings, webhook, workspace
+        )
+    except (data.InputError, FileNotFoundError, TypeError) as err:
+        _fail(str(err))
+    typer.echo(monitoring.format_windows(results))
+    typer.echo(f"history: {output / 'history.jsonl'}; plot: {output / 'drift_history.png'}")
+    for failure in failures:
+        typer.secho(f"alert not delivered: {failure}", fg=typer.colors.RED, err=True)
+    code = monitoring.exit_code(results)
+    raise typer.Exit(code=monitoring.EXIT_ALERT_FAILED if failures and code == monitoring.EXIT_DRIFT else code)
+
+
+@app.command()
+def relabel(
+    reports: Annotated[Path, typer.Option(help="The new institution's reports (JSONL/CSV/folder).")],
+    predictions: Annotated[
+        Path | None, typer.Option(help="The model's predictions on them, to send the least certain first.")
+    ] = None,
+    institution: Annotated[str | None, typer.Option(help="Only this institution's reports.")] = None,
+    budget: Annotated[int | None, typer.Option(help="Reports to send to the teacher (params relabel.budget).")] = None,
+    when_drift: Annotated[
+        Path | None, typer.Option(help="A drift.json: relabel only if it found drift (for the DVC loop).")
+    ] = None,
+    summary_out: Annotated[Path | None, typer.Option("--summary", help="Write the counts as JSON here.")] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Send a budgeted sample to the teacher (params `pseudo_label`) and append it to the store that
+    ingest reads (params `ingest.relabeled`); then `dvc repro` retrains."""
+    from dataclasses import asdict
+
+    from deberta_rad.relabel import RelabelSummary, relabel_files
+    from deberta_rad.teachers import get_teacher, llm_options
+
+    config = load_params(params)
+    if when_drift is not None and not json.loads(when_drift.read_text())["drift_detected"]:
+        typer.echo(f"{when_drift}: no drift, nothing sent to the teacher")
+        if summary_out:
+            _write_json(summary_out, asdict(RelabelSummary(0, 0, 0, 0)) | {"drift_detected": False})
+        return
+    teacher = config["pseudo_label"]
+    store = Path(config["ingest"]["relabeled"])
+    options = llm_options(teacher.get("llm_model"), Path(teacher["cache"])) if teacher["teacher"] == "llm" else {}
+    try:
+        summary = relabel_files(
+            reports,
+            predictions,
+            store,
+            budget if budget is not None else int(config["relabel"]["budget"]),
+            get_teacher(teacher["teacher"], **options).label,
+            institution,
+            corpus_path=Path("data/reports.jsonl"),
+        )
+    except (data.InputError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(summary.describe(store))
+    if summary_out:
+        _write_json(summary_out, asdict(summary) | {"drift_detected": True})
+    typer.echo(f"next: dvc add {store} (to version it) and dvc repro (to retrain)")
 
 
 @app.command(name="evaluate")

@@ -139,13 +139,14 @@ def read_reports(path: str | Path) -> list[Report]:
     raise InputError(f"{path}: unsupported report source (use .jsonl, .csv or a folder of .txt reports)")
 
 
-def read_label_records(path: str | Path) -> list[LabelRecord]:
-    """Label JSONL (DESIGN.md): all 13 findings per record, one record per report id."""
+def read_label_records(path: str | Path, unique: bool = True) -> list[LabelRecord]:
+    """Label JSONL (DESIGN.md): all 13 findings per record, one record per report id unless `unique` is
+    off (a log of answers, where a report labelled twice is two lines)."""
     path = Path(path)
     records, seen = [], set()
     for number, data in json_lines(path):
         record = _validated(LabelRecord, data, f"{path}:{number}")
-        if record.report_id in seen:
+        if unique and record.report_id in seen:
             raise InputError(f"{path}:{number}: report {record.report_id!r} is labelled twice")
         seen.add(record.report_id)
         records.append(record)
@@ -229,21 +230,28 @@ def split_reports(reports: Sequence[Report], seed: int, fractions: dict[str, flo
 SYNTHETIC_SOURCE = "synthetic"
 
 
-def ingest_sources(sources: Sequence[str], synthetic: dict) -> tuple[IngestResult, list[LabelRecord]]:
+def ingest_sources(
+    sources: Sequence[str], synthetic: dict, relabeled: str | None = None
+) -> tuple[IngestResult, list[LabelRecord]]:
     """Read `ingest.sources` in order; `synthetic` stands for the embedded generator, whose ground
-    truth comes back as gold labels (other sources carry none)."""
-    from deberta_rad.synthetic import generate_corpus
+    truth comes back as gold labels (other sources carry none). Then the relabeling loop's store
+    (`ingest.relabeled`), when it exists: reports a drift alarm sent to the teacher."""
+    from deberta_rad.synthetic import STYLES, generate_corpus
 
     if not sources:
         raise InputError("params.yaml ingest.sources is empty: name at least one source")
     loaded, gold = [], []
     for source in sources:
         if source == SYNTHETIC_SOURCE:
-            pairs = generate_corpus(int(synthetic.get("n_reports", 1000)), int(synthetic.get("seed", 7)))
+            pairs = generate_corpus(
+                int(synthetic.get("n_reports", 1000)), int(synthetic.get("seed", 7)), synthetic.get("styles", STYLES)
+            )
             loaded.append((source, [report for report, _ in pairs]))
             gold.extend(labels for _, labels in pairs)
         else:
             loaded.append((source, read_reports(source)))
+    if relabeled and Path(relabeled).is_file():
+        loaded.append((relabeled, read_reports(relabeled)))
     return merge_sources(loaded), gold
 
 

@@ -64,6 +64,8 @@ class LabelingEngine:
                     for j, f in enumerate(FINDINGS)
                 },
                 teacher=info,
+                institution=report.institution,
+                timestamp=report.study_date,
             )
             for i, report in enumerate(reports)
         ]

@@ -71,6 +71,9 @@ class LabelRecord(BaseModel):
     probabilities: dict[str, dict[str, float]] | None = None
     teacher: TeacherInfo | None = None
     evidence: dict[str, list[str]] | None = None
+    # Where and when the report comes from, carried along with predictions for drift monitoring.
+    institution: str | None = None
+    timestamp: str | None = None
 
     @field_validator("labels")
     @classmethod

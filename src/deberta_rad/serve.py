@@ -17,13 +17,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from deberta_rad.schema import FINDING_INDEX, FINDINGS, STATUSES, Status
+from deberta_rad.schema import FINDING_INDEX, FINDINGS, STATUSES, LabelRecord, Status, TeacherInfo
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class ReportIn(BaseModel):
 
     report_id: str = Field(min_length=1)
     text: str = Field(min_length=1)
+    institution: str | None = Field(default=None, description="Where the report comes from (drift monitoring).")
 
     @field_validator("text")
     @classmethod
@@ -101,6 +103,31 @@ def label_result(
         labels[finding] = STATUSES[best] if confident else "uncertain"
         scores[finding] = {status: round(float(p), 6) for status, p in zip(STATUSES, row, strict=True)}
     return LabelResult(report_id=report_id, labels=labels, probabilities=scores)
+
+
+def captured_record(report: ReportIn, probabilities: np.ndarray, model_version: str, timestamp: str) -> LabelRecord:
+    """What the opt-in capture keeps of one answer: the id, all 13 statuses and probabilities, the model
+    version, the institution and the time. Never the text."""
+    return LabelRecord(
+        report_id=report.report_id,
+        labels={f: STATUSES[int(row.argmax())] for f, row in zip(FINDINGS, probabilities, strict=True)},
+        probabilities={
+            f: {s: round(float(p), 6) for s, p in zip(STATUSES, row, strict=True)}
+            for f, row in zip(FINDINGS, probabilities, strict=True)
+        },
+        teacher=TeacherInfo(name="deberta-rad", model=model_version),
+        institution=report.institution,
+        timestamp=timestamp,
+    )
+
+
+def capture(directory: Path, records: Sequence[LabelRecord], now: datetime) -> Path:
+    """Append captured answers to `<directory>/<UTC date>.jsonl`, one line each."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{now.date().isoformat()}.jsonl"
+    with path.open("a", encoding="utf-8") as handle:
+        handle.writelines(r.model_dump_json(exclude_none=True) + "\n" for r in records)
+    return path
 
 
 def error_location(loc: Sequence[int | str]) -> str:

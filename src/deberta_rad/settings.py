@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     serve_engine_batch_size: int = Field(default=64, ge=1)
     # How often to check the registry alias for a new champion (0: only on POST /reload).
     serve_poll_s: float = Field(default=30.0, ge=0)
+    # Opt-in: append every answer (ids, labels, probabilities; never text) to <dir>/<date>.jsonl, the
+    # current window for `deberta-rad monitor`.
+    serve_capture_dir: Path | None = None
 
 
 @lru_cache
