@@ -9,6 +9,7 @@ guard answers every bad request itself with a 4xx that names what and where, and
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import logging
@@ -209,7 +210,7 @@ class RequestGuard:
             if is_loopback(server_host):
                 return None
             return 503, {"error": "reached off loopback but no API key is set: set DEBERTA_RAD_SERVE_API_KEY"}
-        if headers.get(API_KEY_HEADER) != self.api_key:
+        if not hmac.compare_digest(headers.get(API_KEY_HEADER, "").encode(), self.api_key.encode()):
             return 401, {"error": f"missing or wrong API key in the {API_KEY_HEADER} header"}
         return None
 
