@@ -137,29 +137,10 @@ def run_drift(
             Dataset.from_pandas(ref_frame, data_definition=definition),
         )
     values = _metric_values(snapshot)
-    per_finding = {}
-    for finding in FINDINGS:
-        distance, p_value = values[(finding, "jensenshannon")], _p(values[(finding, "chisquare")])
-        drifted = distance >= settings.js_threshold and p_value < thresholds["per_finding_p_value"]
-        per_finding[finding] = {
-            "jensen_shannon": _rounded(distance),
-            "chi_square_p_value": _rounded(p_value),
-            "drifted": bool(drifted),
-            "reference_share": _shares(ref_frame[finding]),
-            "current_share": _shares(cur_frame[finding]),
-        }
+    per_finding = finding_scores(values, ref_frame, cur_frame, settings)
     drifted_findings = [f for f, scores in per_finding.items() if scores["drifted"]]
     share = len(drifted_findings) / len(FINDINGS)
-    confidence = None
-    if with_confidence:
-        distance, p_value = values[(CONFIDENCE, "ed")], _p(values[(CONFIDENCE, "ks")])
-        confidence = {
-            "energy_distance": _rounded(distance),
-            "ks_p_value": _rounded(p_value),
-            "reference_mean": round(float(ref_frame[CONFIDENCE].mean()), 4),
-            "current_mean": round(float(cur_frame[CONFIDENCE].mean()), 4),
-            "drifted": bool(distance >= settings.confidence_threshold and p_value < settings.p_value),
-        }
+    confidence = confidence_scores(values, ref_frame, cur_frame, settings) if with_confidence else None
     detected = share >= settings.drift_share or bool(confidence and confidence["drifted"])
     return result | {
         "status": "drift" if detected else "no_drift",
@@ -169,6 +150,38 @@ def run_drift(
         "per_finding": per_finding,
         "confidence": confidence,
     }, snapshot
+
+
+def finding_scores(
+    values: Mapping[tuple[str, str], float], reference: pd.DataFrame, current: pd.DataFrame, settings: DriftSettings
+) -> dict[str, dict]:
+    """Per finding: JS distance, chi-square p-value, both status distributions, and the verdict."""
+    per_finding_p = settings.p_value / len(FINDINGS)
+    scores = {}
+    for finding in FINDINGS:
+        distance, p_value = values[(finding, "jensenshannon")], _p(values[(finding, "chisquare")])
+        scores[finding] = {
+            "jensen_shannon": _rounded(distance),
+            "chi_square_p_value": _rounded(p_value),
+            "drifted": bool(distance >= settings.js_threshold and p_value < per_finding_p),
+            "reference_share": _shares(reference[finding]),
+            "current_share": _shares(current[finding]),
+        }
+    return scores
+
+
+def confidence_scores(
+    values: Mapping[tuple[str, str], float], reference: pd.DataFrame, current: pd.DataFrame, settings: DriftSettings
+) -> dict:
+    """The confidence comparison: energy distance, K-S p-value, both means, and the verdict."""
+    distance, p_value = values[(CONFIDENCE, "ed")], _p(values[(CONFIDENCE, "ks")])
+    return {
+        "energy_distance": _rounded(distance),
+        "ks_p_value": _rounded(p_value),
+        "reference_mean": round(float(reference[CONFIDENCE].mean()), 4),
+        "current_mean": round(float(current[CONFIDENCE].mean()), 4),
+        "drifted": bool(distance >= settings.confidence_threshold and p_value < settings.p_value),
+    }
 
 
 def _shares(column: pd.Series) -> dict[str, float]:
