@@ -326,17 +326,19 @@ def relabel(
     ingest reads (params `ingest.relabeled`); then `dvc repro` retrains."""
     from dataclasses import asdict
 
-    from deberta_rad.relabel import RelabelSummary, relabel_files
+    from deberta_rad.relabel import RelabeledStore, RelabelSummary, relabel_files
     from deberta_rad.teachers import get_teacher, llm_options
+    from deberta_rad.teachers.llm import LLMTeacherError
 
     config = load_params(params)
+    teacher = config["pseudo_label"]
+    store = Path(config["ingest"]["relabeled"])
     if when_drift is not None and not json.loads(when_drift.read_text())["drift_detected"]:
         typer.echo(f"{when_drift}: no drift, nothing sent to the teacher")
         if summary_out:
-            _write_json(summary_out, asdict(RelabelSummary(0, 0, 0, 0)) | {"drift_detected": False})
+            unchanged = RelabelSummary(0, 0, 0, len(RelabeledStore(store).records()))
+            _write_json(summary_out, asdict(unchanged) | {"drift_detected": False})
         return
-    teacher = config["pseudo_label"]
-    store = Path(config["ingest"]["relabeled"])
     options = llm_options(teacher.get("llm_model"), Path(teacher["cache"])) if teacher["teacher"] == "llm" else {}
     try:
         summary = relabel_files(
@@ -350,6 +352,8 @@ def relabel(
         )
     except (data.InputError, FileNotFoundError) as err:
         _fail(str(err))
+    except LLMTeacherError as err:
+        _fail(f"{err}\n{store} keeps every chunk labelled before this; run the same command again to go on")
     typer.echo(summary.describe(store))
     if summary_out:
         _write_json(summary_out, asdict(summary) | {"drift_detected": True})
