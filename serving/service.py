@@ -21,7 +21,8 @@ from pathlib import Path
 import bentoml
 import numpy as np
 
-from deberta_rad.predict import LabelingEngine
+from deberta_rad.predict import LabelingEngine, prediction_record
+from deberta_rad.schema import TeacherInfo
 from deberta_rad.serve import (
     PACKED_MODEL,
     LabelRequest,
@@ -30,7 +31,6 @@ from deberta_rad.serve import (
     RequestGuard,
     Scored,
     capture,
-    captured_record,
     label_result,
 )
 from deberta_rad.settings import get_settings
@@ -176,9 +176,13 @@ class LabelService:
         if SETTINGS.serve_capture_dir is not None:
             now = datetime.now(UTC)
             stamp = now.isoformat(timespec="seconds")
+            model = TeacherInfo(name="deberta-rad", model=version)
             capture(
                 SETTINGS.serve_capture_dir,
-                [captured_record(r, p, version, stamp) for r, p in zip(request.reports, probabilities, strict=True)],
+                [
+                    prediction_record(r.report_id, p, model, r.institution, stamp)
+                    for r, p in zip(request.reports, probabilities, strict=True)
+                ],
                 now,
             )
         elapsed = time.perf_counter() - started

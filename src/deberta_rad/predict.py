@@ -53,22 +53,35 @@ class LabelingEngine:
         predictions = self.predict([r.text for r in reports], progress=progress)
         info = TeacherInfo(name="deberta-rad", model=model_name)
         return [
-            LabelRecord(
-                report_id=report.report_id,
-                labels={f: STATUSES[s] for f, s in zip(FINDINGS, predictions.statuses[i], strict=True)},
-                probabilities={
-                    f: {
-                        status: round(float(p), 6)
-                        for status, p in zip(STATUSES, predictions.probabilities[i, j], strict=True)
-                    }
-                    for j, f in enumerate(FINDINGS)
-                },
-                teacher=info,
-                institution=report.institution,
-                timestamp=report.study_date,
+            prediction_record(
+                report.report_id, predictions.probabilities[i], info, report.institution, report.study_date
             )
             for i, report in enumerate(reports)
         ]
+
+
+def status_probabilities(row: np.ndarray) -> dict[str, float]:
+    """One finding's probabilities as {status: p}, rounded for JSON."""
+    return {status: round(float(p), 6) for status, p in zip(STATUSES, row, strict=True)}
+
+
+def prediction_record(
+    report_id: str,
+    probabilities: np.ndarray,
+    info: TeacherInfo,
+    institution: str | None = None,
+    timestamp: str | None = None,
+) -> LabelRecord:
+    """A report's [13, 4] probabilities as a label record: the most likely status of every finding and
+    the probabilities, with the model and, for monitoring, where and when the report comes from."""
+    return LabelRecord(
+        report_id=report_id,
+        labels={f: STATUSES[int(row.argmax())] for f, row in zip(FINDINGS, probabilities, strict=True)},
+        probabilities={f: status_probabilities(row) for f, row in zip(FINDINGS, probabilities, strict=True)},
+        teacher=info,
+        institution=institution,
+        timestamp=timestamp,
+    )
 
 
 def predict_reports(model_ref: str, reports: Sequence[Report], batch_size: int = 64) -> tuple[list[LabelRecord], float]:

@@ -114,7 +114,8 @@ def relabel(
     """Label what the selection holds that neither the corpus nor the store has, chunk by chunk."""
     from tqdm.auto import tqdm
 
-    known = list(corpus) + [Report.model_validate(row) for row in store.records()]
+    stored = [Report.model_validate(row) for row in store.records()]
+    known = [*corpus, *stored]
     known_texts = {r.report_id: text_hash(r.text) for r in known}
     clashes = [r.report_id for r in selection if known_texts.get(r.report_id, text_hash(r.text)) != text_hash(r.text)]
     if clashes:
@@ -136,7 +137,7 @@ def relabel(
         if [r.report_id for r in records] != [r.report_id for r in chunk]:
             raise RuntimeError("the teacher answered for other reports than it was sent")
         store.append(list(zip(chunk, records, strict=True)))
-    return RelabelSummary(len(selection), len(selection) - len(todo), len(todo), len(store.records()))
+    return RelabelSummary(len(selection), len(selection) - len(todo), len(todo), len(stored) + len(todo))
 
 
 def relabel_files(

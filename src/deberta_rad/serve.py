@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from deberta_rad.schema import FINDING_INDEX, FINDINGS, STATUSES, LabelRecord, Status, TeacherInfo
+from deberta_rad.predict import status_probabilities
+from deberta_rad.schema import FINDING_INDEX, FINDINGS, STATUSES, LabelRecord, Status
 
 logger = logging.getLogger(__name__)
 
@@ -102,24 +103,8 @@ def label_result(
         best = int(row.argmax())
         confident = threshold is None or float(row[best]) >= threshold
         labels[finding] = STATUSES[best] if confident else "uncertain"
-        scores[finding] = {status: round(float(p), 6) for status, p in zip(STATUSES, row, strict=True)}
+        scores[finding] = status_probabilities(row)
     return LabelResult(report_id=report_id, labels=labels, probabilities=scores)
-
-
-def captured_record(report: ReportIn, probabilities: np.ndarray, model_version: str, timestamp: str) -> LabelRecord:
-    """What the opt-in capture keeps of one answer: the id, all 13 statuses and probabilities, the model
-    version, the institution and the time. Never the text."""
-    return LabelRecord(
-        report_id=report.report_id,
-        labels={f: STATUSES[int(row.argmax())] for f, row in zip(FINDINGS, probabilities, strict=True)},
-        probabilities={
-            f: {s: round(float(p), 6) for s, p in zip(STATUSES, row, strict=True)}
-            for f, row in zip(FINDINGS, probabilities, strict=True)
-        },
-        teacher=TeacherInfo(name="deberta-rad", model=model_version),
-        institution=report.institution,
-        timestamp=timestamp,
-    )
 
 
 def capture(directory: Path, records: Sequence[LabelRecord], now: datetime) -> Path:
