@@ -92,6 +92,9 @@ def test_repro_runs_every_stage_and_writes_their_outputs(project: Path) -> None:
         len(read_reports(project / f"data/splits/{name}/reports.jsonl")) for name in ("train", "val", "test")
     ]
     assert sum(split_sizes) == len(reports) and all(split_sizes)
+    variants = read_reports(project / "data/augmented/reports.jsonl")
+    assert variants and all("~aug" in v.report_id for v in variants)
+    assert len(read_label_records(project / "data/augmented/labels.jsonl")) == len(variants)
     assert (project / "models/student/model.safetensors").is_file()
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
     for reference in ("teacher", "gold"):
@@ -136,7 +139,8 @@ def test_mlflow_run_has_params_metrics_data_version_and_no_report_text(project: 
     assert all(len(client.get_metric_history(version.run_id, key)) > 1 for key in ("loss", "learning_rate"))
     artifacts = {a.path for a in client.list_artifacts(version.run_id, "evaluation")}
     assert {"evaluation/evaluate.json", "evaluation/confusion_teacher.png"} <= artifacts
-    assert any(tag.startswith("data.data/pseudo_labels.jsonl") for tag in version.tags)
+    assert {"data.data/pseudo_labels.jsonl.md5", "data.data/augmented.md5"} <= set(version.tags)
+    assert int(run_data.params["n_train_augmented"]) > 0
     texts = {r.text for r in read_reports(project / "data/reports.jsonl")}
     logged = [*run_data.params.values(), *run_data.tags.values(), *version.tags.values()]
     assert not any(text in value for value in logged for text in texts)
@@ -225,6 +229,7 @@ def test_the_relabeling_loop_sends_the_drifted_institution_to_the_teacher_and_re
             # length 64 it answers not_mentioned nearly everywhere, in both styles alike).
             ("model", "max_length"): 128,
             ("train", "epochs"): 3,
+            ("augment", "per_report"): 0,  # the loop is under test here, not augmentation: keep it quick
             ("relabel", "budget"): budget,
         },
     )

@@ -26,6 +26,12 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _fail_llm(err: Exception) -> None:
+    """An LLM teacher failure: its message and what was labelled and cached before it stopped."""
+    summary = getattr(err, "summary", None)
+    _fail(f"{err}" + (f"\n{summary.describe()}" if summary else ""))
+
+
 def _write_json(path: Path, payload: object) -> None:
     """Write a command's JSON result, creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,8 +98,8 @@ def label(
         records, usage = label_reports(teacher, reports, llm_model=llm_model, cache=cache)
     except (data.InputError, ValueError) as err:
         _fail(str(err))
-    except LLMTeacherError as err:  # says what was labelled and cached before it stopped
-        _fail(f"{err}" + (f"\n{err.summary.describe()}" if err.summary else ""))
+    except LLMTeacherError as err:
+        _fail_llm(err)
     data.write_jsonl(output, records)
     if usage:
         typer.echo(usage)
@@ -142,8 +148,38 @@ def split(
 
 
 @app.command()
+def augment(
+    splits: Annotated[Path, typer.Option(help="Folder written by `split` (train is recombined).")] = Path(
+        "data/splits"
+    ),
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o")] = Path("data/augmented"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Recombine train reports into new ones and label them with the pipeline's teacher (params
+    `augment`, teacher from `pseudo_label`); `train --augmented` adds them to the train split."""
+    from deberta_rad.augment import augment_splits
+    from deberta_rad.teachers.llm import LLMTeacherError
+
+    try:
+        summary = augment_splits(splits, output_dir, load_params(params))
+    except (data.InputError, ValueError) as err:
+        _fail(str(err))
+    except LLMTeacherError as err:
+        _fail_llm(err)
+    if summary["usage"]:
+        typer.echo(summary["usage"])
+    typer.echo(
+        f"wrote {summary['variants']} teacher-labelled variants of {summary['train_reports']} train reports to "
+        f"{output_dir} ({summary['duplicates_left_out']} left out: their text already exists)"
+    )
+
+
+@app.command()
 def train(
     splits: Annotated[Path, typer.Option(help="Folder written by `split`.")] = Path("data/splits"),
+    augmented: Annotated[
+        Path | None, typer.Option(help="Folder written by `augment`: teacher-labelled variants of the train split.")
+    ] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Model directory to write.")] = Path("models/student"),
     params: ParamsOption = Path("params.yaml"),
     work_dir: Annotated[Path, typer.Option(help="Trainer checkpoints.")] = Path("models/checkpoints"),
@@ -156,8 +192,8 @@ def train(
     from deberta_rad.train import train_from_splits
 
     try:
-        summary = train_from_splits(splits, output, load_params(params), work_dir, resume)
-    except BackboneUnavailableError as err:
+        summary = train_from_splits(splits, output, load_params(params), work_dir, resume, augmented)
+    except (BackboneUnavailableError, data.InputError) as err:
         _fail(str(err))
     typer.echo(f"saved the student to {output}; validation macro F1 {summary['eval_macro_f1']:.4f}")
 

@@ -26,7 +26,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from deberta_rad.data import labels_by_id, read_label_records, read_reports
+from deberta_rad.data import InputError, labels_by_id, read_label_records, read_reports
 from deberta_rad.evaluate import compute_metrics
 from deberta_rad.kd import distillation_loss
 from deberta_rad.model import Student, student_from_backbone
@@ -340,16 +340,44 @@ def read_split(splits_dir: Path, name: str) -> tuple[list[Report], list[LabelRec
     return read_reports(splits_dir / name / "reports.jsonl"), read_label_records(splits_dir / name / "labels.jsonl")
 
 
+def read_augmented(
+    augmented_dir: Path | None, train_reports: Sequence[Report]
+) -> tuple[list[Report], list[LabelRecord]]:
+    """The augment stage's teacher-labelled variants of the train reports (none without the folder).
+    A variant without a label, or with the id of a train report (whose labels it would overwrite), is
+    refused by id."""
+    if augmented_dir is None:
+        return [], []
+    reports, records = read_split(augmented_dir.parent, augmented_dir.name)
+    ids = {r.report_id for r in reports}
+    unlabelled = ids - {r.report_id for r in records}
+    if unlabelled:
+        raise InputError(f"{augmented_dir}: {len(unlabelled)} reports have no label, e.g. {sorted(unlabelled)[:3]}")
+    clashes = ids & {r.report_id for r in train_reports}
+    if clashes:
+        raise InputError(f"{augmented_dir}: {len(clashes)} report ids are also train ids, e.g. {sorted(clashes)[:3]}")
+    return reports, records
+
+
 def train_from_splits(
-    splits_dir: Path, output: Path, params: Mapping, work_dir: Path, resume: bool = True
+    splits_dir: Path,
+    output: Path,
+    params: Mapping,
+    work_dir: Path,
+    resume: bool = True,
+    augmented_dir: Path | None = None,
 ) -> dict[str, float]:
-    """The train stage: fit on the train split, select on val, save the model directory, and record
-    everything in one MLflow run (params, per-step loss and learning rate, validation metrics, data
-    version). The run id is written beside the model so `register` logs into the same run."""
+    """The train stage: fit on the train split (and its augmented variants), select on val, save the
+    model directory, and record everything in one MLflow run (params, per-step loss and learning rate,
+    validation metrics, data version). The run id is written beside the model so `register` logs into
+    the same run."""
     config = TrainConfig.from_params(params)
     train_reports, train_labels = read_split(splits_dir, "train")
+    augmented_reports, augmented_labels = read_augmented(augmented_dir, train_reports)
     val_reports, val_labels = read_split(splits_dir, "val")
-    labels = labels_by_id([*train_labels, *val_labels])
+    labels = labels_by_id([*train_labels, *augmented_labels, *val_labels])
+    n_train = len(train_reports)
+    train_reports = [*train_reports, *augmented_reports]
     teacher = train_labels[0].teacher if train_labels and train_labels[0].teacher else None
     if int(os.environ.get("RANK", "0")) != 0:
         # Another process under the `deepspeed` launcher (it sets RANK for each one): it trains alongside
@@ -362,7 +390,8 @@ def train_from_splits(
         mlflow.log_params(
             {
                 **{f"params.{k}": v for k, v in asdict(config).items()},
-                "n_train": len(train_reports),
+                "n_train": n_train,
+                "n_train_augmented": len(augmented_reports),
                 "n_val": len(val_reports),
             }
         )

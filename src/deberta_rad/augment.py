@@ -1,0 +1,156 @@
+"""Teacher-labelled augmentation for distillation: more training reports, recombined from the train
+split's own sentences and labelled by the same teacher.
+
+Why: the student fits its teacher's labels on the train split almost perfectly yet disagrees with it
+on unseen reports, mostly on rare findings whose phrasings it met a handful of times. New contexts for
+those sentences help, and since the teacher labels every recombined report afresh (as TinyBERT's
+augmentation does), the labels stay exactly the teacher's; nothing is inferred from the source labels.
+
+No leak: only train reports are recombined, sentences travel only between reports of the same
+institution (its writing style), and a recombined text equal to a val or test text is left out (and
+counted), since IU's recurring normal reports make such collisions likely.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from deberta_rad.data import labels_by_id, normalise_text, read_label_records, read_reports, text_hash, write_jsonl
+from deberta_rad.schema import Report
+from deberta_rad.train import repeat_factors, status_matrix
+
+AUGMENTED_SUFFIX = "~aug"
+# A section header such as "FINDINGS:" or "IMPRESSION:" at the start of a line.
+_HEADER = re.compile(r"(?m)^[ \t]*([A-Z][A-Z /]{2,}:)")
+# A sentence ends after a word or bracket and a full stop, so "1. Cardiomegaly" stays one sentence.
+_SENTENCE_END = re.compile(r"(?<=[A-Za-z)%][.!?])\s+")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """params.yaml `augment`: variants per train report, the share of sentences each drops, how many
+    sentences it borrows from other reports of its institution, and `rare_threshold`, which gives a
+    report with a rare (finding, status) pair more variants (0: the same number for every report)."""
+
+    per_report: int = 0
+    drop: float = 0.2
+    borrow: int = 1
+    rare_threshold: float = 0.0
+    seed: int = 13
+
+    @classmethod
+    def from_params(cls, params: Mapping) -> AugmentConfig:
+        section = params.get("augment") or {}
+        config = cls(**{key: section[key] for key in cls.__dataclass_fields__ if key in section})
+        if min(config.per_report, config.borrow, config.rare_threshold) < 0 or not 0 <= config.drop < 1:
+            raise ValueError(
+                f"params.yaml augment: need per_report, borrow, rare_threshold >= 0 and 0 <= drop < 1; got {config}"
+            )
+        return config
+
+
+def sections(text: str) -> list[tuple[str, list[str]]]:
+    """A report as (header, sentences) pairs; text before the first header has the header "", and a
+    header with no sentence under it is left out (a variant would render nothing there either)."""
+    parts = _HEADER.split(text)
+    pairs = [("", parts[0]), *zip(parts[1::2], parts[2::2], strict=True)]
+    return [(header, sentences) for header, body in pairs if (sentences := _sentences(body))]
+
+
+def _sentences(body: str) -> list[str]:
+    return [sentence for sentence in _SENTENCE_END.split(body.strip()) if sentence]
+
+
+def _render(parts: Sequence[tuple[str, list[str]]]) -> str:
+    return "\n".join(" ".join([header, *sentences]).strip() for header, sentences in parts if sentences)
+
+
+def recombined(
+    base: Sequence[tuple[str, list[str]]],
+    donors: Sequence[Sequence[tuple[str, list[str]]]],
+    config: AugmentConfig,
+    rng: random.Random,
+) -> str:
+    """One variant of a report given as `sections`: each sentence dropped with probability `drop`
+    (every section keeps one), then `borrow` sentences from donor reports inserted at random places
+    in the section of the same header (or any section, when the base has none of that name)."""
+    parts = [(header, _kept(sentences, config.drop, rng)) for header, sentences in base]
+    for _ in range(config.borrow if donors else 0):
+        header, sentences = rng.choice(rng.choice(donors))
+        target = next((kept for name, kept in parts if name == header), None) or rng.choice(parts)[1]
+        target.insert(rng.randint(0, len(target)), rng.choice(sentences))
+    return normalise_text(_render(parts))
+
+
+def _kept(sentences: list[str], drop: float, rng: random.Random) -> list[str]:
+    kept = [s for s in sentences if rng.random() >= drop]
+    return kept or [rng.choice(sentences)]
+
+
+def variant_counts(
+    train: Sequence[Report], labels: Mapping[str, Mapping[str, str]], config: AugmentConfig
+) -> list[int]:
+    """Variants per train report: `per_report` times the report's repeat factor (train.repeat_factors,
+    LVIS-style) at `rare_threshold`, so a rare pair such as a present pneumothorax is met in more new
+    contexts rather than in more copies of the same text."""
+    targets = status_matrix([r.report_id for r in train], labels)
+    return [config.per_report * int(f) for f in repeat_factors(targets, config.rare_threshold, config.seed)]
+
+
+def augment_reports(
+    train: Sequence[Report],
+    config: AugmentConfig,
+    held_out_texts: Iterable[str] = (),
+    counts: Sequence[int] | None = None,
+) -> tuple[list[Report], int]:
+    """`counts[i]` (default `per_report`) recombined variants of train report i, ids `<id>~aug<k>`;
+    returns them and the count left out because the text already exists (in train, among the
+    variants, or held out)."""
+    rng = random.Random(config.seed)
+    parsed = {report.report_id: sections(report.text) for report in train}
+    by_institution: dict[str | None, list[str]] = defaultdict(list)
+    for report in train:
+        if parsed[report.report_id]:
+            by_institution[report.institution].append(report.report_id)
+    seen = {text_hash(normalise_text(text)) for text in held_out_texts}
+    seen.update(text_hash(normalise_text(report.text)) for report in train)
+    variants, collisions = [], 0
+    for report, count in zip(train, counts or [config.per_report] * len(train), strict=True):
+        if not parsed[report.report_id]:
+            continue  # an empty report has nothing to recombine
+        donors = [parsed[i] for i in by_institution[report.institution] if i != report.report_id]
+        for k in range(count):
+            digest = text_hash(text := recombined(parsed[report.report_id], donors, config, rng))
+            if digest in seen:
+                collisions += 1
+                continue
+            seen.add(digest)
+            variant_id = f"{report.report_id}{AUGMENTED_SUFFIX}{k}"
+            variants.append(report.model_copy(update={"report_id": variant_id, "text": text}))
+    return variants, collisions
+
+
+def augment_splits(splits_dir: Path, output_dir: Path, params: Mapping) -> dict[str, int | str | None]:
+    """The augment stage: recombine the train split, label the variants with the pipeline's teacher
+    (params `pseudo_label`), write `reports.jsonl` and `labels.jsonl` to `output_dir` (both empty when
+    `augment.per_report` is 0). Returns the counts and, for the LLM teacher, its usage line."""
+    from deberta_rad.teachers import label_reports
+
+    config = AugmentConfig.from_params(params)
+    teacher = params["pseudo_label"]
+    train = read_reports(splits_dir / "train" / "reports.jsonl")
+    counts = variant_counts(train, labels_by_id(read_label_records(splits_dir / "train" / "labels.jsonl")), config)
+    held_out = [r.text for name in ("val", "test") for r in read_reports(splits_dir / name / "reports.jsonl")]
+    variants, collisions = augment_reports(train, config, held_out, counts)
+    records, usage = [], None
+    if variants:
+        cache = Path(teacher["cache"]) if teacher.get("cache") else None
+        records, usage = label_reports(teacher["teacher"], variants, teacher.get("llm_model"), cache)
+    write_jsonl(output_dir / "reports.jsonl", variants)
+    write_jsonl(output_dir / "labels.jsonl", records)
+    return {"train_reports": len(train), "variants": len(variants), "duplicates_left_out": collisions, "usage": usage}
