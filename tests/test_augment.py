@@ -123,6 +123,14 @@ def test_per_report_zero_writes_empty_files_that_train_reads_as_none(tmp_path: P
     assert read_augmented(tmp_path / "augmented", train) == ([], [])
 
 
+def test_the_stage_names_train_reports_without_a_teacher_label(tmp_path: Path) -> None:
+    splits = write_split_dirs(tmp_path / "splits", [report("t1", IU_STYLE)])
+    write_jsonl(splits / "train" / "reports.jsonl", [report("t1", IU_STYLE), report("t2", IU_STYLE)])
+    params = {"augment": {"per_report": 1}, "pseudo_label": {"teacher": "rules"}}
+    with pytest.raises(InputError, match=re.escape("train/labels.jsonl: 1 reports have no teacher label, e.g. ['t2']")):
+        augment_splits(splits, tmp_path / "augmented", params)
+
+
 def test_train_refuses_variants_that_are_unlabelled_or_reuse_train_ids(tmp_path: Path) -> None:
     train = [report("t1", IU_STYLE)]
     variant = report("t1~aug0", "FINDINGS: No pneumothorax.")

@@ -20,7 +20,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deberta_rad.data import labels_by_id, normalise_text, read_label_records, read_reports, text_hash, write_jsonl
+from deberta_rad.data import (
+    InputError,
+    labels_by_id,
+    normalise_text,
+    read_label_records,
+    read_reports,
+    text_hash,
+    write_jsonl,
+)
 from deberta_rad.schema import Report
 from deberta_rad.train import repeat_factors, status_matrix
 
@@ -144,7 +152,11 @@ def augment_splits(splits_dir: Path, output_dir: Path, params: Mapping) -> dict[
     config = AugmentConfig.from_params(params)
     teacher = params["pseudo_label"]
     train = read_reports(splits_dir / "train" / "reports.jsonl")
-    counts = variant_counts(train, labels_by_id(read_label_records(splits_dir / "train" / "labels.jsonl")), config)
+    labels_path = splits_dir / "train" / "labels.jsonl"
+    try:
+        counts = variant_counts(train, labels_by_id(read_label_records(labels_path)), config)
+    except KeyError as err:  # status_matrix names the unlabelled reports
+        raise InputError(f"{labels_path}: {err.args[0]}") from None
     held_out = [r.text for name in ("val", "test") for r in read_reports(splits_dir / name / "reports.jsonl")]
     variants, collisions = augment_reports(train, config, held_out, counts)
     records, usage = [], None
