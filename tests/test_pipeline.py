@@ -141,7 +141,8 @@ def test_mlflow_run_has_params_metrics_data_version_and_no_report_text(project: 
     assert {"evaluation/evaluate.json", "evaluation/confusion_teacher.png"} <= artifacts
     assert {"data.data/pseudo_labels.jsonl.md5", "data.data/augmented.md5"} <= set(version.tags)
     assert int(run_data.params["n_train_augmented"]) > 0
-    texts = {r.text for r in read_reports(project / "data/reports.jsonl")}
+    corpora = ("data/reports.jsonl", "data/augmented/reports.jsonl")
+    texts = {r.text for corpus in corpora for r in read_reports(project / corpus)}
     logged = [*run_data.params.values(), *run_data.tags.values(), *version.tags.values()]
     assert not any(text in value for value in logged for text in texts)
 
