@@ -11,6 +11,11 @@ writes realistic reports in two institution styles and the labels that are true 
 The two styles differ in wording *and* in label distribution on purpose: monitoring uses them as two
 institutions to test drift detection.
 
+The phrasings cover about two thirds of the rules teacher's mention patterns (``vocabulary.yaml``), its
+rarer ones too ("pleural air collection", "pleural fluid", "Kerley B lines"): as an extra source beside
+real reports, the corpus lets a student distilled from the rules meet phrasings that a few thousand
+real reports hold once or never.
+
 Labelling conventions (CheXpert's, applied consistently):
 - every hedge is ``uncertain``, including "likely", "probable", "suggestive of" and "X versus Y";
 - "resolved" is ``absent``; "lungs are clear" and "no acute cardiopulmonary process" set no finding;
@@ -139,11 +144,11 @@ TERMS: dict[str, list[str]] = {
     "Enlarged Cardiomediastinum": ["mediastinal widening", "widening of the mediastinum"],
     "Fracture": ["acute fracture", "rib fracture", "displaced rib fracture"],
     "Infiltrate": ["infiltrate", "focal infiltrate", "pulmonary infiltrate"],
-    "Lung Lesion": ["pulmonary nodule", "nodule", "lung mass", "suspicious pulmonary lesion"],
+    "Lung Lesion": ["pulmonary nodule", "nodule", "lung mass", "suspicious pulmonary lesion", "metastatic disease"],
     "Lung Opacity": ["focal opacity", "airspace disease", "airspace opacity"],
-    "Pleural Effusion": ["pleural effusion", "effusion"],
-    "Pleural Thickening": ["pleural thickening"],
-    "Pneumothorax": ["pneumothorax", "PTX"],
+    "Pleural Effusion": ["pleural effusion", "effusion", "pleural fluid"],
+    "Pleural Thickening": ["pleural thickening", "pleural plaques"],
+    "Pneumothorax": ["pneumothorax", "PTX", "pleural air collection"],
 }
 
 # Generic templates by status and form: "sentence" is narrative prose, "terse" the templated lines
@@ -192,6 +197,7 @@ SPECIFIC: dict[str, dict[str, list[Pair]]] = {
             ("Heart size is {sevly} enlarged.", "{sev} cardiomegaly."),
             ("The cardiac silhouette is enlarged.", "Enlarged heart."),
             ("There is {sev} cardiomegaly.", "{sev} cardiomegaly."),
+            ("There is {sev} enlargement of the cardiac silhouette.", "{sev} enlargement of the cardiac silhouette."),
         ],
         "Consolidation": [
             ("There is consolidation in the {side} lower lobe.", "{side} lower lobe consolidation."),
@@ -206,11 +212,14 @@ SPECIFIC: dict[str, dict[str, list[Pair]]] = {
                 "Vascular congestion and interstitial edema consistent with CHF.",
                 "CHF with interstitial edema.",
             ),
+            ("Findings are consistent with congestive heart failure.", "Congestive heart failure."),
+            ("Kerley B lines are present at both bases.", "Kerley B lines."),
         ],
         "Enlarged Cardiomediastinum": [
             ("The mediastinum is widened.", "Widened mediastinum."),
             ("The cardiomediastinal silhouette is enlarged.", "Enlarged cardiomediastinal silhouette."),
             ("There is widening of the superior mediastinum.", "Widened superior mediastinum."),
+            ("There is mediastinal lymphadenopathy.", "Mediastinal adenopathy."),
         ],
         "Fracture": [
             ("There is an acute fracture of the {side} {rib} rib.", "Acute {side} {rib} rib fracture."),
@@ -220,6 +229,7 @@ SPECIFIC: dict[str, dict[str, list[Pair]]] = {
                 "Thoracic compression deformity.",
             ),
             ("Nondisplaced fractures of the {side} {rib} and adjacent ribs.", "{side} rib fractures."),
+            ("The {side} {rib} rib is fractured.", "{side} {rib} rib fx."),
         ],
         "Infiltrate": [
             ("There is a {side} lower lobe infiltrate.", "{side} lower lobe infiltrate."),
@@ -230,12 +240,18 @@ SPECIFIC: dict[str, dict[str, list[Pair]]] = {
             ("There is a {mm} mm nodule in the {side} upper lobe.", "{mm} mm {side} upper lobe nodule."),
             ("A {cm} cm mass is seen in the {side} upper lobe.", "{cm} cm {side} upper lobe mass."),
             ("Spiculated lesion at the {side} lung apex.", "Spiculated {side} apical lesion."),
+            ("Multiple pulmonary nodules consistent with metastases.", "Pulmonary metastases."),
+            ("Cavitary lesion in the {side} upper lobe.", "{side} upper lobe cavitary lesion."),
+            ("Known {side} upper lobe carcinoma.", "{side} upper lobe carcinoma."),
         ],
         "Lung Opacity": [
             ("Patchy opacity at the {side} base.", "{side} basilar opacity."),
             ("There is {side} lower lobe airspace disease.", "Airspace disease, {side} lower lobe."),
             ("Hazy opacification of the {side} hemithorax.", "Hazy {side} hemithorax opacification."),
             ("Streaky opacity in the {side} mid lung.", "Streaky {side} mid lung opacity."),
+            ("Patchy density at the {side} base.", "{side} basilar density."),
+            ("There is mild haziness at the {side} base.", "Haziness, {side} base."),
+            ("Ground-glass opacity in the {side} upper lobe.", "{side} upper lobe ground-glass opacity."),
         ],
         "Pleural Effusion": [
             ("There is a {size} {side} pleural effusion.", "{size} {side} pleural effusion."),
@@ -246,6 +262,8 @@ SPECIFIC: dict[str, dict[str, list[Pair]]] = {
             ),
             ("Small bilateral pleural effusions.", "Small bilateral effusions."),
             ("{side} pleural effusion is unchanged in size, {size}.", "Unchanged {size} {side} effusion."),
+            ("There is a {size} amount of {side} pleural fluid.", "{size} {side} pleural fluid."),
+            ("Layering fluid in the {side} pleural space.", "Layering {side} pleural fluid."),
         ],
         "Pleural Thickening": [
             ("There is {side} apical pleural thickening.", "{side} apical pleural thickening."),
@@ -254,11 +272,16 @@ SPECIFIC: dict[str, dict[str, list[Pair]]] = {
                 "{side} lateral pleural thickening.",
             ),
             ("Chronic {side} pleural thickening is unchanged.", "Unchanged {side} pleural thickening."),
+            ("Calcified pleural plaques along the {side} hemithorax.", "Calcified {side} pleural plaques."),
+            ("There is {side} apical pleural capping.", "{side} apical pleural cap."),
+            ("Thickening of the minor fissure.", "Minor fissure thickening."),
         ],
         "Pneumothorax": [
             ("There is a {size} {side} apical pneumothorax.", "{size} {side} apical PTX."),
             ("{side} pneumothorax measuring {mm} mm at the apex.", "{mm} mm {side} apical pneumothorax."),
             ("{size} {side} pneumothorax is again seen.", "{size} {side} pneumothorax, unchanged."),
+            ("There is a {size} {side} apical pleural air collection.", "{size} {side} apical pleural air collection."),
+            ("Air collection within the {side} pleural space.", "{side} pleural air collection."),
         ],
     },
     "absent": {
