@@ -224,7 +224,7 @@ def test_the_relabeling_loop_sends_the_drifted_institution_to_the_teacher_and_re
         tmp_path,
         SMALL_PARAMS
         | {
-            ("ingest", "synthetic", "n_reports"): 500,  # a test split above monitoring.min_window
+            ("ingest", "synthetic", "n_reports"): 600,  # a test split above monitoring.min_window
             ("ingest", "synthetic", "styles"): ["narrative"],
             # A model that has learnt enough to label the other style differently (with 1-2 epochs at
             # length 64 it answers not_mentioned nearly everywhere, in both styles alike).
@@ -235,6 +235,9 @@ def test_the_relabeling_loop_sends_the_drifted_institution_to_the_teacher_and_re
         },
     )
     run([str(BIN / "dvc"), "repro"], copy, timeout=900)
+    n_reference = len(read_reports(copy / "data/splits/test/reports.jsonl"))
+    min_window = yaml.safe_load((copy / "params.yaml").read_text())["monitoring"]["min_window"]
+    assert n_reference >= min_window, f"the reference (test split, {n_reference}) is below min_window {min_window}"
     train_before = {r.report_id for r in read_reports(copy / "data/splits/train/reports.jsonl")}
     incoming = [report for report, _ in generate_corpus(300, seed=99, styles=["templated"])]
     for report in incoming:
