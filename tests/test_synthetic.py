@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter
 from itertools import pairwise
@@ -15,6 +16,7 @@ from deberta_rad.synthetic import (
     SPECIFIC,
     STYLE_SPECS,
     TERMS,
+    _draw_mods,
     generate_corpus,
     write_corpus,
 )
@@ -162,7 +164,7 @@ def test_one_style_only_and_unknown_style_rejected():
 
 def _phrasings(finding: str) -> list[str]:
     """Every sentence the generator can write about one finding, with sample modifiers filled in."""
-    mods = {"side": "left", "size": "small", "sev": "mild", "sevly": "mildly", "rib": "5th", "mm": "8", "cm": "3"}
+    mods = _draw_mods(random.Random(0))
     specific = [t.format(**mods) for by_f in SPECIFIC.values() for pair in by_f.get(finding, []) for t in pair if t]
     generic = [
         t.format(t=term) for forms in GENERIC.values() for ts in forms.values() for t in ts for term in TERMS[finding]
