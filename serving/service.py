@@ -21,7 +21,7 @@ from pathlib import Path
 import bentoml
 import numpy as np
 
-from deberta_rad.predict import LabelingEngine, prediction_record
+from deberta_rad.predict import LabelingEngine, load_engine, prediction_record
 from deberta_rad.schema import TeacherInfo
 from deberta_rad.serve import (
     PACKED_MODEL,
@@ -70,11 +70,9 @@ class ModelHolder:
         self.current = self._load()
 
     def _load(self) -> tuple[LabelingEngine, str]:
-        from deberta_rad.model import load_student
-
         model_dir, version = resolve_served_model(self.ref)
-        engine = LabelingEngine(load_student(model_dir), batch_size=self.batch_size)
-        logger.info("serving model %s", version)
+        engine = load_engine(model_dir, batch_size=self.batch_size)
+        logger.info("serving model %s (%s)", version, engine.describe())
         return engine, version
 
     def follows_alias(self) -> bool:

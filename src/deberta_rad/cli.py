@@ -249,6 +249,57 @@ def predict(
 
 
 @app.command()
+def bench(
+    input: InputOption,
+    json_output: Annotated[Path, typer.Option("--json", help="Where to write the figures (JSON).")],
+    model: ModelOption = "models:/deberta-rad@champion",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs of each side; the median counts.")] = 1,
+    backend: Annotated[str | None, typer.Option(help="torch | onnxruntime (default: the setting).")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16 | int8 (default: the setting).")] = None,
+    batch_size: Annotated[int, typer.Option(help="The engine's largest batch.")] = 64,
+    peak_tflops: Annotated[
+        float | None, typer.Option(help="The device's dense bf16 peak, for the hardware limit (known GPUs: looked up).")
+    ] = None,
+) -> None:
+    """Time a naive Hugging Face loop and the engine on the same reports; write speed-up and agreement."""
+    from deberta_rad.bench import format_inference_result, inference_benchmark
+    from deberta_rad.predict import EngineConfigError
+    from deberta_rad.registry import resolve_model
+
+    try:
+        texts = [r.text for r in data.read_reports(input)]
+        model_dir, model_name = resolve_model(model)
+        options = {"backend": backend, "precision": precision, "batch_size": batch_size}
+        result = inference_benchmark(Path(model_dir), texts, repeats, options, peak_tflops)
+    except (data.InputError, FileNotFoundError, EngineConfigError) as err:
+        _fail(str(err))
+    result = {"model": model_name, "input": str(input), **result}
+    _write_json(json_output, result)
+    typer.echo(f"{format_inference_result(result)}\nwrote {json_output}")
+
+
+@app.command(name="bench-train")
+def bench_train(
+    input: Annotated[Path, typer.Option("--input", "-i", help="A split folder with reports.jsonl and labels.jsonl.")],
+    json_output: Annotated[Path, typer.Option("--json", help="Where to write the figures (JSON).")],
+    params: ParamsOption = Path("params.yaml"),
+    max_length: Annotated[int, typer.Option(help="Sequence length to train at.")] = 256,
+    steps: Annotated[int, typer.Option(min=2, help="Optimizer steps per side (the first is not timed).")] = 30,
+    work_dir: Annotated[Path, typer.Option(help="Scratch folder for the Trainer.")] = Path(".cache/bench-train"),
+) -> None:
+    """Train-stage throughput (reports/s) at a sequence length: full-length padding vs the stage's batches."""
+    from deberta_rad.bench import format_training_result, training_benchmark
+    from deberta_rad.model import BackboneUnavailableError
+
+    try:
+        result = training_benchmark(input, load_params(params), max_length, steps, work_dir)
+    except (data.InputError, FileNotFoundError, KeyError, BackboneUnavailableError) as err:
+        _fail(str(err))
+    _write_json(json_output, {"input": str(input), **result})
+    typer.echo(f"{format_training_result(result)}\nwrote {json_output}")
+
+
+@app.command()
 def serve(
     model: ModelOption = "models:/deberta-rad@champion",
     host: Annotated[str, typer.Option(help="Address to bind; off loopback an API key is required.")] = "127.0.0.1",

@@ -635,11 +635,10 @@ def evaluate_split(model_dir: Path, split_dir: Path, plots_dir: Path, batch_size
     """The evaluate stage: label a split with the student and score it against the teacher's labels
     and, where the sources carried it, ground truth. Writes DVC plots; returns the metrics."""
     from deberta_rad.data import labels_by_id, read_label_records, read_reports
-    from deberta_rad.model import load_student
-    from deberta_rad.predict import LabelingEngine
+    from deberta_rad.predict import load_engine
 
     reports = read_reports(split_dir / "reports.jsonl")
-    engine = LabelingEngine(load_student(model_dir), batch_size=batch_size)
+    engine = load_engine(model_dir, batch_size=batch_size)
     started = time.perf_counter()
     records = engine.label(reports, model_name=str(model_dir), progress=True)
     seconds = time.perf_counter() - started

@@ -10,8 +10,7 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-from deberta_rad.model import load_student
-from deberta_rad.predict import LabelingEngine
+from deberta_rad.predict import load_engine
 from deberta_rad.schema import FINDINGS, STATUSES
 
 
@@ -19,7 +18,7 @@ class DebertaRadPyfunc(PythonModel):
     """Input: a frame with `report_id` and `text`; output: `report_id` and one status column per finding."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        self.engine = LabelingEngine(load_student(context.artifacts["student"]))
+        self.engine = load_engine(context.artifacts["student"])
 
     def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         statuses = self.engine.predict(model_input["text"].astype(str).tolist()).statuses

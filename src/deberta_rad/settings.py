@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import Field, SecretStr
@@ -34,8 +35,17 @@ class Settings(BaseSettings):
     llm_price_per_1k_input: float | None = Field(default=None, ge=0)
     llm_price_per_1k_output: float | None = Field(default=None, ge=0)
 
-    # Where models resolved from MLflow URIs are downloaded to.
+    # Where models resolved from MLflow URIs are downloaded to (and the engine's ONNX exports go).
     model_cache: Path = Path(".cache/models")
+
+    # The inference engine behind predict, evaluate, the service and monitoring (README "Speed").
+    # precision auto: bf16 where the hardware computes it natively (GPU; CPU with AMX or AVX512-BF16),
+    # else fp32. int8 is onnxruntime's (dynamic quantisation, CPU, needs the `onnx` extra).
+    engine_backend: Literal["torch", "onnxruntime"] = "torch"
+    engine_precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    # Reports x longest report per batch: short reports go in large batches, long ones in small ones.
+    # None: 4096 on CPU (cache-sized batches ran fastest on 2 cores), 65536 on a GPU.
+    engine_max_batch_tokens: int | None = Field(default=None, ge=1)
 
     # The label service (serving/): which model, who may call it, and how much one call may ask.
     serve_model: str = "models:/deberta-rad@champion"

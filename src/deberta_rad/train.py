@@ -184,13 +184,16 @@ def _one_process_world() -> None:
         os.environ.setdefault(key, value)
 
 
-def training_arguments(config: TrainConfig, work_dir: Path, report_to: list[str]) -> TrainingArguments:
+def training_arguments(
+    config: TrainConfig, work_dir: Path, report_to: list[str], **overrides: object
+) -> TrainingArguments:
     """Cosine schedule with warm-up, length-grouped batches, per-epoch validation (AdamW is passed in);
-    DeepSpeed ZeRO-2 when `deepspeed` says so, in bf16 on a GPU that has it."""
+    DeepSpeed ZeRO-2 when `deepspeed` says so, in bf16 on a GPU that has it. ``overrides`` replace any
+    of these (the training benchmark runs a fixed number of steps without validation)."""
     deepspeed = config.deepspeed_config_path()
     if deepspeed:
         _one_process_world()
-    return TrainingArguments(
+    arguments = dict(
         output_dir=str(work_dir),
         num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size,
@@ -215,6 +218,7 @@ def training_arguments(config: TrainConfig, work_dir: Path, report_to: list[str]
         deepspeed=deepspeed,
         bf16=bool(deepspeed) and torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
     )
+    return TrainingArguments(**{**arguments, **overrides})
 
 
 def fp32_master_weights(model: torch.nn.Module) -> None:
@@ -252,6 +256,33 @@ def adamw_with_head_rate(model: torch.nn.Module, config: TrainConfig) -> torch.o
             }
             for (is_head, decays), params in groups.items()
         ]
+    )
+
+
+def distillation_trainer(
+    student: Student,
+    config: TrainConfig,
+    arguments: TrainingArguments,
+    train_set: Dataset,
+    padding: str = "longest",
+    **trainer_options: object,
+) -> DistillationTrainer:
+    """The train stage's Trainer: KD loss, two-rate AdamW, each batch padded to its longest report
+    (``padding="max_length"`` pads every report to the full length, the training benchmark's baseline)."""
+    return DistillationTrainer(
+        model=student.model,
+        args=arguments,
+        train_dataset=train_set,
+        data_collator=DataCollatorWithPadding(student.tokenizer, padding=padding, max_length=config.max_length),
+        processing_class=student.tokenizer,
+        # The two-rate AdamW goes in as a factory, not as `optimizers=(AdamW, None)`: with DeepSpeed the
+        # Trainer drops a ready-made optimizer and builds its own one-rate AdamW through create_optimizer(),
+        # which calls this factory. For the same reason the DeepSpeed config must define no `optimizer`
+        # (nor `scheduler`, so the cosine warm-up stays the Trainer's).
+        optimizer_cls_and_kwargs=(lambda: adamw_with_head_rate, {"config": config}),
+        alpha=config.alpha,
+        temperature=config.temperature,
+        **trainer_options,
     )
 
 
@@ -305,22 +336,14 @@ def train_student(
     train_set = repeated(train_set, repeat_factors(train_set.targets, config.repeat_threshold, config.seed))
     logger.info("training on %d reports, %d examples per epoch after repeats", len(train_reports), len(train_set))
     val_set = build_dataset(val_reports, labels, student.tokenizer, config.max_length)
-    trainer = DistillationTrainer(
-        model=student.model,
-        args=training_arguments(config, work_dir, list(report_to)),
-        train_dataset=train_set,
+    trainer = distillation_trainer(
+        student,
+        config,
+        training_arguments(config, work_dir, list(report_to)),
+        train_set,
         eval_dataset=val_set,
-        data_collator=DataCollatorWithPadding(student.tokenizer),
-        processing_class=student.tokenizer,
         compute_metrics=validation_metrics,
         callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)],
-        # The two-rate AdamW goes in as a factory, not as `optimizers=(AdamW, None)`: with DeepSpeed the
-        # Trainer drops a ready-made optimizer and builds its own one-rate AdamW through create_optimizer(),
-        # which calls this factory. For the same reason the DeepSpeed config must define no `optimizer`
-        # (nor `scheduler`, so the cosine warm-up stays the Trainer's).
-        optimizer_cls_and_kwargs=(lambda: adamw_with_head_rate, {"config": config}),
-        alpha=config.alpha,
-        temperature=config.temperature,
     )
     fingerprint = run_fingerprint(config, train_reports, val_reports, labels)
     checkpoint = checkpoint_to_resume(trainer, work_dir, fingerprint, resume)
