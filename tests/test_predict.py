@@ -82,6 +82,7 @@ def test_engine_answers_in_input_order_as_if_each_report_ran_alone(minilm_dir: P
     np.testing.assert_allclose(predictions.probabilities, expected, atol=1e-4)
     assert (predictions.statuses == expected.argmax(-1)).all()
     assert engine.describe()["attention"] == "sdpa"
+    assert engine.predict([]).probabilities.shape == (0, 13, 4)
 
 
 def test_bf16_engine_stays_close_to_fp32(minilm_dir: Path, texts: list[str]) -> None:

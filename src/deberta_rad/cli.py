@@ -268,6 +268,8 @@ def bench(
 
     try:
         texts = [r.text for r in data.read_reports(input)]
+        if not texts:
+            raise data.InputError(f"{input}: no reports to time")
         model_dir, model_name = resolve_model(model)
         options = {"backend": backend, "precision": precision, "batch_size": batch_size}
         result = inference_benchmark(Path(model_dir), texts, repeats, options, peak_tflops)

@@ -259,7 +259,8 @@ class LabelingEngine:
             "backend": self.backend,
             "precision": self.precision,
             "device": str(self.device),
-            "attention": getattr(self.student.model.encoder.config, "_attn_implementation", None),
+            # The ONNX graph carries its own (fused where ONNX Runtime knows the backbone).
+            "attention": self.student.model.encoder.config._attn_implementation if self.backend == "torch" else "onnx",
             "max_batch_size": self.batch_size,
             "max_batch_tokens": self.max_batch_tokens,
             "weights_mb": self.weights_mb,
@@ -268,9 +269,11 @@ class LabelingEngine:
     def predict(self, texts: Sequence[str], progress: bool = False) -> Predictions:
         """Score texts; batching follows token length, the output follows the input."""
         tokenizer = self.student.tokenizer
+        probabilities = np.zeros((len(texts), len(FINDINGS), len(STATUSES)), dtype=np.float32)
+        if not texts:  # the tokenizer refuses an empty batch
+            return Predictions(statuses=probabilities.argmax(-1), probabilities=probabilities)
         encoded = tokenizer(list(texts), truncation=True, max_length=self.student.max_length)["input_ids"]
         batches = length_sorted_batches([len(ids) for ids in encoded], self.batch_size, self.max_batch_tokens)
-        probabilities = np.zeros((len(texts), len(FINDINGS), len(STATUSES)), dtype=np.float32)
         bar = tqdm(total=len(texts), desc="labelling", unit="report", disable=not progress)
         with torch.inference_mode(), bar:
             for rows in batches:
