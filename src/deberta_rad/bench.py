@@ -153,13 +153,13 @@ def inference_benchmark(
     timed apart; peak memory is each side's weights plus its working memory."""
     from deberta_rad.predict import load_engine, parameter_mb
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    baseline_student = load_student(model_dir)
-    naive_statuses(baseline_student, texts[:WARMUP_REPORTS], device)
     started = time.perf_counter()
     engine = load_engine(model_dir, **(engine_options or {}))
     engine.predict(texts[:WARMUP_REPORTS])
     setup_s = time.perf_counter() - started
+    device = engine.device  # the naive loop runs where the engine does
+    baseline_student = load_student(model_dir)
+    naive_statuses(baseline_student, texts[:WARMUP_REPORTS], device)
     runs = interleaved_runs(
         {
             "baseline": lambda: naive_statuses(baseline_student, texts, device),
