@@ -1,9 +1,11 @@
 """Rule-based chest X-ray report labeler (CheXpert/NegBio family): the offline default teacher.
 
 The rules are data (`vocabulary.yaml`); this module only interprets them. Steps per report:
-keep the sections that describe the current study, split them into sentences, find finding mentions,
-classify each mention as present/absent/uncertain from the negation and uncertainty cues whose scope
-reaches it, and aggregate the mentions of a finding the CheXpert way (present > uncertain > absent).
+remove de-identification placeholders, keep the sections that describe the current study, split them
+into sentences, find finding mentions (terms such as "effusion", and anatomy bound to its stated
+condition such as "heart size ... is enlarged"), classify each mention as present/absent/uncertain from
+the negation and uncertainty cues whose scope reaches it, and aggregate the mentions of a finding the
+CheXpert way (present > uncertain > absent).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,13 +29,42 @@ MAX_EVIDENCE_SPANS = 5
 NEVER = r"(?!)"
 WORD = re.compile(r"\S+")
 PARAGRAPH_END = re.compile(r"\S.*?\n[ \t]*\n", re.DOTALL)
-SENTENCE_BREAK = re.compile(r"(?<=[.!?;])\s+|(?<=[a-z]\.)(?=[A-Z])|\n\s*\n|\s+(?=\d{1,2}[.)]\s)")
+# Sentences end at . ! ? ; (not after an abbreviation such as "vs."), a blank line or a numbered item.
+SENTENCE_BREAK = re.compile(
+    r"(?<=[.!?;])(?<!\bvs\.)(?<!\bVs\.)(?<!e\.g\.)(?<!i\.e\.)(?<!\bDr\.)\s+"
+    r"|(?<=[a-z]\.)(?=[A-Z])|\n\s*\n|\s+(?=\d{1,2}[.)]\s)"
+)
+SPACES = re.compile(r"[ \t]{2,}")
+# The grammar of conditions ("the heart is enlarged"): a copula separates subject and predicate, words
+# such as these may stand in a list of anatomy without ending it, and semicolons or brackets end a clause.
+COPULA = re.compile(r"\b(?:is|are|was|were|be|been|being|appears?|remains?|seems?|looks?)\b", FLAGS)
+LIST_FILLER = re.compile(
+    r"(?:[\s,:/&-]|\b(?:and|or|nor|of|the|both|as well as|also|again|itself|overall|otherwise|still|now|all|each)\b)*",
+    FLAGS,
+)
+ATTRIBUTIVE_GAP = re.compile(r"\s*-?\s*|\s+(?:of|in)\s+(?:the\s+|a\s+)?", FLAGS)
+CLAUSE_BREAK = re.compile(r"[;()]")
+MAX_PREDICATE_WORDS = 4
 
 
 def _compile(patterns: Iterable[str]) -> re.Pattern[str]:
     """One case-insensitive alternation matched on word boundaries; an empty list never matches."""
-    alternatives = [f"(?<!\\w)(?:{p})(?!\\w)" for p in patterns]
-    return re.compile("|".join(alternatives) or NEVER, FLAGS)
+    patterns = [_checked(p) for p in patterns]
+    return re.compile("|".join(f"(?<!\\w)(?:{p})(?!\\w)" for p in patterns) or NEVER, FLAGS)
+
+
+def _compile_whole(patterns: Iterable[str]) -> re.Pattern[str]:
+    """A case-insensitive alternation for `fullmatch` against one condition; an empty list never matches."""
+    return re.compile("|".join(f"(?:{_checked(p)})" for p in patterns) or NEVER, FLAGS)
+
+
+def _checked(pattern: str) -> str:
+    """A vocabulary pattern that compiles on its own, or a ValueError that quotes it."""
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as err:
+        raise ValueError(f"vocabulary pattern {pattern!r} is not a valid regular expression: {err}") from None
+    return pattern
 
 
 def _compile_optional(pattern: str | None) -> re.Pattern[str] | None:
@@ -65,13 +97,41 @@ class MentionRule:
 
 
 @dataclass(frozen=True)
+class StructureRule:
+    """Anatomy whose stated condition decides a finding: which conditions make it present, uncertain, absent."""
+
+    anatomy: re.Pattern[str]
+    present: re.Pattern[str]
+    uncertain: re.Pattern[str]
+    normal: re.Pattern[str]
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any], shared_normal: list[str]) -> StructureRule:
+        if not isinstance(entry, dict) or "anatomy" not in entry:
+            raise ValueError(f"vocabulary structure {entry!r} needs an `anatomy` pattern")
+        return cls(
+            anatomy=_compile([entry["anatomy"]]),
+            present=_compile_whole([entry["present"]] if entry.get("present") else []),
+            uncertain=_compile_whole([entry["uncertain"]] if entry.get("uncertain") else []),
+            normal=_compile_whole(shared_normal + ([entry["normal"]] if entry.get("normal") else [])),
+        )
+
+    def condition(self, state: str) -> str | None:
+        """present / uncertain / normal for a condition of this anatomy; None for another finding's."""
+        for kind, pattern in (("present", self.present), ("uncertain", self.uncertain), ("normal", self.normal)):
+            if pattern.fullmatch(state):
+                return kind
+        return None
+
+
+@dataclass(frozen=True)
 class FindingRules:
-    """Mention, normal-statement and exclusion patterns of one finding."""
+    """Mention, anatomy and exclusion patterns of one finding."""
 
     mentions: tuple[MentionRule, ...]
-    normal: re.Pattern[str]
+    structures: tuple[StructureRule, ...]
     exclusions: re.Pattern[str]
-    trigger: re.Pattern[str]  # any mention or normal phrase: most sentences are skipped after one search
+    trigger: re.Pattern[str]  # any mention or anatomy: most sentences are skipped after one search
 
 
 @dataclass(frozen=True)
@@ -89,6 +149,7 @@ class Cues:
     pre_max_words: int
     pre_uncertainty_max_words: int
     post_max_words: int
+    list_max_words: int
 
 
 @dataclass(frozen=True)
@@ -101,6 +162,9 @@ class Vocabulary:
     ignored_sections: re.Pattern[str]
     headers: re.Pattern[str]
     normal_report: re.Pattern[str]
+    placeholders: re.Pattern[str]
+    states: re.Pattern[str]  # every condition any anatomy can have, longest alternatives first
+    anatomy: re.Pattern[str]  # every anatomy, the findings' and the list-only `other_anatomy`
 
 
 @dataclass(frozen=True)
@@ -111,6 +175,22 @@ class Cue:
     start: int
     end: int
     before: bool  # True for cues that scope forward (pre-mention), False for backward ones
+
+
+class ParsedSentence:
+    """One sentence with its cues and conditions, found once and shared by every finding's rules."""
+
+    def __init__(self, text: str, teacher: RuleTeacher) -> None:
+        self.text = text
+        self._teacher = teacher
+
+    @cached_property
+    def cues(self) -> list[Cue]:
+        return self._teacher._cues_in(self.text)
+
+    @cached_property
+    def states(self) -> list[re.Match[str]]:
+        return list(self._teacher.vocabulary.states.finditer(self.text))
 
 
 @dataclass
@@ -144,24 +224,35 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
     if unknown:
         raise ValueError(f"vocabulary names unknown findings: {unknown}")
     sections = data.get("sections", {})
+    states = data.get("states", {})
+    shared_normal = list(states.get("normal", []))
+    specs = data.get("findings", {})
+    structures = [entry for spec in specs.values() for entry in spec.get("structures") or []]
+    conditions = shared_normal + states.get("neutral", [])
+    conditions += [
+        entry[kind] for entry in structures for kind in ("present", "uncertain", "normal") if entry.get(kind)
+    ]
     return Vocabulary(
         version=str(data["version"]),
-        findings={name: _finding_rules(spec) for name, spec in data.get("findings", {}).items()},
+        findings={name: _finding_rules(spec, shared_normal) for name, spec in specs.items()},
         cues=_cues(data.get("cues", {}), data.get("scope", {})),
         ignored_sections=re.compile("(?:" + ("|".join(sections.get("ignored", [])) or NEVER) + r")\Z", FLAGS),
         headers=_header_pattern(sections.get("known", [])),
         normal_report=_compile(data.get("normal_report", [])),
+        placeholders=re.compile("|".join(data.get("placeholders", [])) or NEVER, FLAGS),
+        states=_compile(sorted(conditions, key=len, reverse=True)),
+        anatomy=_compile([entry["anatomy"] for entry in structures] + states.get("other_anatomy", [])),
     )
 
 
-def _finding_rules(spec: dict[str, Any]) -> FindingRules:
+def _finding_rules(spec: dict[str, Any], shared_normal: list[str]) -> FindingRules:
     mentions = [entry if isinstance(entry, dict) else {"pattern": entry} for entry in spec.get("mentions", [])]
-    normal = spec.get("normal") or []
+    structures = spec.get("structures") or []
     return FindingRules(
         mentions=tuple(MentionRule.from_entry(entry) for entry in mentions),
-        normal=_compile(normal),
+        structures=tuple(StructureRule.from_entry(entry, shared_normal) for entry in structures),
         exclusions=_compile(spec.get("exclusions") or []),
-        trigger=_compile([entry["pattern"] for entry in mentions] + normal),
+        trigger=_compile([entry["pattern"] for entry in mentions] + [entry["anatomy"] for entry in structures]),
     )
 
 
@@ -178,6 +269,7 @@ def _cues(spec: dict[str, list[str]], scope: dict[str, int]) -> Cues:
         pre_max_words=int(scope.get("pre_max_words", 15)),
         pre_uncertainty_max_words=int(scope.get("pre_uncertainty_max_words", 10)),
         post_max_words=int(scope.get("post_max_words", 8)),
+        list_max_words=int(scope.get("list_max_words", 10)),
     )
 
 
@@ -209,10 +301,11 @@ class RuleTeacher:
         """Label one report text; evidence keeps only the short matched phrases, never sentences."""
         votes = {finding: FindingVotes() for finding in self.vocabulary.findings}
         normal_phrases: list[str] = []
-        for sentence in self.sentences(text):
+        for text_of_sentence in self.sentences(text):
+            sentence = ParsedSentence(text_of_sentence, self)
             for finding, rules in self.vocabulary.findings.items():
                 self._vote_sentence(sentence, rules, votes[finding])
-            normal_phrases += [m.group(0) for m in self.vocabulary.normal_report.finditer(sentence)]
+            normal_phrases += [m.group(0) for m in self.vocabulary.normal_report.finditer(text_of_sentence)]
         labels = apply_no_finding_rule({finding: v.aggregate() for finding, v in votes.items()})
         evidence = {
             finding: _dedupe(votes[finding].spans.get(status, []))
@@ -224,15 +317,18 @@ class RuleTeacher:
         return LabelRecord(report_id=report_id, labels=labels, teacher=self.info, evidence=evidence)
 
     def sentences(self, text: str) -> list[str]:
-        """Sentences of the sections that describe this study (unsectioned text counts)."""
+        """Sentences of the sections that describe this study (unsectioned text counts), placeholders removed."""
         sentences: list[str] = []
-        for section in self._scored_sections(text):
-            flat = re.sub(r"[ \t]*\n[ \t]*(?!\s*\n)", " ", section)
-            sentences += [s.strip() for s in SENTENCE_BREAK.split(flat) if s and s.strip()]
+        for section in self._scored_sections(self.vocabulary.placeholders.sub("", text)):
+            flat = SPACES.sub(" ", re.sub(r"[ \t]*\n[ \t]*(?!\s*\n)", " ", section))
+            sentences += [s.strip() for s in SENTENCE_BREAK.split(flat) if s and s.strip(" .,;:")]
         return sentences
 
     def _scored_sections(self, text: str) -> list[str]:
-        """Cut the text at section headers; of an ignored section keep only what follows its paragraph."""
+        """Cut the text at section headers; of an ignored section keep only what follows its paragraph.
+
+        A header that names anatomy ("Heart: normal size.") stays part of its section's text.
+        """
         kept: list[str] = []
         start, ignored = 0, False
         for header in self.vocabulary.headers.finditer(text):
@@ -240,30 +336,94 @@ class RuleTeacher:
             name = " ".join((header.group("line") or header.group("caps") or "").split())
             ignored = bool(self.vocabulary.ignored_sections.match(name))
             start = header.end()
+            if not ignored and self.vocabulary.anatomy.fullmatch(name):
+                start = header.start("line") if header.group("line") else header.start("caps")
         kept.append(_after_paragraph(text[start:]) if ignored else text[start:])
         return kept
 
-    def _vote_sentence(self, sentence: str, rules: FindingRules, votes: FindingVotes) -> None:
-        if not rules.trigger.search(sentence):
+    def _vote_sentence(self, sentence: ParsedSentence, rules: FindingRules, votes: FindingVotes) -> None:
+        if not rules.trigger.search(sentence.text):
             return
-        excluded = _spans(rules.exclusions, sentence)  # grows with each mention: one vote per phrase
-        cues: list[Cue] | None = None
+        excluded = _spans(rules.exclusions, sentence.text)  # grows with each mention: one vote per phrase
         for rule in rules.mentions:
-            if not rule.applies_to(sentence):
+            if not rule.applies_to(sentence.text):
                 continue
-            for match in rule.pattern.finditer(sentence):
+            for match in rule.pattern.finditer(sentence.text):
                 if _overlaps(match.span(), excluded):
                     continue
                 excluded.append(match.span())
-                cues = cues if cues is not None else self._cues_in(sentence)
-                status = self._mention_status(sentence, match.start(), match.end(), cues)
+                status = self._mention_status(sentence.text, match.start(), match.end(), sentence.cues)
                 if status == "ignore":
                     continue
                 if status == "present" and rule.uncertain:
                     status = "uncertain"
                 votes.add(status, match.group(0))
-        for match in rules.normal.finditer(sentence):
-            votes.add("absent", match.group(0))
+        for structure in rules.structures:
+            for anatomy in structure.anatomy.finditer(sentence.text):
+                if not _overlaps(anatomy.span(), excluded):
+                    self._vote_condition(sentence, structure, anatomy, votes, excluded)
+
+    def _vote_condition(
+        self,
+        sentence: ParsedSentence,
+        structure: StructureRule,
+        anatomy: re.Match[str],
+        votes: FindingVotes,
+        excluded: list[tuple[int, int]],
+    ) -> None:
+        """Vote for the condition bound to one anatomy mention: normal is absent, else the cues decide."""
+        state = self._bound_condition(sentence, anatomy)
+        kind = structure.condition(state.group(0)) if state else None
+        if state is None or kind is None:
+            return
+        start, end = min(anatomy.start(), state.start()), max(anatomy.end(), state.end())
+        excluded.append((start, end))
+        phrase = sentence.text[start:end]
+        if kind == "normal":
+            if not sentence.text[: state.start()].rstrip().lower().endswith("not"):  # "not normal" says nothing
+                votes.add("absent", phrase)
+            return
+        status = self._mention_status(sentence.text, start, end, sentence.cues)
+        if status == "ignore":
+            return
+        votes.add("uncertain" if status == "present" and kind == "uncertain" else status, phrase)
+
+    def _bound_condition(self, sentence: ParsedSentence, anatomy: re.Match[str]) -> re.Match[str] | None:
+        """The condition stated of this anatomy: an adjective right before it ("enlarged heart"), else the
+        first condition after it across a list and a copula ("heart size and X are normal"), else one that
+        heads the list it is in ("normal heart size, X and Y")."""
+        text = sentence.text
+        before = [s for s in sentence.states if s.end() <= anatomy.start()]
+        after = [s for s in sentence.states if s.start() >= anatomy.end()]
+        if before and ATTRIBUTIVE_GAP.fullmatch(text[before[-1].end() : anatomy.start()]):
+            return before[-1]
+        if after and self._predicate_reaches(text[anatomy.end() : after[0].start()]):
+            return after[0]
+        if before and self._is_list(text[before[-1].end() : anatomy.start()]):
+            return before[-1]
+        return None
+
+    def _predicate_reaches(self, gap: str) -> bool:
+        """Is `gap` a list of anatomy, then optionally a copula and a few words ("is again mildly")?"""
+        copula = COPULA.search(gap)
+        if copula is None:
+            return self._is_list(gap)
+        predicate = gap[copula.end() :]
+        return (
+            self._is_list(gap[: copula.start()])
+            and "," not in predicate
+            and len(WORD.findall(predicate)) <= MAX_PREDICATE_WORDS
+            and not self._breaks_clause(predicate)
+        )
+
+    def _is_list(self, gap: str) -> bool:
+        """Only anatomy, conjunctions and commas, within the list word limit and one clause."""
+        if self._breaks_clause(gap) or len(WORD.findall(gap)) > self.vocabulary.cues.list_max_words:
+            return False
+        return LIST_FILLER.fullmatch(self.vocabulary.anatomy.sub(" ", gap)) is not None
+
+    def _breaks_clause(self, gap: str) -> bool:
+        return bool(CLAUSE_BREAK.search(gap) or self.vocabulary.cues.terminators.search(gap))
 
     def _cues_in(self, sentence: str) -> list[Cue]:
         """All cue occurrences of a sentence, minus those inside pseudo-cues or double negations."""
@@ -315,7 +475,7 @@ class RuleTeacher:
         else:
             return None
         gap = sentence[gap_start:gap_end]
-        if len(WORD.findall(gap)) > limit or c.terminators.search(gap):
+        if len(WORD.findall(gap)) > limit or c.terminators.search(gap) or (not cue.before and "," in gap):
             return None
         if cue.kind == "absent" and c.negation_terminators.search(gap):
             return None
