@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import IU_DEV
+from conftest import IU_DEV, RADLABELS, needs_shared
 
 from deberta_rad.data import InputError, iu_report_text
 from deberta_rad.gold import (
     GoldSet,
+    iu_half,
     iu_mesh_findings,
     iu_presence_gold,
     match_finding_name,
@@ -18,6 +19,7 @@ from deberta_rad.gold import (
     read_chexpert_csv,
     read_gold,
     read_label_jsonl,
+    read_radlabels_jsonl,
 )
 from deberta_rad.schema import FINDINGS
 
@@ -279,3 +281,62 @@ def test_real_iu_dev_mapping_has_support_for_every_finding() -> None:
     support = {f: sum(labels[f] for labels in gold.values()) for f in FINDINGS}
     assert all(count > 0 for count in support.values()), support
     assert support["No Finding"] > support["Cardiomegaly"] > support["Pneumothorax"]
+
+
+# ---------------------------------------------------------------------------------------------
+# IU halves and the radlabels peer labels
+# ---------------------------------------------------------------------------------------------
+
+
+def test_iu_half_follows_the_design_hash() -> None:
+    # sha256("iu-1") is odd -> locked; sha256("iu-3") is even -> development (DESIGN.md section 6).
+    import hashlib
+
+    for report_id in ("iu-1", "iu-3", "iu-4", "iu-11"):
+        odd = int(hashlib.sha256(report_id.encode()).hexdigest(), 16) % 2 == 1
+        assert iu_half(report_id) == ("locked" if odd else "development")
+
+
+@needs_shared(IU_DEV)
+def test_iu_halves_have_the_sizes_design_states() -> None:
+    ids = [json.loads(line)["report_id"] for line in IU_DEV.read_text(encoding="utf-8").splitlines() if line]
+    halves = [iu_half(report_id) for report_id in ids]
+    assert (halves.count("locked"), halves.count("development")) == (960, 907)
+
+
+def test_radlabels_peer_labels_map_to_the_13_findings(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "peer.jsonl",
+        [
+            {
+                "report_id": "a",
+                "text": "...",
+                "peer_labels": {
+                    "atelectasis": "uncertain",
+                    "lobar_segmental_collapse": "definitely present",
+                    "pneumothorax": "definitely absent",
+                    "endotracheal_tube": "definitely present",
+                },
+            },
+            {"report_id": "b", "text": "...", "peer_labels": {"pneumothorax": "definitely absent"}},
+        ],
+    )
+    gold = read_radlabels_jsonl(path)
+    assert gold["a"]["Atelectasis"] == "present"  # the strongest of the peer findings that map to it
+    assert gold["a"]["Pneumothorax"] == "absent"
+    assert gold["a"]["No Finding"] == "not_mentioned"
+    assert gold["b"]["No Finding"] == "present"  # devices and absent findings leave No Finding present
+    assert read_gold(path).kind == "status"
+
+
+def test_radlabels_reader_names_the_line_of_a_bad_value(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "peer.jsonl", [{"report_id": "a", "peer_labels": {"pneumothorax": "maybe"}}])
+    with pytest.raises(InputError, match=r"peer.jsonl:1: 'pneumothorax' has value 'maybe'"):
+        read_radlabels_jsonl(path)
+
+
+@needs_shared(RADLABELS)
+def test_real_radlabels_file_reads() -> None:
+    gold = read_radlabels_jsonl(RADLABELS)
+    assert len(gold) == 1000
+    assert sum(labels["Pleural Effusion"] == "present" for labels in gold.values()) > 300

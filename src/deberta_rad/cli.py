@@ -454,7 +454,7 @@ def evaluate_command(
     predictions: Annotated[Path, typer.Option(help="Predicted label JSONL.")],
     gold: Annotated[Path, typer.Option(help="Gold labels (label JSONL, CheXpert CSV, CheX-GPT JSONL, IU JSONL).")],
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
-    gold_format: Annotated[str, typer.Option(help="auto | labels | chexpert | chexgpt | iu")] = "auto",
+    gold_format: Annotated[str, typer.Option(help="auto | labels | chexpert | chexgpt | iu | radlabels")] = "auto",
 ) -> None:
     """Score predictions against gold with the DESIGN.md section 5 metrics and print the tables."""
     try:
@@ -472,7 +472,7 @@ def evaluate_command(
 def compare(
     labelers: Annotated[list[Path], typer.Argument(help="Label JSONL files; the first is compared with each other.")],
     gold: Annotated[Path, typer.Option(help="Status gold (label JSONL, CheXpert CSV, CheX-GPT JSONL).")],
-    gold_format: Annotated[str, typer.Option(help="auto | labels | chexpert | chexgpt")] = "auto",
+    gold_format: Annotated[str, typer.Option(help="auto | labels | chexpert | chexgpt | radlabels")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full comparison here.")] = None,
     all_pairs: Annotated[bool, typer.Option(help="Compare every pair, not only the first with the others.")] = False,
     n_bootstrap: Annotated[int, typer.Option(help="Paired bootstrap resamples over reports.")] = 2000,
@@ -581,8 +581,10 @@ def evaluate_split(
     results = evaluate.evaluate_split(model, split_dir, plots_dir, batch_size)
     for reference in ("teacher", "gold"):
         if reference in results:
+            source = results[reference]["source"]
             typer.echo(
-                f"\n== student vs {reference} on {split_dir} ==\n{evaluate.format_metrics_table(results[reference])}"
+                f"\n== student vs {reference} ({source}) on {split_dir} ==\n"
+                f"{evaluate.format_metrics_table(results[reference])}"
             )
     typer.echo(f"\ninference: {results['inference']['reports_per_s']:.1f} reports/s")
     _write_json(json_out, results)

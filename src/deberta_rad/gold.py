@@ -1,7 +1,7 @@
 """Readers for the gold standards the evaluator scores against.
 
-Status gold (label JSONL, CheXpert/CheXbert CSV, CheX-GPT MIMIC-500 JSONL) becomes
-``report_id -> {finding: status}`` with all 13 findings (a finding the source does not code is
+Status gold (label JSONL, CheXpert/CheXbert CSV, CheX-GPT MIMIC-500 JSONL, the radlabels peer labels)
+becomes ``report_id -> {finding: status}`` with all 13 findings (a finding the source does not code is
 ``not_mentioned``, which the evaluator leaves out of the scored statuses). IU X-ray MeSH codes only
 mark findings as present, so that reader returns ``report_id -> {finding: bool}`` and `read_gold`
 says which kind it returns. Error messages name the file and line, never report text.
@@ -10,17 +10,19 @@ says which kind it returns. Error messages name the file and line, never report 
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from deberta_rad.data import InputError, json_lines, labels_by_id, read_label_records
-from deberta_rad.schema import CHEXPERT_TO_STATUS, FINDINGS, STATUSES
+from deberta_rad.schema import CHEXPERT_TO_STATUS, FINDINGS, STATUSES, apply_no_finding_rule
 
 StatusGold = dict[str, dict[str, str]]
 PresenceGold = dict[str, dict[str, bool]]
-GOLD_FORMATS = ("labels", "chexpert", "chexgpt", "iu")
+GOLD_FORMATS = ("labels", "chexpert", "chexgpt", "iu", "radlabels")
+IUHalf = Literal["development", "locked"]
 
 # CheX-GPT style values besides the CheXpert numbers: status names and a few spelled-out forms.
 VALUE_ALIASES = {
@@ -58,6 +60,32 @@ IU_NON_LUNG_QUALIFIERS = frozenset(
 )
 IU_ENLARGED_QUALIFIERS = frozenset({"enlarged", "widened", "prominent"})
 IU_UNCODED = "no indexing"
+
+# The radlabels labeler's findings (RadGraph-XL + alias dictionary, 49 in all) that are one of the 13;
+# the others (devices, emphysema, pneumonia, vascular congestion, ...) have no counterpart here.
+RADLABELS_TO_FINDING: dict[str, str] = {
+    "atelectasis": "Atelectasis",
+    "lobar_segmental_collapse": "Atelectasis",
+    "whole_lung_or_majority_collapse": "Atelectasis",
+    "cardiomegaly": "Cardiomegaly",
+    "consolidation": "Consolidation",
+    "pulmonary_edema": "Edema",
+    "enlarged_cardiomediastinum": "Enlarged Cardiomediastinum",
+    "fracture_generic": "Fracture",
+    "acute_rib_fracture": "Fracture",
+    "non_acute_rib_fracture": "Fracture",
+    "infiltration": "Infiltrate",
+    "lung_nodule_or_mass": "Lung Lesion",
+    "lung_lesion": "Lung Lesion",
+    "air_space_opacity": "Lung Opacity",
+    "lung_opacity": "Lung Opacity",
+    "ground_glass_opacity": "Lung Opacity",
+    "pleural_effusion": "Pleural Effusion",
+    "pleural_thickening": "Pleural Thickening",
+    "pneumothorax": "Pneumothorax",
+}
+RADLABELS_STATUS = {"definitely present": "present", "definitely absent": "absent", "uncertain": "uncertain"}
+STATUS_RANK = {"not_mentioned": 0, "absent": 1, "uncertain": 2, "present": 3}
 
 
 @dataclass(frozen=True)
@@ -161,6 +189,40 @@ def iu_mesh_findings(term: str) -> set[str]:
     return findings
 
 
+def iu_half(report_id: str) -> IUHalf:
+    """DESIGN.md section 6: which half of IU dev a report is in. Read errors only on the development
+    half; the locked half is only scored, and its figure is the one to quote."""
+    return "locked" if int(hashlib.sha256(report_id.encode()).hexdigest(), 16) % 2 == 1 else "development"
+
+
+def read_radlabels_jsonl(path: str | Path) -> StatusGold:
+    """The radlabels synthetic reports' `peer_labels` as statuses of the 13 findings.
+
+    A peer labeler's output, not gold: several of its findings can map to one of ours (the CheXpert
+    aggregation keeps the strongest), its findings outside the 13 are left out, and No Finding follows
+    `schema.apply_no_finding_rule` on what is left.
+    """
+    path = Path(path)
+    gold: StatusGold = {}
+    for number, record in json_lines(path):
+        where = f"{path}:{number}"
+        peer = record.get("peer_labels")
+        if "report_id" not in record or not isinstance(peer, dict):
+            raise InputError(f"{where}: radlabels record needs 'report_id' and a 'peer_labels' object")
+        statuses: dict[str, str] = {}
+        for name, value in peer.items():
+            finding = RADLABELS_TO_FINDING.get(name)
+            if finding is None:
+                continue
+            if value not in RADLABELS_STATUS:
+                raise InputError(f"{where}: {name!r} has value {value!r}; expected one of {sorted(RADLABELS_STATUS)}")
+            status = RADLABELS_STATUS[value]
+            if STATUS_RANK[status] > STATUS_RANK[statuses.get(finding, "not_mentioned")]:
+                statuses[finding] = status
+        _add_unique(gold, str(record["report_id"]), apply_no_finding_rule(statuses), where)
+    return gold
+
+
 def read_gold(path: str | Path, fmt: str = "auto") -> GoldSet:
     """Read any supported gold file; `fmt` is one of GOLD_FORMATS or "auto" (sniffed from the file)."""
     path = Path(path)
@@ -175,6 +237,8 @@ def read_gold(path: str | Path, fmt: str = "auto") -> GoldSet:
         return GoldSet("status", read_chexgpt_jsonl(path))
     if fmt == "iu":
         return GoldSet("presence", iu_presence_gold(path))
+    if fmt == "radlabels":
+        return GoldSet("status", read_radlabels_jsonl(path))
     raise ValueError(f"unknown gold format {fmt!r}; choose one of auto, {', '.join(GOLD_FORMATS)}")
 
 
@@ -189,7 +253,11 @@ def sniff_gold_format(path: Path) -> str:
             return "chexgpt"
         if "mesh" in record:
             return "iu"
-        raise InputError(f"{path}:{number}: cannot tell the gold format (no 'labels', 'label' or 'mesh')")
+        if "peer_labels" in record:
+            return "radlabels"
+        raise InputError(
+            f"{path}:{number}: cannot tell the gold format (no 'labels', 'label', 'mesh' or 'peer_labels')"
+        )
     raise InputError(f"{path}: empty gold file")
 
 

@@ -1,7 +1,9 @@
 """Plain keyword labeler with NegEx-style negation: the baseline the rule teacher has to beat.
 
-Deliberately simple: a few obvious words per finding, "no"/"without"/"negative for" up to a few
-words before a keyword makes it absent, no sections, no uncertainty, no synonyms beyond the list.
+Deliberately simple, but not a straw man: the obvious words per finding, and a negation word
+("no", "without", "negative for", "free of", "not") earlier in the same sentence makes a keyword absent
+unless "but"/"however"/"although" comes in between (so lists such as "no A, B, or C" are negated).
+No sections, no uncertainty, no anatomy grammar, no synonyms beyond the list.
 """
 
 from __future__ import annotations
@@ -12,28 +14,28 @@ from collections.abc import Sequence
 from deberta_rad.schema import LabelRecord, Report, TeacherInfo, apply_no_finding_rule
 
 KEYWORDS: dict[str, tuple[str, ...]] = {
-    "Atelectasis": ("atelectasis",),
-    "Cardiomegaly": ("cardiomegaly", "enlarged heart"),
+    "Atelectasis": ("atelectasis", "collapse"),
+    "Cardiomegaly": ("cardiomegaly", "enlarged heart", "heart is enlarged", "cardiac enlargement"),
     "Consolidation": ("consolidation",),
-    "Edema": ("edema",),
-    "Enlarged Cardiomediastinum": ("enlarged cardiomediastinum", "widened mediastinum"),
+    "Edema": ("edema", "chf"),
+    "Enlarged Cardiomediastinum": ("enlarged cardiomediastinum", "widened mediastinum", "mediastinal widening"),
     "Fracture": ("fracture",),
-    "Infiltrate": ("infiltrate",),
-    "Lung Lesion": ("lung lesion", "nodule", "mass"),
-    "Lung Opacity": ("lung opacity", "opacity"),
-    "Pleural Effusion": ("pleural effusion", "effusion"),
+    "Infiltrate": ("infiltrate", "infiltration"),
+    "Lung Lesion": ("nodule", "mass", "lesion"),
+    "Lung Opacity": ("opacity", "opacities", "airspace disease"),
+    "Pleural Effusion": ("effusion",),
     "Pleural Thickening": ("pleural thickening",),
     "Pneumothorax": ("pneumothorax",),
 }
-NEGATION = re.compile(r"\b(?:no|without|negative for)\b(?:\W+\w+){0,3}?\W+$", re.IGNORECASE)
-SENTENCE_END = re.compile(r"[.!?\n]")
+NEGATION = re.compile(r"\b(?:no|not|without|negative for|free of)\b(?!.*\b(?:but|however|although)\b)", re.IGNORECASE)
+SENTENCE_END = re.compile(r"[.!?;\n]")
 
 
 class KeywordTeacher:
-    """Keyword match per finding; negated when a negation word closes in before it in its sentence."""
+    """Keyword match per finding; negated when a negation word stands before it in its sentence."""
 
     def __init__(self) -> None:
-        self.info = TeacherInfo(name="keyword", model="keywords-1")
+        self.info = TeacherInfo(name="keyword", model="keywords-2")
         self.patterns = {
             finding: re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")s?\b", re.IGNORECASE)
             for finding, words in KEYWORDS.items()
