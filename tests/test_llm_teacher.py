@@ -99,7 +99,7 @@ def test_clean_run_labels_every_report_with_provenance_and_usage(fake: FakeOpenA
 
     assert_labelled_as_served(records)
     assert all(r.teacher == teacher.info for r in records)
-    assert teacher.info.model_dump() == {"name": "llm", "model": "fake-model", "prompt_version": "v1"}
+    assert teacher.info.model_dump() == {"name": "llm", "model": "fake-model", "prompt_version": "v2"}
     assert len(fake.requests) == DISTINCT_TEXTS
     assert (summary.requests_sent, summary.retries, summary.cache_hits) == (DISTINCT_TEXTS, 0, 0)
     assert summary.prompt_tokens == DISTINCT_TEXTS * PROMPT_TOKENS
@@ -115,7 +115,7 @@ def test_each_request_holds_one_report_last_with_strict_schema_and_temperature_0
 ) -> None:
     make_teacher(fake, tmp_path).label(REPORTS[:2])
 
-    system = load_prompt("v1").system
+    system = load_prompt("v2").system
     reports_asked = []
     for request in fake.requests:
         messages = request.body["messages"]
@@ -431,12 +431,20 @@ def test_unknown_prompt_version_is_refused() -> None:
         load_prompt("../settings")
 
 
-def test_the_prompt_puts_instructions_first_and_the_report_last() -> None:
-    prompt = load_prompt("v1")
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_prompt_puts_instructions_first_and_the_report_last(version: str) -> None:
+    prompt = load_prompt(version)
     for finding in FINDINGS:
         assert finding in prompt.system
     messages = prompt.messages("Report with {braces}.")
     assert messages[-1]["content"].endswith("Report with {braces}.")
+
+
+def test_the_default_prompt_states_the_rule_teachers_conventions() -> None:
+    """Both teachers label by the same definitions (DESIGN.md: Enlarged Cardiomediastinum, Lung Lesion)."""
+    system = load_prompt("v2").system
+    assert "granuloma is not a lesion" in system and "not a nodule" in system
+    assert "enlarged cardiomediastinal silhouette" in system.lower()
 
 
 def test_label_cache_round_trip(tmp_path: Path) -> None:

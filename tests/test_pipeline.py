@@ -100,6 +100,8 @@ def test_repro_runs_every_stage_and_writes_their_outputs(project: Path) -> None:
     for reference in ("teacher", "gold"):
         assert {"macro_f1", "per_finding", "status_f1", "agreement", "kappa"} <= set(metrics[reference])
         assert set(metrics[reference]["per_finding"]) == set(FINDINGS)
+    assert metrics["gold"]["source"] == "synthetic"  # the generator's own truth, labelled as such
+    assert metrics["teacher"]["source"].startswith("rules/vocabulary-")
     assert {p.name for p in (project / "plots").iterdir()} >= {"confusion_teacher.png", "per_finding_f1_gold.json"}
 
 

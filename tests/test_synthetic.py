@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import re
 from collections import Counter
 from itertools import pairwise
@@ -11,16 +10,11 @@ import pytest
 
 from deberta_rad.schema import FINDINGS, LabelRecord, Report, apply_no_finding_rule
 from deberta_rad.synthetic import (
-    GENERIC,
     NORMAL_IMPRESSIONS,
-    SPECIFIC,
     STYLE_SPECS,
-    TERMS,
-    _draw_mods,
     generate_corpus,
     write_corpus,
 )
-from deberta_rad.teachers.rules import load_vocabulary
 
 Corpus = list[tuple[Report, LabelRecord]]
 LABELLED = [f for f in FINDINGS if f != "No Finding"]
@@ -160,31 +154,3 @@ def test_one_style_only_and_unknown_style_rejected():
     assert {_style(rep) for rep, _ in generate_corpus(30, seed=0, styles=["templated"])} == {"templated"}
     with pytest.raises(ValueError, match="unknown"):
         generate_corpus(10, seed=0, styles=["radiopaedia"])
-
-
-def _phrasings(finding: str) -> list[str]:
-    """Every sentence the generator can write about one finding, with sample modifiers filled in."""
-    mods = _draw_mods(random.Random(0))
-    specific = [t.format(**mods) for by_f in SPECIFIC.values() for pair in by_f.get(finding, []) for t in pair if t]
-    generic = [
-        t.format(t=term) for forms in GENERIC.values() for ts in forms.values() for t in ts for term in TERMS[finding]
-    ]
-    return specific + generic
-
-
-def test_phrasings_speak_two_thirds_of_the_rule_teachers_vocabulary():
-    """A student distilled from the rules teacher should meet the teacher's rarer phrasings too (an IU
-    "pleural air collection" is a pneumothorax), so the corpus writes most of its mention patterns. Some
-    it never will: words naming two findings (hydropneumothorax), or ones its conventions label otherwise
-    (a borderline heart is uncertain here, present for the rules)."""
-    findings = load_vocabulary().findings
-    unspoken = [
-        (finding, rule.pattern.pattern)
-        for finding, rules in findings.items()
-        for rule in rules.mentions
-        if not any(rule.pattern.search(text) for text in _phrasings(finding))
-    ]
-    total = sum(len(rules.mentions) for rules in findings.values())
-    assert len(unspoken) <= total / 3, unspoken
-    spoken_pleural_air = [text for text in _phrasings("Pneumothorax") if "air collection" in text]
-    assert spoken_pleural_air

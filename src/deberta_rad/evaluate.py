@@ -20,14 +20,15 @@ import itertools
 import json
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
-from deberta_rad.schema import FINDINGS, SCORED_STATUSES, STATUS_INDEX, STATUSES
+from deberta_rad.schema import FINDINGS, SCORED_STATUSES, STATUS_INDEX, STATUSES, LabelRecord
+from deberta_rad.synthetic import TEACHER as SYNTHETIC_TEACHER
 
 Labels = Mapping[str, Mapping[str, str]]
 
@@ -646,16 +647,24 @@ def evaluate_split(model_dir: Path, split_dir: Path, plots_dir: Path, batch_size
     results: dict[str, Any] = {"inference": {"reports": len(reports), "reports_per_s": len(reports) / seconds}}
     for reference in ("labels", "gold"):
         path = split_dir / f"{reference}.jsonl"
-        gold = labels_by_id(read_label_records(path)) if path.is_file() else {}
-        if not gold:
+        references = read_label_records(path) if path.is_file() else []
+        if not references:
             continue
         name = "teacher" if reference == "labels" else "gold"
-        results[name] = compute_metrics(predictions, gold)
+        gold = labels_by_id(references)
+        results[name] = {"source": label_source(references), **compute_metrics(predictions, gold)}
         plot_confusion_matrices(confusion_matrices(predictions, gold), plots_dir / f"confusion_{name}.png")
         write_confusion_plots(confusion_rows(predictions, gold), plots_dir / "confusion" / name)
         rows = [{"finding": f, "f1": m["f1"]} for f, m in results[name]["per_finding"].items() if m["f1"] is not None]
         (plots_dir / f"per_finding_f1_{name}.json").write_text(json.dumps(rows, indent=1))
     return results
+
+
+def label_source(records: Sequence[LabelRecord]) -> str:
+    """Who made a reference's labels: "synthetic" for the embedded generator's ground truth (its own
+    conventions, not evidence of quality on real reports), else the teachers, e.g. "rules/vocabulary-2.0.0"."""
+    names = sorted({f"{r.teacher.name}/{r.teacher.model}" if r.teacher else "unknown" for r in records})
+    return "synthetic" if names == [f"{SYNTHETIC_TEACHER.name}/{SYNTHETIC_TEACHER.model}"] else ", ".join(names)
 
 
 def write_confusion_plots(rows: list[dict[str, str]], out_dir: Path) -> None:

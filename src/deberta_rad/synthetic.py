@@ -11,10 +11,11 @@ writes realistic reports in two institution styles and the labels that are true 
 The two styles differ in wording *and* in label distribution on purpose: monitoring uses them as two
 institutions to test drift detection.
 
-The phrasings cover about two thirds of the rules teacher's mention patterns (``vocabulary.yaml``), its
-rarer ones too ("pleural air collection", "pleural fluid", "Kerley B lines"): as an extra source beside
-real reports, the corpus lets a student distilled from the rules meet phrasings that a few thousand
-real reports hold once or never.
+The phrasings are the generator's own templates, written from the way radiologists word chest
+radiograph reports, and are kept independent of the rules teacher's vocabulary: the teacher is not
+tuned on them, and they are not tuned to it. Its ground truth follows the conventions below, so scores
+against it ("gold" in the demo's metrics) are synthetic: they show the lifecycle working, not the
+labels' quality on real reports (for that, see the IU X-ray and radlabels benchmarks in the README).
 
 Labelling conventions (CheXpert's, applied consistently):
 - every hedge is ``uncertain``, including "likely", "probable", "suggestive of" and "X versus Y";
@@ -148,7 +149,7 @@ TERMS: dict[str, list[str]] = {
     "Lung Opacity": ["focal opacity", "airspace disease", "airspace opacity"],
     "Pleural Effusion": ["pleural effusion", "effusion", "pleural fluid"],
     "Pleural Thickening": ["pleural thickening", "pleural plaques"],
-    "Pneumothorax": ["pneumothorax", "PTX", "pleural air collection"],
+    "Pneumothorax": ["pneumothorax", "PTX", "apical pneumothorax"],
 }
 
 # Generic templates by status and form: "sentence" is narrative prose, "terse" the templated lines
@@ -198,6 +199,7 @@ SPECIFIC: dict[str, dict[str, list[Pair]]] = {
             ("The cardiac silhouette is enlarged.", "Enlarged heart."),
             ("There is {sev} cardiomegaly.", "{sev} cardiomegaly."),
             ("There is {sev} enlargement of the cardiac silhouette.", "{sev} enlargement of the cardiac silhouette."),
+            ("The heart is large.", "Large heart."),
         ],
         "Consolidation": [
             ("There is consolidation in the {side} lower lobe.", "{side} lower lobe consolidation."),
@@ -220,6 +222,7 @@ SPECIFIC: dict[str, dict[str, list[Pair]]] = {
             ("The cardiomediastinal silhouette is enlarged.", "Enlarged cardiomediastinal silhouette."),
             ("There is widening of the superior mediastinum.", "Widened superior mediastinum."),
             ("There is mediastinal lymphadenopathy.", "Mediastinal adenopathy."),
+            ("The mediastinal contours are widened.", "Mediastinal widening."),
         ],
         "Fracture": [
             ("There is an acute fracture of the {side} {rib} rib.", "Acute {side} {rib} rib fracture."),
@@ -229,7 +232,7 @@ SPECIFIC: dict[str, dict[str, list[Pair]]] = {
                 "Thoracic compression deformity.",
             ),
             ("Nondisplaced fractures of the {side} {rib} and adjacent ribs.", "{side} rib fractures."),
-            ("The {side} {rib} rib is fractured.", "{side} {rib} rib fx."),
+            ("The {side} {rib} rib is fractured.", "Fractured {side} {rib} rib."),
         ],
         "Infiltrate": [
             ("There is a {side} lower lobe infiltrate.", "{side} lower lobe infiltrate."),
@@ -280,8 +283,10 @@ SPECIFIC: dict[str, dict[str, list[Pair]]] = {
             ("There is a {size} {side} apical pneumothorax.", "{size} {side} apical PTX."),
             ("{side} pneumothorax measuring {mm} mm at the apex.", "{mm} mm {side} apical pneumothorax."),
             ("{size} {side} pneumothorax is again seen.", "{size} {side} pneumothorax, unchanged."),
-            ("There is a {size} {side} apical pleural air collection.", "{size} {side} apical pleural air collection."),
-            ("Air collection within the {side} pleural space.", "{side} pleural air collection."),
+            (
+                "A {size} {side} apical pneumothorax is present, with a visible visceral pleural line.",
+                "{size} {side} apical pneumothorax.",
+            ),
         ],
     },
     "absent": {
@@ -290,6 +295,7 @@ SPECIFIC: dict[str, dict[str, list[Pair]]] = {
             ("Heart size is normal.", "Normal size."),
             ("The cardiac silhouette is within normal limits.", "Heart size normal."),
             ("The heart is not enlarged.", "Not enlarged."),
+            ("Heart size is at the upper limits of normal.", "Upper limits of normal heart size."),
         ],
         "Consolidation": [
             ("The lungs are free of focal consolidation.", None),
@@ -338,6 +344,7 @@ SPECIFIC: dict[str, dict[str, list[Pair]]] = {
             ),
         ],
         "Edema": [
+            ("Mild interstitial edema is a consideration.", "Possible mild interstitial edema."),
             ("There may be mild interstitial edema.", "Possible mild edema."),
             ("Findings are suggestive of mild interstitial edema.", "Suspected mild interstitial edema."),
         ],
@@ -463,6 +470,8 @@ COMPOSITES: list[tuple[tuple[str, str], tuple[str, str], list[Pair]]] = [
         [
             ("Heart size and mediastinal contours are normal.", None),
             ("The heart and mediastinum are within normal limits.", None),
+            ("Heart size, mediastinal contours, and pulmonary vasculature are within normal limits.", None),
+            ("The cardiomediastinal silhouette is normal in size and contour.", None),
         ],
     ),
     (

@@ -398,7 +398,7 @@ class LLMTeacher:
         max_requests: int | None = None,
         max_tokens_budget: int | None = None,
         timeout_s: float = 60,
-        prompt_version: str = "v1",
+        prompt_version: str = "v2",
         price_per_1k_input: float | None = None,
         price_per_1k_output: float | None = None,
         backoff_base_s: float = 1.0,
