@@ -456,6 +456,7 @@ MORE_PHRASINGS = [
     ("Dense retrocardiac opacity, likely atelectasis and/or consolidation.", "Consolidation", UNCERTAIN),
     ("The heart is mildly enlarged, unchanged.", "Cardiomegaly", PRESENT),
     ("Layering effusion in the setting of pneumonia, which may represent empyema.", "Pleural Effusion", PRESENT),
+    ("Heart size is not normal.", "Cardiomegaly", NOT_MENTIONED),
 ]
 
 PHRASINGS = [

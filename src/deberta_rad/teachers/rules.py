@@ -44,6 +44,7 @@ LIST_FILLER = re.compile(
 )
 ATTRIBUTIVE_GAP = re.compile(r"\s*-?\s*|\s+(?:of|in)\s+(?:the\s+|a\s+)?", FLAGS)
 CLAUSE_BREAK = re.compile(r"[;()]")
+NOT_BEFORE = re.compile(r"\bnot\s*\Z", FLAGS)
 MAX_PREDICATE_WORDS = 4
 
 
@@ -380,7 +381,7 @@ class RuleTeacher:
         excluded.append((start, end))
         phrase = sentence.text[start:end]
         if kind == "normal":
-            if not sentence.text[: state.start()].rstrip().lower().endswith("not"):  # "not normal" says nothing
+            if not NOT_BEFORE.search(sentence.text[: state.start()]):  # "not normal" says nothing
                 votes.add("absent", phrase)
             return
         status = self._mention_status(sentence.text, start, end, sentence.cues)
