@@ -457,6 +457,9 @@ MORE_PHRASINGS = [
     ("The heart is mildly enlarged, unchanged.", "Cardiomegaly", PRESENT),
     ("Layering effusion in the setting of pneumonia, which may represent empyema.", "Pleural Effusion", PRESENT),
     ("Heart size is not normal.", "Cardiomegaly", NOT_MENTIONED),
+    ("Known malignancy.", "Lung Lesion", NOT_MENTIONED),
+    ("Large left hilar mass concerning for primary lung malignancy.", "Lung Lesion", PRESENT),
+    ("Malignant pleural effusion on the right.", "Lung Lesion", NOT_MENTIONED),
 ]
 
 PHRASINGS = [
