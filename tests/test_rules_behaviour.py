@@ -458,6 +458,8 @@ MORE_PHRASINGS = [
     ("Layering effusion in the setting of pneumonia, which may represent empyema.", "Pleural Effusion", PRESENT),
     ("Heart size is not normal.", "Cardiomegaly", NOT_MENTIONED),
     ("Known malignancy.", "Lung Lesion", NOT_MENTIONED),
+    ("Heart size mildly enlarged.", "Cardiomegaly", PRESENT),
+    ("Cardiac silhouette, moderately enlarged.", "Cardiomegaly", PRESENT),
     ("Large left hilar mass concerning for primary lung malignancy.", "Lung Lesion", PRESENT),
     ("Malignant pleural effusion on the right.", "Lung Lesion", NOT_MENTIONED),
 ]

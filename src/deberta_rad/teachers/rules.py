@@ -46,6 +46,7 @@ ATTRIBUTIVE_GAP = re.compile(r"\s*-?\s*|\s+(?:of|in)\s+(?:the\s+|a\s+)?", FLAGS)
 CLAUSE_BREAK = re.compile(r"[;()]")
 NOT_BEFORE = re.compile(r"\bnot\s*\Z", FLAGS)
 MAX_PREDICATE_WORDS = 4
+DEGREE_ADVERBS = re.compile(r"(?:\s+\w+ly)+\s*\Z", FLAGS)  # "mildly", "moderately", "stably" before a condition
 
 
 def _compile(patterns: Iterable[str]) -> re.Pattern[str]:
@@ -407,8 +408,8 @@ class RuleTeacher:
     def _predicate_reaches(self, gap: str) -> bool:
         """Is `gap` a list of anatomy, then optionally a copula and a few words ("is again mildly")?"""
         copula = COPULA.search(gap)
-        if copula is None:
-            return self._is_list(gap)
+        if copula is None:  # telegraphic: "heart size mildly enlarged"
+            return self._is_list(DEGREE_ADVERBS.sub("", gap))
         predicate = gap[copula.end() :]
         return (
             self._is_list(gap[: copula.start()])
