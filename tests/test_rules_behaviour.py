@@ -611,6 +611,9 @@ def test_vocabulary_path_is_honoured_and_validated(tmp_path: Path) -> None:
     (tmp_path / "anatomy.yaml").write_text("version: x\nfindings:\n  Edema:\n    structures: [{present: big}]\n")
     with pytest.raises(ValueError, match="needs an `anatomy` pattern"):
         RuleTeacher(tmp_path / "anatomy.yaml")
+    (tmp_path / "old.yaml").write_text("version: x\nfindings:\n  Cardiomegaly:\n    normal: ['heart size is normal']\n")
+    with pytest.raises(ValueError, match=r"'Cardiomegaly' has unknown keys \['normal'\]"):
+        RuleTeacher(tmp_path / "old.yaml")
 
 
 def test_get_teacher_builds_both_labelers() -> None:

@@ -46,6 +46,7 @@ ATTRIBUTIVE_GAP = re.compile(r"\s*-?\s*|\s+(?:of|in)\s+(?:the\s+|a\s+)?", FLAGS)
 CLAUSE_BREAK = re.compile(r"[;()]")
 NOT_BEFORE = re.compile(r"\bnot\s*\Z", FLAGS)
 MAX_PREDICATE_WORDS = 4
+FINDING_KEYS = frozenset({"mentions", "structures", "exclusions"})
 DEGREE_ADVERBS = re.compile(r"(?:\s+\w+ly)+\s*\Z", FLAGS)  # "mildly", "moderately", "stably" before a condition
 
 
@@ -225,6 +226,13 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
     unknown = [name for name in data.get("findings", {}) if name not in FINDINGS]
     if unknown:
         raise ValueError(f"vocabulary names unknown findings: {unknown}")
+    for name, spec in data.get("findings", {}).items():
+        keys = sorted(set(spec or {}) - FINDING_KEYS)
+        if keys:
+            raise ValueError(
+                f"vocabulary finding {name!r} has unknown keys {keys}; a finding takes {sorted(FINDING_KEYS)} "
+                "(`normal` phrases became `structures` in vocabulary 2)"
+            )
     sections = data.get("sections", {})
     states = data.get("states", {})
     shared_normal = list(states.get("normal", []))
