@@ -110,8 +110,6 @@ class StructureRule:
 
     @classmethod
     def from_entry(cls, entry: dict[str, Any], shared_normal: list[str]) -> StructureRule:
-        if not isinstance(entry, dict) or "anatomy" not in entry:
-            raise ValueError(f"vocabulary structure {entry!r} needs an `anatomy` pattern")
         return cls(
             anatomy=_compile([entry["anatomy"]]),
             present=_compile_whole([entry["present"]] if entry.get("present") else []),
@@ -223,11 +221,12 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
     data = yaml.safe_load(text)
     if not isinstance(data, dict) or "version" not in data:
         raise ValueError(f"vocabulary {path or 'vocabulary.yaml'} has no `version` key")
-    unknown = [name for name in data.get("findings", {}) if name not in FINDINGS]
+    specs = {name: spec or {} for name, spec in (data.get("findings") or {}).items()}
+    unknown = [name for name in specs if name not in FINDINGS]
     if unknown:
         raise ValueError(f"vocabulary names unknown findings: {unknown}")
-    for name, spec in data.get("findings", {}).items():
-        keys = sorted(set(spec or {}) - FINDING_KEYS)
+    for name, spec in specs.items():
+        keys = sorted(set(spec) - FINDING_KEYS)
         if keys:
             raise ValueError(
                 f"vocabulary finding {name!r} has unknown keys {keys}; a finding takes {sorted(FINDING_KEYS)} "
@@ -236,8 +235,10 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
     sections = data.get("sections", {})
     states = data.get("states", {})
     shared_normal = list(states.get("normal", []))
-    specs = data.get("findings", {})
     structures = [entry for spec in specs.values() for entry in spec.get("structures") or []]
+    for entry in structures:
+        if not isinstance(entry, dict) or "anatomy" not in entry:
+            raise ValueError(f"vocabulary structure {entry!r} needs an `anatomy` pattern")
     conditions = shared_normal + states.get("neutral", [])
     conditions += [
         entry[kind] for entry in structures for kind in ("present", "uncertain", "normal") if entry.get(kind)
@@ -249,7 +250,7 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
         ignored_sections=re.compile("(?:" + ("|".join(sections.get("ignored", [])) or NEVER) + r")\Z", FLAGS),
         headers=_header_pattern(sections.get("known", [])),
         normal_report=_compile(data.get("normal_report", [])),
-        placeholders=re.compile("|".join(data.get("placeholders", [])) or NEVER, FLAGS),
+        placeholders=re.compile("|".join(_checked(p) for p in data.get("placeholders", [])) or NEVER, FLAGS),
         states=_compile(sorted(conditions, key=len, reverse=True)),
         anatomy=_compile([entry["anatomy"] for entry in structures] + states.get("other_anatomy", [])),
     )
