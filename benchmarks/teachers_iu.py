@@ -27,7 +27,7 @@ from deberta_rad.data import iu_report_text, json_lines, read_jsonl_reports
 from deberta_rad.evaluate import compute_metrics, presence_metrics
 from deberta_rad.gold import PresenceGold, iu_half, iu_presence_gold, read_radlabels_jsonl
 from deberta_rad.schema import FINDINGS, Report
-from deberta_rad.teachers import get_teacher
+from deberta_rad.teachers import Teacher, get_teacher
 from deberta_rad.teachers.agreement import teacher_agreement
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -58,21 +58,22 @@ def iu_subsets(path: Path, gold: PresenceGold) -> tuple[dict[str, list[Report]],
     return subsets, counts
 
 
-def label(name: str, reports: list[Report]) -> tuple[Predictions, float]:
+def label(teacher: Teacher, reports: list[Report]) -> tuple[Predictions, float]:
     """Statuses by report id, and the labelling time in seconds."""
-    teacher = get_teacher(name)
     start = time.perf_counter()
     records = teacher.label(reports)
     return {r.report_id: dict(r.labels) for r in records}, time.perf_counter() - start
 
 
-def iu_scores(subsets: dict[str, list[Report]], gold: PresenceGold) -> dict[str, dict[str, Any]]:
+def iu_scores(
+    teachers: dict[str, Teacher], subsets: dict[str, list[Report]], gold: PresenceGold
+) -> dict[str, dict[str, Any]]:
     """Per teacher and subset: presence metrics counting present, and present or uncertain."""
     results: dict[str, dict[str, Any]] = {}
-    for name in TEACHERS:
+    for name, teacher in teachers.items():
         results[name] = {}
         for subset, reports in subsets.items():
-            predictions, seconds = label(name, reports)
+            predictions, seconds = label(teacher, reports)
             subset_gold = {r.report_id: gold[r.report_id] for r in reports}
             results[name][subset] = {
                 "n_reports": len(reports),
@@ -83,13 +84,13 @@ def iu_scores(subsets: dict[str, list[Report]], gold: PresenceGold) -> dict[str,
     return results
 
 
-def radlabels_scores(path: Path) -> dict[str, dict[str, Any]]:
+def radlabels_scores(teachers: dict[str, Teacher], path: Path) -> dict[str, dict[str, Any]]:
     """Per teacher: agreement and kappa with the peer labels, and the section-5 metrics against them."""
     peer = read_radlabels_jsonl(path)
     reports = read_jsonl_reports(path)
     results = {}
-    for name in TEACHERS:
-        predictions, _ = label(name, reports)
+    for name, teacher in teachers.items():
+        predictions, _ = label(teacher, reports)
         results[name] = {
             "agreement": teacher_agreement(predictions, peer),
             "metrics": compute_metrics(predictions, peer),
@@ -169,10 +170,11 @@ def main() -> None:
         f"IU dev: {counts['records']} records, {counts['uncoded']} skipped as uncoded ('No Indexing'), "
         f"{counts['empty_text']} skipped with empty findings and impression"
     )
-    iu = iu_scores(subsets, gold)
+    teachers = {name: get_teacher(name) for name in TEACHERS}  # each vocabulary compiled once
+    iu = iu_scores(teachers, subsets, gold)
     print("\nPresence F1 against the IU MeSH codes")
     print(format_iu_table(iu))
-    radlabels = radlabels_scores(args.radlabels)
+    radlabels = radlabels_scores(teachers, args.radlabels)
     print(f"\nAgreement with the radlabels peer labels ({radlabels['rules']['agreement']['n_reports']} reports)")
     print(format_radlabels_table(radlabels))
     if args.json:

@@ -47,6 +47,7 @@ CLAUSE_BREAK = re.compile(r"[;()]")
 NOT_BEFORE = re.compile(r"\bnot\s*\Z", FLAGS)
 MAX_PREDICATE_WORDS = 4
 FINDING_KEYS = frozenset({"mentions", "structures", "exclusions"})
+CONDITION_KINDS = ("present", "uncertain", "normal")  # what a stated condition of anatomy means, checked in order
 DEGREE_ADVERBS = re.compile(r"(?:\s+\w+ly)+\s*\Z", FLAGS)  # "mildly", "moderately", "stably" before a condition
 
 
@@ -119,8 +120,8 @@ class StructureRule:
 
     def condition(self, state: str) -> str | None:
         """present / uncertain / normal for a condition of this anatomy; None for another finding's."""
-        for kind, pattern in (("present", self.present), ("uncertain", self.uncertain), ("normal", self.normal)):
-            if pattern.fullmatch(state):
+        for kind in CONDITION_KINDS:
+            if getattr(self, kind).fullmatch(state):
                 return kind
         return None
 
@@ -240,9 +241,7 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
         if not isinstance(entry, dict) or "anatomy" not in entry:
             raise ValueError(f"vocabulary structure {entry!r} needs an `anatomy` pattern")
     conditions = shared_normal + states.get("neutral", [])
-    conditions += [
-        entry[kind] for entry in structures for kind in ("present", "uncertain", "normal") if entry.get(kind)
-    ]
+    conditions += [entry[kind] for entry in structures for kind in CONDITION_KINDS if entry.get(kind)]
     return Vocabulary(
         version=str(data["version"]),
         findings={name: _finding_rules(spec, shared_normal) for name, spec in specs.items()},
@@ -363,12 +362,7 @@ class RuleTeacher:
                 if _overlaps(match.span(), excluded):
                     continue
                 excluded.append(match.span())
-                status = self._mention_status(sentence.text, match.start(), match.end(), sentence.cues)
-                if status == "ignore":
-                    continue
-                if status == "present" and rule.uncertain:
-                    status = "uncertain"
-                votes.add(status, match.group(0))
+                self._vote_mention(sentence, match.start(), match.end(), rule.uncertain, votes)
         for structure in rules.structures:
             for anatomy in structure.anatomy.finditer(sentence.text):
                 if not _overlaps(anatomy.span(), excluded):
@@ -389,15 +383,19 @@ class RuleTeacher:
             return
         start, end = min(anatomy.start(), state.start()), max(anatomy.end(), state.end())
         excluded.append((start, end))
-        phrase = sentence.text[start:end]
         if kind == "normal":
             if not NOT_BEFORE.search(sentence.text[: state.start()]):  # "not normal" says nothing
-                votes.add("absent", phrase)
+                votes.add("absent", sentence.text[start:end])
             return
+        self._vote_mention(sentence, start, end, kind == "uncertain", votes)
+
+    def _vote_mention(self, sentence: ParsedSentence, start: int, end: int, hedged: bool, votes: FindingVotes) -> None:
+        """Vote the status the cues give the mention at [start, end); a phrase that is itself only a
+        suggestion (`hedged`) is at most uncertain, and a finding only asked about gets no vote."""
         status = self._mention_status(sentence.text, start, end, sentence.cues)
         if status == "ignore":
             return
-        votes.add("uncertain" if status == "present" and kind == "uncertain" else status, phrase)
+        votes.add("uncertain" if status == "present" and hedged else status, sentence.text[start:end])
 
     def _bound_condition(self, sentence: ParsedSentence, anatomy: re.Match[str]) -> re.Match[str] | None:
         """The condition stated of this anatomy: an adjective right before it ("enlarged heart"), else the
