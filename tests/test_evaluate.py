@@ -22,16 +22,20 @@ from typer.testing import CliRunner
 from deberta_rad import evaluate
 from deberta_rad.cli import app
 from deberta_rad.evaluate import (
+    NO_EVIDENCE,
     compare_labelers,
     compute_metrics,
     confusion_matrices,
     confusion_rows,
+    disagreement_counts,
     format_comparison_table,
+    format_disagreements,
     format_metrics_table,
     plot_confusion_matrices,
     presence_metrics,
+    teacher_disagreements,
 )
-from deberta_rad.schema import FINDINGS, SCORED_STATUSES, STATUSES
+from deberta_rad.schema import FINDINGS, SCORED_STATUSES, STATUSES, LabelRecord, apply_no_finding_rule
 
 ALL_NOT_MENTIONED = dict.fromkeys(FINDINGS, "not_mentioned")
 
@@ -418,3 +422,34 @@ def test_compare_command_refuses_presence_only_gold(tmp_path) -> None:
     args = ["compare", str(tmp_path / "a.jsonl"), str(tmp_path / "a.jsonl"), "--gold", str(iu), "--gold-format", "iu"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "presence-only gold" in result.output
+
+
+def test_teacher_disagreements_group_by_finding_statuses_and_phrase_and_count_without_text() -> None:
+    def record(rid: str, labels: dict[str, str], evidence: dict[str, list[str]]) -> LabelRecord:
+        return LabelRecord(report_id=rid, labels=apply_no_finding_rule(labels), evidence=evidence)
+
+    teacher = [
+        record("r1", {"Pleural Effusion": "present"}, {"Pleural Effusion": ["small effusion"]}),
+        record("r2", {"Pleural Effusion": "present"}, {"Pleural Effusion": ["small effusion"]}),
+        record("r3", {"Pneumothorax": "absent"}, {"Pneumothorax": ["no pneumothorax"]}),
+    ]
+    student = {r.report_id: dict(r.labels) for r in teacher}
+    student["r1"]["Pleural Effusion"] = student["r2"]["Pleural Effusion"] = "absent"
+    student["r3"]["Cardiomegaly"] = "present"
+    cells = teacher_disagreements(student, teacher)
+    assert [(c["finding"], c["teacher"], c["student"], c["phrase"], c["count"]) for c in cells] == [
+        ("Cardiomegaly", "not_mentioned", "present", NO_EVIDENCE, 1),
+        ("Pleural Effusion", "present", "absent", "small effusion", 2),
+    ]
+    counts = disagreement_counts(cells)
+    assert counts == {
+        "n_cells": 3,
+        "by_finding": {
+            "Cardiomegaly": {"n_cells": 1, "not_mentioned->present": 1},
+            "Pleural Effusion": {"n_cells": 2, "present->absent": 2},
+        },
+    }
+    assert "small effusion" not in json.dumps(counts)  # the metrics (and MLflow) hold no report text
+    report = format_disagreements(cells)
+    assert "## Pleural Effusion: 2 cells" in report and "| 2 | present | absent | small effusion | r1, r2 |" in report
+    assert "None: the student gives" in format_disagreements([])

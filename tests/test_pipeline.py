@@ -25,6 +25,7 @@ from deberta_rad.synthetic import generate_corpus
 BIN = Path(sys.executable).parent
 SMALL_PARAMS = {
     ("ingest", "synthetic", "n_reports"): 150,
+    ("pretrain", "epochs"): 1,
     ("model", "max_length"): 64,
     ("train", "epochs"): 1,
     ("train", "batch_size"): 16,
@@ -95,6 +96,9 @@ def test_repro_runs_every_stage_and_writes_their_outputs(project: Path) -> None:
     variants = read_reports(project / "data/augmented/reports.jsonl")
     assert variants and all("~aug" in v.report_id for v in variants)
     assert len(read_label_records(project / "data/augmented/labels.jsonl")) == len(variants)
+    pretrained = json.loads((project / "models/pretrained/pretrain.json").read_text())
+    assert pretrained["adapted"] and pretrained["n_reports"] == len(reports)  # on by default for MiniLM
+    assert (project / "models/pretrained/model.safetensors").is_file()
     assert (project / "models/student/model.safetensors").is_file()
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
     for reference in ("teacher", "gold"):
@@ -102,6 +106,12 @@ def test_repro_runs_every_stage_and_writes_their_outputs(project: Path) -> None:
         assert set(metrics[reference]["per_finding"]) == set(FINDINGS)
     assert metrics["gold"]["source"] == "synthetic"  # the generator's own truth, labelled as such
     assert metrics["teacher"]["source"].startswith("rules/vocabulary-")
+    disagreements = metrics["teacher"]["disagreements"]
+    assert disagreements["n_cells"] == sum(f["n_cells"] for f in disagreements["by_finding"].values())
+    by_phrase = (project / "data/student_vs_teacher.md").read_text()
+    assert by_phrase.startswith("# Where the student disagrees with its teacher")
+    for finding, counts in disagreements["by_finding"].items():
+        assert f"## {finding}: {counts['n_cells']} cells" in by_phrase
     assert {p.name for p in (project / "plots").iterdir()} >= {"confusion_teacher.png", "per_finding_f1_gold.json"}
 
 
@@ -137,6 +147,7 @@ def test_mlflow_run_has_params_metrics_data_version_and_no_report_text(project: 
     version = client.get_model_version_by_alias("deberta-rad", "champion")
     run_data = client.get_run(version.run_id).data
     assert run_data.params["params.alpha"] == "0.5" and "params.temperature" in run_data.params
+    assert run_data.params["resolved.max_length"] == "64" and run_data.params["resolved.pretrained"] == "True"
     assert "test.teacher.macro_f1" in run_data.metrics and "eval_macro_f1" in run_data.metrics
     assert all(len(client.get_metric_history(version.run_id, key)) > 1 for key in ("loss", "learning_rate"))
     artifacts = {a.path for a in client.list_artifacts(version.run_id, "evaluation")}

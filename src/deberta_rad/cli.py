@@ -175,10 +175,42 @@ def augment(
 
 
 @app.command()
+def pretrain(
+    reports: Annotated[Path, typer.Option(help="Report JSONL written by `ingest`: the text to adapt to.")] = Path(
+        "data/reports.jsonl"
+    ),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the adapted encoder.")] = Path(
+        "models/pretrained"
+    ),
+    params: ParamsOption = Path("params.yaml"),
+    work_dir: Annotated[Path, typer.Option(help="Trainer scratch folder.")] = Path("models/pretrain-work"),
+) -> None:
+    """Adapt the backbone to report text by masked-language modelling (params.yaml `pretrain`)."""
+    from deberta_rad.model import BackboneUnavailableError
+    from deberta_rad.pretrain import PretrainConfig, pretrain_backbone
+
+    try:
+        config = PretrainConfig.from_params(load_params(params))
+        summary = pretrain_backbone(data.read_reports(reports), config, output, work_dir)
+    except (BackboneUnavailableError, data.InputError, ValueError) as err:
+        _fail(str(err))
+    if summary["adapted"]:
+        typer.echo(
+            f"adapted {config.backbone} to {summary['n_reports']} reports (MLM loss {summary['mlm_loss']:.3f}, "
+            f"max_length {summary['max_length']}); wrote {output}"
+        )
+    else:
+        typer.echo(f"pretraining is off for {config.backbone} (params.yaml pretrain.enabled); wrote {output}")
+
+
+@app.command()
 def train(
     splits: Annotated[Path, typer.Option(help="Folder written by `split`.")] = Path("data/splits"),
     augmented: Annotated[
         Path | None, typer.Option(help="Folder written by `augment`: teacher-labelled variants of the train split.")
+    ] = None,
+    pretrained: Annotated[
+        Path | None, typer.Option(help="Folder written by `pretrain`: the encoder to start from.")
     ] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Model directory to write.")] = Path("models/student"),
     params: ParamsOption = Path("params.yaml"),
@@ -192,7 +224,7 @@ def train(
     from deberta_rad.train import train_from_splits
 
     try:
-        summary = train_from_splits(splits, output, load_params(params), work_dir, resume, augmented)
+        summary = train_from_splits(splits, output, load_params(params), work_dir, resume, augmented, pretrained)
     except (BackboneUnavailableError, data.InputError) as err:
         _fail(str(err))
     typer.echo(f"saved the student to {output}; validation macro F1 {summary['eval_macro_f1']:.4f}")
@@ -570,15 +602,23 @@ def evaluate_split(
     split_dir: Annotated[Path, typer.Option(help="A split folder written by `split`.")] = Path("data/splits/test"),
     json_out: Annotated[Path, typer.Option("--json")] = Path("metrics/evaluate.json"),
     plots_dir: Annotated[Path, typer.Option()] = Path("plots"),
+    disagreements: Annotated[
+        Path,
+        typer.Option(
+            help="Markdown report of the student-teacher disagreements by finding and phrase "
+            "(holds report phrases: stays local)."
+        ),
+    ] = Path("data/student_vs_teacher.md"),
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Label a split with the student and score it against the teacher (and ground truth if any); the
-    metrics go to DVC (the JSON and plots) and to the model's MLflow training run."""
+    metrics go to DVC (the JSON and plots) and to the model's MLflow training run, the disagreements
+    with the teacher by phrase to a local file."""
     from deberta_rad.registry import log_evaluation
 
     plots_dir.mkdir(parents=True, exist_ok=True)
     batch_size = load_params(params).get("evaluate", {}).get("batch_size", 64)
-    results = evaluate.evaluate_split(model, split_dir, plots_dir, batch_size)
+    results = evaluate.evaluate_split(model, split_dir, plots_dir, batch_size, disagreements)
     for reference in ("teacher", "gold"):
         if reference in results:
             source = results[reference]["source"]
@@ -586,6 +626,11 @@ def evaluate_split(
                 f"\n== student vs {reference} ({source}) on {split_dir} ==\n"
                 f"{evaluate.format_metrics_table(results[reference])}"
             )
+    if "teacher" in results:
+        typer.echo(
+            f"\n{results['teacher']['disagreements']['n_cells']} report x finding cells differ from the teacher: "
+            f"by finding and phrase in {disagreements}"
+        )
     typer.echo(f"\ninference: {results['inference']['reports_per_s']:.1f} reports/s")
     _write_json(json_out, results)
     run_id = log_evaluation(model, results, [json_out, *sorted(plots_dir.glob("confusion_*.png"))])

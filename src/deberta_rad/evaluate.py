@@ -632,9 +632,70 @@ def score_files(predictions_path: Path, gold_path: Path, gold_format: str = "aut
     return compute_metrics(predictions, gold.labels)
 
 
-def evaluate_split(model_dir: Path, split_dir: Path, plots_dir: Path, batch_size: int = 64) -> dict[str, Any]:
+NO_EVIDENCE = "(no phrase: the teacher did not mention it)"
+
+
+def teacher_disagreements(predictions: Labels, teacher: Sequence[LabelRecord]) -> list[dict[str, Any]]:
+    """Cells where the student's status differs from the teacher's, grouped by finding, the two statuses
+    and the teacher's evidence phrase (what it read in the report), commonest first. The phrases are
+    report text: they belong in a local file, never in MLflow or the metrics."""
+    groups: dict[tuple[str, str, str, str], list[str]] = {}
+    for record in teacher:
+        student = predictions[record.report_id]
+        for finding, status in record.labels.items():
+            if student[finding] != status:
+                phrases = (record.evidence or {}).get(finding) or [NO_EVIDENCE]
+                key = (finding, status, student[finding], "; ".join(phrases))
+                groups.setdefault(key, []).append(record.report_id)
+    cells = [
+        {"finding": f, "teacher": t, "student": s, "phrase": phrase, "count": len(ids), "report_ids": ids}
+        for (f, t, s, phrase), ids in groups.items()
+    ]
+    return sorted(cells, key=lambda cell: (FINDINGS.index(cell["finding"]), -cell["count"], cell["phrase"]))
+
+
+def disagreement_counts(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The text-free summary for the metrics: cells per finding and per (teacher -> student) statuses."""
+    by_finding: dict[str, dict[str, int]] = {}
+    for cell in cells:
+        pairs = by_finding.setdefault(cell["finding"], {})
+        pair = f"{cell['teacher']}->{cell['student']}"
+        pairs[pair] = pairs.get(pair, 0) + cell["count"]
+    return {
+        "n_cells": sum(cell["count"] for cell in cells),
+        "by_finding": {f: {"n_cells": sum(pairs.values()), **pairs} for f, pairs in by_finding.items()},
+    }
+
+
+def format_disagreements(cells: Sequence[Mapping[str, Any]], max_ids: int = 3) -> str:
+    """A Markdown report of the disagreements by finding and phrase, for a person to read locally."""
+    lines = [
+        "# Where the student disagrees with its teacher (test split)",
+        "",
+        "Grouped by finding, the teacher's and the student's status, and the phrase the teacher labelled",
+        "from. Holds report text: keep it local (it is a DVC output, not logged to MLflow).",
+    ]
+    for finding in FINDINGS:
+        rows = [cell for cell in cells if cell["finding"] == finding]
+        if not rows:
+            continue
+        lines += ["", f"## {finding}: {sum(c['count'] for c in rows)} cells", ""]
+        lines += ["| cells | teacher | student | teacher's phrase | reports |", "|---:|---|---|---|---|"]
+        for cell in rows:
+            ids = ", ".join(cell["report_ids"][:max_ids]) + (" ..." if cell["count"] > max_ids else "")
+            phrase = cell["phrase"].replace("|", "\\|")
+            lines.append(f"| {cell['count']} | {cell['teacher']} | {cell['student']} | {phrase} | {ids} |")
+    if not cells:
+        lines += ["", "None: the student gives the teacher's status in every cell."]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_split(
+    model_dir: Path, split_dir: Path, plots_dir: Path, batch_size: int = 64, disagreements_out: Path | None = None
+) -> dict[str, Any]:
     """The evaluate stage: label a split with the student and score it against the teacher's labels
-    and, where the sources carried it, ground truth. Writes DVC plots; returns the metrics."""
+    and, where the sources carried it, ground truth. Writes DVC plots and, to ``disagreements_out``, the
+    cells where the student differs from the teacher by finding and phrase; returns the metrics."""
     from deberta_rad.data import labels_by_id, read_label_records, read_reports
     from deberta_rad.predict import load_engine
 
@@ -653,6 +714,12 @@ def evaluate_split(model_dir: Path, split_dir: Path, plots_dir: Path, batch_size
         name = "teacher" if reference == "labels" else "gold"
         gold = labels_by_id(references)
         results[name] = {"source": label_source(references), **compute_metrics(predictions, gold)}
+        if name == "teacher":
+            cells = teacher_disagreements(predictions, references)
+            results[name]["disagreements"] = disagreement_counts(cells)
+            if disagreements_out:
+                disagreements_out.parent.mkdir(parents=True, exist_ok=True)
+                disagreements_out.write_text(format_disagreements(cells))
         plot_confusion_matrices(confusion_matrices(predictions, gold), plots_dir / f"confusion_{name}.png")
         write_confusion_plots(confusion_rows(predictions, gold), plots_dir / "confusion" / name)
         rows = [{"finding": f, "f1": m["f1"]} for f, m in results[name]["per_finding"].items() if m["f1"] is not None]

