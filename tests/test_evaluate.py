@@ -445,8 +445,8 @@ def test_teacher_disagreements_group_by_finding_statuses_and_phrase_and_count_wi
     assert counts == {
         "n_cells": 3,
         "by_finding": {
-            "Cardiomegaly": {"n_cells": 1, "not_mentioned->present": 1},
-            "Pleural Effusion": {"n_cells": 2, "present->absent": 2},
+            "Cardiomegaly": {"n_cells": 1, "not_mentioned_to_present": 1},
+            "Pleural Effusion": {"n_cells": 2, "present_to_absent": 2},
         },
     }
     assert "small effusion" not in json.dumps(counts)  # the metrics (and MLflow) hold no report text

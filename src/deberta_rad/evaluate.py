@@ -659,7 +659,7 @@ def disagreement_counts(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     by_finding: dict[str, dict[str, int]] = {}
     for cell in cells:
         pairs = by_finding.setdefault(cell["finding"], {})
-        pair = f"{cell['teacher']}->{cell['student']}"
+        pair = f"{cell['teacher']}_to_{cell['student']}"  # MLflow metric names take no ">"
         pairs[pair] = pairs.get(pair, 0) + cell["count"]
     return {
         "n_cells": sum(cell["count"] for cell in cells),

@@ -349,10 +349,9 @@ def train_student(
     own weights. With ``resume``, an interrupted run of the same config and data continues from
     its last checkpoint in ``work_dir``; checkpoints of any other run there are cleared first."""
     torch.manual_seed(config.seed)
-    student = student_from_backbone(
-        config.backbone, 512, config.head_dropout, config.pooling, str(encoder_dir) if encoder_dir else None
-    )
-    config = with_resolved_max_length(config, train_reports, student)
+    encoder = str(encoder_dir) if encoder_dir else None
+    student = student_from_backbone(config.backbone, 512, config.head_dropout, config.pooling, encoder)
+    config = with_resolved_max_length(config, train_reports, student)  # replaces the 512 placeholder
     train_set = build_dataset(train_reports, labels, student.tokenizer, config.max_length)
     train_set = repeated(train_set, repeat_factors(train_set.targets, config.repeat_threshold, config.seed))
     logger.info("training on %d reports, %d examples per epoch after repeats", len(train_reports), len(train_set))
