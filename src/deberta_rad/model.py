@@ -137,21 +137,28 @@ def resolve_backbone(backbone: str) -> str:
     return backbone
 
 
+def load_backbone(
+    backbone: str, model_class: type = AutoModel, location: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The backbone's weights as ``model_class`` (the bare encoder, or one with its MLM head) and its
+    tokenizer, from ``location`` when given; one that cannot be loaded says what to use instead."""
+    location = location or resolve_backbone(backbone)
+    try:
+        return model_class.from_pretrained(location), AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as err:
+        raise BackboneUnavailableError(
+            f"cannot load backbone {backbone!r} ({type(err).__name__}). With no model hub, use a local "
+            f"directory or the offline default {OFFLINE_BACKBONE!r} (params.yaml model.backbone)."
+        ) from None
+
+
 def student_from_backbone(
     backbone: str, max_length: int, head_dropout: float = 0.1, pooling: str = "mean", location: str | None = None
 ) -> Student:
     """A fresh student: pretrained encoder weights, newly initialised heads. ``location`` loads the
     encoder from another directory (the pretrain stage's adapted copy) while the model keeps the
     backbone's name."""
-    location = location or resolve_backbone(backbone)
-    try:
-        encoder = AutoModel.from_pretrained(location)
-        tokenizer = AutoTokenizer.from_pretrained(location)
-    except (OSError, ValueError) as err:
-        raise BackboneUnavailableError(
-            f"cannot load backbone {backbone!r} ({type(err).__name__}). With no model hub, use a local "
-            f"directory or the offline default {OFFLINE_BACKBONE!r} (params.yaml model.backbone)."
-        ) from None
+    encoder, tokenizer = load_backbone(backbone, AutoModel, location)
     config = DebertaRadConfig(
         encoder=encoder.config.to_dict(),
         backbone=backbone,

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import (
     AutoModelForMaskedLM,
-    AutoTokenizer,
     DataCollatorForLanguageModeling,
     PreTrainedTokenizerBase,
     Trainer,
@@ -32,7 +31,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutput
 
-from deberta_rad.model import BackboneUnavailableError, resolve_backbone
+from deberta_rad.model import BackboneUnavailableError, load_backbone
 from deberta_rad.registry import configure_mlflow, data_version_tags
 from deberta_rad.schema import Report
 
@@ -185,14 +184,7 @@ def pretrain_backbone(reports: Sequence[Report], config: PretrainConfig, output:
     if not summary["adapted"]:
         (output / MARKER).write_text(json.dumps(summary, indent=2))
         return summary
-    location = resolve_backbone(config.backbone)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForMaskedLM.from_pretrained(location)
-    except (OSError, ValueError) as err:
-        raise BackboneUnavailableError(
-            f"cannot load backbone {config.backbone!r} for masked-language modelling ({type(err).__name__})"
-        ) from None
+    model, tokenizer = load_backbone(config.backbone, AutoModelForMaskedLM)
     texts = [report.text for report in reports]
     max_length = resolve_max_length(texts, tokenizer, config.max_length, config.max_length_percentile)
     encoded = tokenizer(texts, truncation=True, max_length=max_length, return_special_tokens_mask=True)
