@@ -154,7 +154,7 @@ def test_generated_reports_lend_their_sentences_but_never_a_held_out_report(tmp_
 
 def test_unknown_or_negative_sentences_params_are_refused(tmp_path: Path) -> None:
     write_splits(tmp_path / "splits", 20)
-    with pytest.raises(InputError, match=r"unknown sentences keys \['synthetic'\]"):
+    with pytest.raises(ValueError, match=r"unknown sentences keys \['synthetic'\]"):
         label_sentence_splits(tmp_path / "splits", None, tmp_path / "out", {**PARAMS, "sentences": {"synthetic": 3}})
     with pytest.raises(InputError, match="synthetic_reports must be a whole number"):
         label_sentence_splits(

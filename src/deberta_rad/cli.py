@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -30,6 +31,22 @@ def _fail_llm(err: Exception) -> None:
     """An LLM teacher failure: its message and what was labelled and cached before it stopped."""
     summary = getattr(err, "summary", None)
     _fail(f"{err}" + (f"\n{summary.describe()}" if summary else ""))
+
+
+def _teacher_stage(stage: Callable[[], dict]) -> dict:
+    """Run a stage that sends text to the pipeline's teacher: bad input and LLM failures end in a clear
+    message, and the LLM's usage line is printed. Returns the stage's summary."""
+    from deberta_rad.teachers.llm import LLMTeacherError
+
+    try:
+        summary = stage()
+    except (data.InputError, ValueError) as err:
+        _fail(str(err))
+    except LLMTeacherError as err:
+        _fail_llm(err)
+    if summary["usage"]:
+        typer.echo(summary["usage"])
+    return summary
 
 
 def _write_json(path: Path, payload: object) -> None:
@@ -158,16 +175,8 @@ def augment(
     """Recombine train reports into new ones and label them with the pipeline's teacher (params
     `augment`, teacher from `pseudo_label`); `train --augmented` adds them to the train split."""
     from deberta_rad.augment import augment_splits
-    from deberta_rad.teachers.llm import LLMTeacherError
 
-    try:
-        summary = augment_splits(splits, output_dir, load_params(params))
-    except (data.InputError, ValueError) as err:
-        _fail(str(err))
-    except LLMTeacherError as err:
-        _fail_llm(err)
-    if summary["usage"]:
-        typer.echo(summary["usage"])
+    summary = _teacher_stage(lambda: augment_splits(splits, output_dir, load_params(params)))
     typer.echo(
         f"wrote {summary['variants']} teacher-labelled variants of {summary['train_reports']} train reports to "
         f"{output_dir} ({summary['duplicates_left_out']} left out: their text already exists)"
@@ -188,16 +197,8 @@ def sentences(
     """Label the distinct sentences of the train and val splits with the pipeline's teacher, for the
     sentence-level student (params `model.unit`; with `report` it writes empty files)."""
     from deberta_rad.sentences import label_sentence_splits
-    from deberta_rad.teachers.llm import LLMTeacherError
 
-    try:
-        summary = label_sentence_splits(splits, augmented, output_dir, load_params(params))
-    except (data.InputError, ValueError) as err:
-        _fail(str(err))
-    except LLMTeacherError as err:
-        _fail_llm(err)
-    if summary["usage"]:
-        typer.echo(summary["usage"])
+    summary = _teacher_stage(lambda: label_sentence_splits(splits, augmented, output_dir, load_params(params)))
     typer.echo(
         f"wrote {summary['train']} train ({summary['synthetic']} of them from generated reports) and "
         f"{summary['val']} val distinct sentences, teacher-labelled, to {output_dir} (model.unit {summary['unit']})"

@@ -34,6 +34,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from deberta_rad.model import BackboneUnavailableError, load_backbone
 from deberta_rad.registry import configure_mlflow, data_version_tags
 from deberta_rad.schema import Report
+from deberta_rad.settings import known_keys
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +62,7 @@ class PretrainConfig:
 
     @classmethod
     def from_params(cls, params: Mapping) -> PretrainConfig:
-        section = dict(params.get("pretrain") or {})
-        unknown = sorted(set(section) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"params.yaml: unknown pretrain keys {unknown}")
+        section = known_keys(params.get("pretrain"), cls, "pretrain")
         model = params.get("model") or {}
         backbone = {"backbone": model["backbone"]} if "backbone" in model else {}
         config = cls(**{**backbone, **section})

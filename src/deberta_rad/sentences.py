@@ -28,6 +28,7 @@ from deberta_rad.data import InputError, normalise_text, read_reports, text_hash
 from deberta_rad.gold import STATUS_RANK
 from deberta_rad.model import UNITS
 from deberta_rad.schema import FINDING_INDEX, FINDINGS, STATUS_INDEX, STATUSES, LabelRecord, Report
+from deberta_rad.settings import known_keys
 from deberta_rad.teachers.rules import RuleTeacher
 
 NO_FINDING = FINDING_INDEX["No Finding"]
@@ -115,11 +116,7 @@ class SentencesConfig:
 
     @classmethod
     def from_params(cls, params: Mapping) -> SentencesConfig:
-        section = dict(params.get("sentences") or {})
-        unknown = sorted(set(section) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise InputError(f"params.yaml: unknown sentences keys {unknown}")
-        config = cls(**section)
+        config = cls(**known_keys(params.get("sentences"), cls, "sentences"))
         if not isinstance(config.synthetic_reports, int) or config.synthetic_reports < 0:
             value = config.synthetic_reports
             raise InputError(f"params.yaml: sentences.synthetic_reports must be a whole number >= 0, not {value!r}")

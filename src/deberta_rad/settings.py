@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -67,6 +68,16 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """One Settings per process; tests clear the cache after changing the environment."""
     return Settings()
+
+
+def known_keys(values: Mapping | None, config_class: type, section: str) -> dict:
+    """A params.yaml section as a dict, when every key names a field of the dataclass ``config_class``:
+    a knob spelt wrong would otherwise be ignored without a word."""
+    values = dict(values or {})
+    unknown = sorted(set(values) - set(config_class.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"params.yaml: unknown {section} keys {unknown}")
+    return values
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:

@@ -34,6 +34,7 @@ from deberta_rad.pretrain import MARKER, adapted_location, resolve_max_length
 from deberta_rad.registry import RUN_FILE, configure_mlflow, data_version_tags
 from deberta_rad.schema import FINDINGS, STATUS_INDEX, STATUSES, LabelRecord, Report
 from deberta_rad.sentences import aggregate_reports, distinct_sentences, report_sentences
+from deberta_rad.settings import known_keys
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +82,7 @@ class TrainConfig:
     def from_params(cls, params: Mapping) -> TrainConfig:
         """Build from the parsed params.yaml (sections `model` and `train`), rejecting unknown knobs."""
         values = {**params.get("model", {}), **params.get("train", {})}
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"params.yaml: unknown model/train keys {unknown}")
-        return cls(**values)
+        return cls(**known_keys(values, cls, "model/train"))
 
 
 class LabelledReports(Dataset):

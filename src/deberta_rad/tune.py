@@ -22,6 +22,7 @@ import optuna
 
 from deberta_rad.data import InputError, labels_by_id
 from deberta_rad.registry import configure_mlflow, data_version_tags
+from deberta_rad.settings import known_keys
 from deberta_rad.train import TrainConfig, read_split, train_student, training_examples
 
 logger = logging.getLogger(__name__)
@@ -68,10 +69,7 @@ class TuneConfig:
     @classmethod
     def from_params(cls, params: Mapping) -> TuneConfig:
         """Build from the parsed params.yaml `tune` section, rejecting unknown keys."""
-        values = dict(params.get("tune") or {})
-        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"params.yaml: unknown tune keys {unknown}")
+        values = known_keys(params.get("tune"), cls, "tune")
         for name in SEARCHED:
             if name in values:
                 values[name] = Range.from_params(name, values[name])
