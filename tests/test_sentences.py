@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from deberta_rad.cli import app
 from deberta_rad.data import InputError, labels_by_id, read_label_records, read_reports, split_reports, write_jsonl
 from deberta_rad.evaluate import compute_metrics
 from deberta_rad.model import load_student, student_from_backbone
@@ -170,3 +172,10 @@ def test_training_refuses_sentences_written_for_other_splits(tmp_path: Path) -> 
         training_examples(TrainConfig(unit="sentence"), [], other_val, {}, tmp_path / "sentences")
     with pytest.raises(InputError, match="--sentences data/sentences"):
         training_examples(TrainConfig(unit="sentence"), [], other_val, {}, None)
+
+
+@pytest.mark.parametrize("command", ["sentences", "augment", "pretrain", "train"])
+def test_a_missing_params_file_is_named_not_a_traceback(tmp_path: Path, command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2 and "params.yaml: no params file" in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -49,6 +49,14 @@ def _teacher_stage(stage: Callable[[], dict]) -> dict:
     return summary
 
 
+def _params(path: Path) -> dict:
+    """params.yaml, or a clear error when it is missing (commands run from the project folder)."""
+    try:
+        return load_params(path)
+    except FileNotFoundError as err:
+        _fail(f"{err}: run the command in the project folder or pass --params")
+
+
 def _write_json(path: Path, payload: object) -> None:
     """Write a command's JSON result, creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +93,7 @@ def ingest(
     ),
 ) -> None:
     """Read every source in params `ingest.sources`, normalise, de-duplicate, write one reports file."""
-    config = load_params(params)["ingest"]
+    config = _params(params)["ingest"]
     try:
         result, gold = data.ingest_sources(config["sources"], config.get("synthetic", {}), config.get("relabeled"))
     except data.InputError as err:
@@ -159,7 +167,7 @@ def split(
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Deterministic train/val/test split, grouped by patient (or by identical text)."""
-    config = load_params(params)["split"]
+    config = _params(params)["split"]
     counts = data.write_splits(input, labels, gold, output_dir, config["seed"], config["fractions"])
     typer.echo("split: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
 
@@ -176,7 +184,7 @@ def augment(
     `augment`, teacher from `pseudo_label`); `train --augmented` adds them to the train split."""
     from deberta_rad.augment import augment_splits
 
-    summary = _teacher_stage(lambda: augment_splits(splits, output_dir, load_params(params)))
+    summary = _teacher_stage(lambda: augment_splits(splits, output_dir, _params(params)))
     typer.echo(
         f"wrote {summary['variants']} teacher-labelled variants of {summary['train_reports']} train reports to "
         f"{output_dir} ({summary['duplicates_left_out']} left out: their text already exists)"
@@ -198,7 +206,7 @@ def sentences(
     sentence-level student (params `model.unit`; with `report` it writes empty files)."""
     from deberta_rad.sentences import label_sentence_splits
 
-    summary = _teacher_stage(lambda: label_sentence_splits(splits, augmented, output_dir, load_params(params)))
+    summary = _teacher_stage(lambda: label_sentence_splits(splits, augmented, output_dir, _params(params)))
     typer.echo(
         f"wrote {summary['train']} train ({summary['synthetic']} of them from generated reports) and "
         f"{summary['val']} val distinct sentences, teacher-labelled, to {output_dir} (model.unit {summary['unit']})"
@@ -221,7 +229,7 @@ def pretrain(
     from deberta_rad.pretrain import PretrainConfig, pretrain_backbone
 
     try:
-        config = PretrainConfig.from_params(load_params(params))
+        config = PretrainConfig.from_params(_params(params))
         summary = pretrain_backbone(data.read_reports(reports), config, output, work_dir)
     except (BackboneUnavailableError, data.InputError, ValueError) as err:
         _fail(str(err))
@@ -258,9 +266,7 @@ def train(
     from deberta_rad.train import train_from_splits
 
     try:
-        summary = train_from_splits(
-            splits, output, load_params(params), work_dir, resume, augmented, pretrained, sentences
-        )
+        summary = train_from_splits(splits, output, _params(params), work_dir, resume, augmented, pretrained, sentences)
     except (BackboneUnavailableError, data.InputError, ValueError) as err:
         _fail(str(err))
     typer.echo(f"saved the student to {output}; validation macro F1 {summary['eval_macro_f1']:.4f}")
@@ -293,7 +299,7 @@ def tune(
         typer.echo(f"trial {record['trial']}: val macro F1 {record['val_macro_f1']:.4f}")
 
     try:
-        result = run_search(splits, load_params(params), work_dir, on_trial=progress, sentences_dir=sentences)
+        result = run_search(splits, _params(params), work_dir, on_trial=progress, sentences_dir=sentences)
     except (BackboneUnavailableError, data.InputError) as err:
         _fail(str(err))
     _write_json(output, result)
@@ -365,7 +371,7 @@ def bench_train(
     from deberta_rad.model import BackboneUnavailableError
 
     try:
-        result = training_benchmark(input, load_params(params), max_length, steps, work_dir)
+        result = training_benchmark(input, _params(params), max_length, steps, work_dir)
     except (data.InputError, FileNotFoundError, KeyError, BackboneUnavailableError) as err:
         _fail(str(err))
     _write_json(json_output, {"input": str(input), **result})
@@ -418,7 +424,7 @@ def drift(
     from deberta_rad import monitor
 
     try:
-        settings = monitor.DriftSettings.from_params(load_params(params))
+        settings = monitor.DriftSettings.from_params(_params(params))
         result, snapshot = monitor.run_drift(
             data.read_label_records(reference), data.read_label_records(current), settings
         )
@@ -454,7 +460,7 @@ def monitor(
     from deberta_rad import monitor as monitoring
 
     try:
-        settings = monitoring.DriftSettings.from_params(load_params(params))
+        settings = monitoring.DriftSettings.from_params(_params(params))
         results, failures = monitoring.monitor_folder(
             data.read_label_records(reference), incoming, output, settings, webhook, workspace
         )
@@ -490,7 +496,7 @@ def relabel(
     from deberta_rad.teachers import get_teacher, llm_options
     from deberta_rad.teachers.llm import LLMTeacherError
 
-    config = load_params(params)
+    config = _params(params)
     teacher = config["pseudo_label"]
     store = Path(config["ingest"]["relabeled"])
     if when_drift is not None and not json.loads(when_drift.read_text())["drift_detected"]:
@@ -605,7 +611,7 @@ def promote(
         _fail("--force needs --reason TEXT (it is recorded on the version)")
     if reason and not force:
         _fail("--reason goes with --force")
-    section = load_params(params).get("promote") if params.is_file() else None
+    section = _params(params).get("promote") if params.is_file() else None
     config = {**registry.PROMOTION_DEFAULTS, **(section or {})}
     try:
         registry.configure_mlflow()
@@ -656,7 +662,7 @@ def evaluate_split(
     from deberta_rad.registry import log_evaluation
 
     plots_dir.mkdir(parents=True, exist_ok=True)
-    batch_size = load_params(params).get("evaluate", {}).get("batch_size", 64)
+    batch_size = _params(params).get("evaluate", {}).get("batch_size", 64)
     results = evaluate.evaluate_split(model, split_dir, plots_dir, batch_size, disagreements)
     for reference in ("teacher", "gold"):
         if reference in results:
