@@ -15,7 +15,13 @@ from deberta_rad.evaluate import compute_metrics
 from deberta_rad.model import load_student, student_from_backbone
 from deberta_rad.predict import LabelingEngine
 from deberta_rad.schema import FINDING_INDEX, FINDINGS, STATUS_INDEX, STATUSES, Report
-from deberta_rad.sentences import aggregate, distinct_sentences, label_sentence_splits, report_sentences
+from deberta_rad.sentences import (
+    aggregate,
+    distinct_sentences,
+    label_sentence_splits,
+    mention_swaps,
+    report_sentences,
+)
 from deberta_rad.synthetic import generate_corpus
 from deberta_rad.teachers.rules import RuleTeacher
 from deberta_rad.train import TrainConfig, train_student, training_examples
@@ -154,14 +160,54 @@ def test_generated_reports_lend_their_sentences_but_never_a_held_out_report(tmp_
     assert label_sentence_splits(tmp_path / "splits", None, tmp_path / "same", same)["synthetic"] == 0
 
 
+def test_a_mention_swap_puts_another_findings_name_into_a_train_sentence() -> None:
+    sentences = [
+        Report(report_id=f"s-{i}", text=text)
+        for i, text in enumerate(["No pneumothorax.", "Mild cardiomegaly.", "Possible left basilar atelectasis."])
+    ]
+    swaps = mention_swaps(sentences, variants=2, seed=3, known={s.report_id for s in sentences})
+    assert swaps and swaps == mention_swaps(sentences, variants=2, seed=3, known=set())  # seeded
+    assert len(swaps) <= 2 * len(sentences) and not {s.text for s in swaps} & {s.text for s in sentences}
+    teacher = RuleTeacher()
+    names = {"pneumothorax", "cardiomegaly", "atelectasis"}
+    for swap in swaps:
+        # One name replaced by another's: the context ("No", "Mild", "Possible left basilar") stays.
+        original = next(s.text for s in sentences if s.text.split()[0] == swap.text.split()[0])
+        assert sum(name in swap.text.lower() for name in names) == 1 and swap.text != original
+        mentioned = {
+            f for f, status in teacher.label_text(swap.report_id, swap.text).labels.items() if status != "not_mentioned"
+        }
+        assert mentioned - {"No Finding"}
+    assert mention_swaps(sentences, variants=0, seed=3, known=set()) == []
+    taken = {s.report_id for s in swaps}
+    assert not mention_swaps(sentences, variants=2, seed=3, known=taken)
+
+
+def test_the_stage_adds_mention_swaps_to_train_only(tmp_path: Path) -> None:
+    write_splits(tmp_path / "splits")
+    own = label_sentence_splits(tmp_path / "splits", None, tmp_path / "own", PARAMS)
+    swapped = {**PARAMS, "sentences": {"mention_swaps": 1}}
+    summary = label_sentence_splits(tmp_path / "splits", None, tmp_path / "swapped", swapped)
+    assert summary["swaps"] > 0 and summary["train"] == own["train"] + summary["swaps"]
+    assert summary["val"] == own["val"]
+    train = read_reports(tmp_path / "swapped" / "train" / "reports.jsonl")
+    held_out = {
+        s.text
+        for name in ("val", "test")
+        for s in distinct_sentences(read_reports(tmp_path / "splits" / name / "reports.jsonl"))
+    }
+    assert not {s.text for s in train[own["train"] :]} & held_out
+    records = read_label_records(tmp_path / "swapped" / "train" / "labels.jsonl")
+    assert [r.report_id for r in records] == [s.report_id for s in train]
+
+
 def test_unknown_or_negative_sentences_params_are_refused(tmp_path: Path) -> None:
     write_splits(tmp_path / "splits", 20)
     with pytest.raises(ValueError, match=r"unknown sentences keys \['synthetic'\]"):
         label_sentence_splits(tmp_path / "splits", None, tmp_path / "out", {**PARAMS, "sentences": {"synthetic": 3}})
-    with pytest.raises(InputError, match="synthetic_reports must be a whole number"):
-        label_sentence_splits(
-            tmp_path / "splits", None, tmp_path / "out", {**PARAMS, "sentences": {"synthetic_reports": -1}}
-        )
+    for key in ("synthetic_reports", "mention_swaps"):
+        with pytest.raises(InputError, match=f"{key} must be a whole number"):
+            label_sentence_splits(tmp_path / "splits", None, tmp_path / "out", {**PARAMS, "sentences": {key: -1}})
 
 
 def test_training_refuses_sentences_written_for_other_splits(tmp_path: Path) -> None:

@@ -208,7 +208,8 @@ def sentences(
 
     summary = _teacher_stage(lambda: label_sentence_splits(splits, augmented, output_dir, _params(params)))
     typer.echo(
-        f"wrote {summary['train']} train ({summary['synthetic']} of them from generated reports) and "
+        f"wrote {summary['train']} train ({summary['synthetic']} of them from generated reports, "
+        f"{summary['swaps']} mention swaps) and "
         f"{summary['val']} val distinct sentences, teacher-labelled, to {output_dir} (model.unit {summary['unit']})"
     )
 

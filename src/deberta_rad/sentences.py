@@ -17,6 +17,7 @@ finding belongs to the report and is derived after aggregation.
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -113,13 +114,16 @@ class SentencesConfig:
 
     synthetic_reports: int = 0
     synthetic_seed: int = 7
+    mention_swaps: int = 0
+    swap_seed: int = 13
 
     @classmethod
     def from_params(cls, params: Mapping) -> SentencesConfig:
         config = cls(**known_keys(params.get("sentences"), cls, "sentences"))
-        if not isinstance(config.synthetic_reports, int) or config.synthetic_reports < 0:
-            value = config.synthetic_reports
-            raise InputError(f"params.yaml: sentences.synthetic_reports must be a whole number >= 0, not {value!r}")
+        for key in ("synthetic_reports", "mention_swaps"):
+            value = getattr(config, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InputError(f"params.yaml: sentences.{key} must be a whole number >= 0, not {value!r}")
         return config
 
 
@@ -127,7 +131,8 @@ def label_sentence_splits(
     splits_dir: Path, augmented_dir: Path | None, output_dir: Path, params: Mapping
 ) -> dict[str, int | str | None]:
     """The `sentences` stage: the distinct sentences of train (its augmented variants, then those of
-    `sentences.synthetic_reports` generated reports that train lacks) into `output_dir/train`, of val
+    `sentences.synthetic_reports` generated reports that train lacks, then `sentences.mention_swaps`
+    variants of each train sentence) into `output_dir/train`, of val
     into `output_dir/val`, labelled by the pipeline's teacher (params `pseudo_label`; each distinct
     sentence is sent once). With `model.unit: report` both are empty."""
     from deberta_rad.teachers import label_reports
@@ -137,16 +142,19 @@ def label_sentence_splits(
         raise InputError(f"params.yaml: model.unit must be one of {UNITS}, not {unit!r}")
     config = SentencesConfig.from_params(params)
     splits: dict[str, list[Report]] = {"train": [], "val": []}
-    n_synthetic = 0
+    n_synthetic = n_swaps = 0
     if unit == "sentence":
         train = read_reports(splits_dir / "train" / "reports.jsonl")
         if augmented_dir is not None:
             train += read_reports(augmented_dir / "reports.jsonl")
         val, test = (read_reports(splits_dir / name / "reports.jsonl") for name in ("val", "test"))
         own = distinct_sentences(train)
+        held_out = distinct_sentences([*val, *test])
         synthetic = synthetic_sentences(config, {s.report_id for s in own}, [*val, *test])
-        n_synthetic = len(synthetic)
-        splits = {"train": own + synthetic, "val": distinct_sentences(val)}
+        known = {s.report_id for s in [*own, *synthetic, *held_out]}
+        swaps = mention_swaps(own, config.mention_swaps, config.swap_seed, known)
+        n_synthetic, n_swaps = len(synthetic), len(swaps)
+        splits = {"train": own + synthetic + swaps, "val": distinct_sentences(val)}
     everything = {s.report_id: s for sentences in splits.values() for s in sentences}
     teacher = params["pseudo_label"]
     records, usage = [], None
@@ -161,6 +169,7 @@ def label_sentence_splits(
         "unit": unit,
         "train": len(splits["train"]),
         "synthetic": n_synthetic,
+        "swaps": n_swaps,
         "val": len(splits["val"]),
         "usage": usage,
     }
@@ -179,3 +188,64 @@ def synthetic_sentences(config: SentencesConfig, known: set[str], held_out: Sequ
         if text_hash(normalise_text(report.text)) not in held_out_texts
     )
     return [s for s in distinct_sentences(generated) if s.report_id not in known]
+
+
+# Phrases longer than this are clauses ("heart size and mediastinal contours are normal"), not names of
+# a finding: swapping them in or out would mostly make sentences no report contains.
+MAX_SWAP_WORDS = 3
+
+
+def mention_swaps(sentences: Sequence[Report], variants: int, seed: int, known: set[str]) -> list[Report]:
+    """Up to `variants` new sentences per sentence, each with one short phrase that names a finding (the
+    rule vocabulary's evidence) replaced by a phrase that names another finding in some other sentence,
+    the finding drawn uniformly: "No pneumothorax." gives "No cardiomegaly.". None is a ``known``
+    sentence id. The pipeline's teacher labels them like any sentence.
+
+    Why: the student only learns the phrasings its train sentences hold, and a rare finding's names occur
+    in a handful of sentences while the negation and uncertainty around them occur in hundreds. Putting
+    every finding's names into the contexts of the others is the transfer-set augmentation of TinyBERT
+    (Jiao et al., 2020), with the teacher's labels keeping it honest."""
+    if variants <= 0:
+        return []
+    spans = [_short_evidence(record) for record in _segmenter().label(list(sentences))]
+    phrases = _phrases_by_finding(spans)
+    rng = random.Random(seed)
+    new: dict[str, Report] = {}
+    for sentence, own in zip(sentences, spans, strict=True):
+        found = [(finding, span) for finding, span in own if span in sentence.text]
+        for _ in range(variants if found else 0):
+            finding, span = rng.choice(found)
+            others = [f for f in phrases if f != finding]
+            if not others:
+                break
+            text = _cased_like(sentence.text, sentence.text.replace(span, rng.choice(phrases[rng.choice(others)]), 1))
+            variant = Report(report_id=sentence_id(text), text=text)
+            if variant.report_id not in known:
+                new.setdefault(variant.report_id, variant)
+    return list(new.values())
+
+
+def _short_evidence(record: LabelRecord) -> list[tuple[str, str]]:
+    """(finding, phrase) for each phrase of at most MAX_SWAP_WORDS words that named a finding; No Finding's
+    evidence describes the whole report and is left alone."""
+    return [
+        (finding, phrase)
+        for finding in FINDINGS
+        if finding != "No Finding"
+        for phrase in (record.evidence or {}).get(finding, [])
+        if len(phrase.split()) <= MAX_SWAP_WORDS
+    ]
+
+
+def _phrases_by_finding(spans: Iterable[list[tuple[str, str]]]) -> dict[str, list[str]]:
+    """Each finding's distinct phrases, lower-cased and sorted so a seed always draws the same ones."""
+    phrases: dict[str, set[str]] = {}
+    for own in spans:
+        for finding, phrase in own:
+            phrases.setdefault(finding, set()).add(phrase.lower())
+    return {finding: sorted(phrases[finding]) for finding in FINDINGS if finding in phrases}
+
+
+def _cased_like(original: str, text: str) -> str:
+    """The variant starts upper-case where the sentence did (a swapped-in phrase is lower-cased)."""
+    return text[:1].upper() + text[1:] if original[:1].isupper() else text
