@@ -253,6 +253,7 @@ def test_the_relabeling_loop_sends_the_drifted_institution_to_the_teacher_and_re
             ("train", "epochs"): 3,
             ("augment", "per_report"): 0,  # the loop is under test here, not augmentation: keep it quick
             ("sentences", "synthetic_reports"): 0,  # generated sentences would show it the other style
+            ("sentences", "mention_swaps"): 0,  # as would other phrasings put into its own sentences
             ("relabel", "budget"): budget,
         },
     )
