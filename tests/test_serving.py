@@ -50,14 +50,15 @@ HEADERS = {"X-API-Key": API_KEY}
 # ----------------------------------------------------------------------------------------------
 
 
-def test_label_result_keeps_the_asked_findings_and_abstains_below_the_threshold() -> None:
+def test_label_result_keeps_the_asked_findings_and_flags_low_confidence_without_changing_the_status() -> None:
     probabilities = np.full((len(FINDINGS), len(STATUSES)), 0.1, dtype=np.float32)
     probabilities[:, 0] = 0.75  # every finding: present with 0.75
     result = label_result("r1", probabilities, ["Edema", "Pneumothorax"], threshold=None)
-    assert result.labels == {"Edema": "present", "Pneumothorax": "present"}
+    assert result.labels == {"Edema": "present", "Pneumothorax": "present"} and result.low_confidence == []
     assert set(result.probabilities["Edema"]) == set(STATUSES)
-    assert label_result("r1", probabilities, None, threshold=0.8).labels == dict.fromkeys(FINDINGS, "uncertain")
-    assert label_result("r1", probabilities, None, threshold=0.75).labels == dict.fromkeys(FINDINGS, "present")
+    unsure = label_result("r1", probabilities, None, threshold=0.8)
+    assert unsure.labels == dict.fromkeys(FINDINGS, "present") and unsure.low_confidence == list(FINDINGS)
+    assert label_result("r1", probabilities, None, threshold=0.75).low_confidence == []
 
 
 def test_error_locations_read_like_the_json_path() -> None:
@@ -213,8 +214,9 @@ def test_label_answers_the_contract_in_request_order(server: Server) -> None:
 def test_findings_filter_and_threshold(server: Server) -> None:
     body = {"reports": reports(2, seed=2, prefix="filter"), "findings": ["Edema", "Pneumothorax"], "threshold": 1.0}
     results = server.label(body).json()["results"]
-    assert all(r["labels"] == {"Edema": "uncertain", "Pneumothorax": "uncertain"} for r in results)
-    assert all(set(r["probabilities"]) == {"Edema", "Pneumothorax"} for r in results)
+    assert all(r["low_confidence"] == ["Edema", "Pneumothorax"] for r in results)
+    for result in results:  # the statuses stay the model's own
+        assert result["labels"] == {f: max(p, key=p.get) for f, p in result["probabilities"].items()}
 
 
 def item(text: str = "Heart size normal.") -> dict:

@@ -4,17 +4,73 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
+import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+import yaml
+from typer.core import TyperGroup
 
 from deberta_rad import data, evaluate
-from deberta_rad.schema import LabelRecord
-from deberta_rad.settings import load_params
+from deberta_rad.schema import LabelRecord, Report
+from deberta_rad.settings import ParamsError, load_params, param
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+# Failures a user causes and can fix (bad input, params, paths, servers), by module: a module that was
+# never imported raised none of them, so the boundary looks them up only where it is loaded and the
+# command line does not pay for importing torch or MLflow to report a missing file.
+EXPECTED_ELSEWHERE = {
+    "mlflow.exceptions": ("MlflowException",),
+    "deberta_rad.model": ("BackboneUnavailableError",),
+    "deberta_rad.registry": ("PromotionError", "RegistryUnavailableError"),
+    "deberta_rad.teachers.llm": ("LLMTeacherError",),
+}
+
+
+def expected_failures() -> tuple[type[BaseException], ...]:
+    """The exception types the boundary turns into one line: our InputError / ParamsError and every
+    ValueError of a bad value, OS errors (missing or unreadable files, refused connections), YAML
+    errors, and the loaded modules' own (EXPECTED_ELSEWHERE)."""
+    loaded = [
+        getattr(sys.modules[module], name)
+        for module, names in EXPECTED_ELSEWHERE.items()
+        if module in sys.modules
+        for name in names
+    ]
+    return (ValueError, OSError, yaml.YAMLError, *loaded)
+
+
+def failure_message(err: BaseException) -> str:
+    """One line (two for an LLM run's summary) naming what failed and where; never report text."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}"
+    message = getattr(err, "message", None) or str(err) or type(err).__name__
+    summary = getattr(err, "summary", None)
+    return f"{message}\n{summary.describe()}" if summary else message
+
+
+class ErrorBoundary(TyperGroup):
+    """Every command runs inside it: an expected failure ends in `error: <what>` naming the file or key,
+    and exit code 2; `--verbose` adds the traceback. Anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except expected_failures() as err:
+            if ctx.params.get("verbose"):
+                traceback.print_exc()
+            typer.secho(f"error: {failure_message(err)}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2) from None
+
+
+app = typer.Typer(
+    cls=ErrorBoundary, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False
+)
 
 InputOption = Annotated[Path, typer.Option("--input", "-i", help="Reports: JSONL, CSV or a folder of .txt reports.")]
 OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Label JSONL to write.")]
@@ -27,44 +83,40 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _fail_llm(err: Exception) -> None:
-    """An LLM teacher failure: its message and what was labelled and cached before it stopped."""
-    summary = getattr(err, "summary", None)
-    _fail(f"{err}" + (f"\n{summary.describe()}" if summary else ""))
-
-
 def _teacher_stage(stage: Callable[[], dict]) -> dict:
-    """Run a stage that sends text to the pipeline's teacher: bad input and LLM failures end in a clear
-    message, and the LLM's usage line is printed. Returns the stage's summary."""
-    from deberta_rad.teachers.llm import LLMTeacherError
-
-    try:
-        summary = stage()
-    except (data.InputError, ValueError) as err:
-        _fail(str(err))
-    except LLMTeacherError as err:
-        _fail_llm(err)
+    """Run a stage that sends text to the pipeline's teacher and print the LLM's usage line. Returns the
+    stage's summary."""
+    summary = stage()
     if summary["usage"]:
         typer.echo(summary["usage"])
     return summary
 
 
-def _params(path: Path) -> dict:
-    """params.yaml, or a clear error when it is missing (commands run from the project folder)."""
-    try:
-        return load_params(path)
-    except FileNotFoundError as err:
-        _fail(f"{err}: run the command in the project folder or pass --params")
+def _input_reports(path: Path) -> list[Report]:
+    """The reports a command was given to label or time: an empty input is a mistake, named."""
+    reports = data.read_reports(path)
+    if not reports:
+        raise data.InputError(f"{path}: holds no reports")
+    return reports
 
 
 def _write_json(path: Path, payload: object) -> None:
-    """Write a command's JSON result, creating its folder."""
+    """Write a command's JSON result through a temporary file in the same folder, renamed into place
+    when whole, so a failure never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(payload, out, indent=2)
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress; failures add a traceback.")] = False,
+) -> None:
     """Configure logging once; log lines carry ids and counts, never report text."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
@@ -93,11 +145,12 @@ def ingest(
     ),
 ) -> None:
     """Read every source in params `ingest.sources`, normalise, de-duplicate, write one reports file."""
-    config = _params(params)["ingest"]
-    try:
-        result, gold = data.ingest_sources(config["sources"], config.get("synthetic", {}), config.get("relabeled"))
-    except data.InputError as err:
-        _fail(str(err))
+    loaded = load_params(params)
+    sources = param(loaded, "ingest.sources", params)
+    if not isinstance(sources, list):
+        raise ParamsError(f"{params}: ingest.sources must be a list of sources, not {type(sources).__name__}")
+    config = loaded["ingest"]
+    result, gold = data.ingest_sources(sources, config.get("synthetic") or {}, config.get("relabeled"))
     data.write_jsonl(output, result.reports)
     kept_ids = {r.report_id for r in result.reports}
     data.write_jsonl(gold_output, [g for g in gold if g.report_id in kept_ids])
@@ -116,15 +169,9 @@ def label(
 ) -> None:
     """Pseudo-label reports with a teacher."""
     from deberta_rad.teachers import label_reports
-    from deberta_rad.teachers.llm import LLMTeacherError
 
-    try:
-        reports = data.read_reports(input)
-        records, usage = label_reports(teacher, reports, llm_model=llm_model, cache=cache)
-    except (data.InputError, ValueError) as err:
-        _fail(str(err))
-    except LLMTeacherError as err:
-        _fail_llm(err)
+    reports = _input_reports(input)
+    records, usage = label_reports(teacher, reports, llm_model=llm_model, cache=cache)
     data.write_jsonl(output, records)
     if usage:
         typer.echo(usage)
@@ -140,11 +187,8 @@ def agreement(
     """Where two teachers' labels of the same reports agree and differ, per finding and status."""
     from deberta_rad.teachers.agreement import format_agreement_table, teacher_agreement
 
-    try:
-        records_a, records_b = data.read_label_records(labels_a), data.read_label_records(labels_b)
-        result = teacher_agreement(data.labels_by_id(records_a), data.labels_by_id(records_b))
-    except (data.InputError, ValueError) as err:
-        _fail(str(err))
+    records_a, records_b = data.read_label_records(labels_a), data.read_label_records(labels_b)
+    result = teacher_agreement(data.labels_by_id(records_a), data.labels_by_id(records_b))
     typer.echo(format_agreement_table(result, _teacher_name(records_a, labels_a), _teacher_name(records_b, labels_b)))
     if json_out:
         _write_json(json_out, result)
@@ -167,8 +211,9 @@ def split(
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Deterministic train/val/test split, grouped by patient (or by identical text)."""
-    config = _params(params)["split"]
-    counts = data.write_splits(input, labels, gold, output_dir, config["seed"], config["fractions"])
+    config = load_params(params)
+    seed, fractions = param(config, "split.seed", params), param(config, "split.fractions", params)
+    counts = data.write_splits(input, labels, gold, output_dir, seed, fractions)
     typer.echo("split: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
 
 
@@ -184,7 +229,7 @@ def augment(
     `augment`, teacher from `pseudo_label`); `train --augmented` adds them to the train split."""
     from deberta_rad.augment import augment_splits
 
-    summary = _teacher_stage(lambda: augment_splits(splits, output_dir, _params(params)))
+    summary = _teacher_stage(lambda: augment_splits(splits, output_dir, load_params(params)))
     typer.echo(
         f"wrote {summary['variants']} teacher-labelled variants of {summary['train_reports']} train reports to "
         f"{output_dir} ({summary['duplicates_left_out']} left out: their text already exists)"
@@ -206,7 +251,7 @@ def sentences(
     sentence-level student (params `model.unit`; with `report` it writes empty files)."""
     from deberta_rad.sentences import label_sentence_splits
 
-    summary = _teacher_stage(lambda: label_sentence_splits(splits, augmented, output_dir, _params(params)))
+    summary = _teacher_stage(lambda: label_sentence_splits(splits, augmented, output_dir, load_params(params)))
     typer.echo(
         f"wrote {summary['train']} train ({summary['synthetic']} of them from generated reports, "
         f"{summary['swaps']} mention swaps) and "
@@ -226,14 +271,10 @@ def pretrain(
     work_dir: Annotated[Path, typer.Option(help="Trainer scratch folder.")] = Path("models/pretrain-work"),
 ) -> None:
     """Adapt the backbone to report text by masked-language modelling (params.yaml `pretrain`)."""
-    from deberta_rad.model import BackboneUnavailableError
     from deberta_rad.pretrain import PretrainConfig, pretrain_backbone
 
-    try:
-        config = PretrainConfig.from_params(_params(params))
-        summary = pretrain_backbone(data.read_reports(reports), config, output, work_dir)
-    except (BackboneUnavailableError, data.InputError, ValueError) as err:
-        _fail(str(err))
+    config = PretrainConfig.from_params(load_params(params))
+    summary = pretrain_backbone(data.read_reports(reports), config, output, work_dir)
     if summary["adapted"]:
         typer.echo(
             f"adapted {config.backbone} to {summary['n_reports']} reports (MLM loss {summary['mlm_loss']:.3f}, "
@@ -263,13 +304,9 @@ def train(
     ] = True,
 ) -> None:
     """Distil the teacher labels into the student; logs the run to MLflow."""
-    from deberta_rad.model import BackboneUnavailableError
     from deberta_rad.train import train_from_splits
 
-    try:
-        summary = train_from_splits(splits, output, _params(params), work_dir, resume, augmented, pretrained, sentences)
-    except (BackboneUnavailableError, data.InputError, ValueError) as err:
-        _fail(str(err))
+    summary = train_from_splits(splits, output, load_params(params), work_dir, resume, augmented, pretrained, sentences)
     typer.echo(f"saved the student to {output}; validation macro F1 {summary['eval_macro_f1']:.4f}")
 
 
@@ -290,7 +327,6 @@ def tune(
     """Search alpha, T_distill and the learning rate on the val split (params `tune`); logs to MLflow."""
     import optuna
 
-    from deberta_rad.model import BackboneUnavailableError
     from deberta_rad.tune import format_trials_table
     from deberta_rad.tune import tune as run_search
 
@@ -299,10 +335,7 @@ def tune(
     def progress(record: dict) -> None:
         typer.echo(f"trial {record['trial']}: val macro F1 {record['val_macro_f1']:.4f}")
 
-    try:
-        result = run_search(splits, _params(params), work_dir, on_trial=progress, sentences_dir=sentences)
-    except (BackboneUnavailableError, data.InputError) as err:
-        _fail(str(err))
+    result = run_search(splits, load_params(params), work_dir, on_trial=progress, sentences_dir=sentences)
     _write_json(output, result)
     typer.echo(f"\n{format_trials_table(result)}\nwrote {output}")
 
@@ -317,11 +350,8 @@ def predict(
     """Label reports with a trained student (a model directory or e.g. models:/deberta-rad@champion)."""
     from deberta_rad.predict import predict_reports
 
-    try:
-        reports = data.read_reports(input)
-        records, speed = predict_reports(model, reports, batch_size)
-    except (data.InputError, FileNotFoundError) as err:
-        _fail(str(err))
+    reports = _input_reports(input)
+    records, speed = predict_reports(model, reports, batch_size)
     data.write_jsonl(output, records)
     typer.echo(f"labelled {len(records)} reports into {output} ({speed:.1f} reports/s)")
 
@@ -341,18 +371,12 @@ def bench(
 ) -> None:
     """Time a naive Hugging Face loop and the engine on the same reports; write speed-up and agreement."""
     from deberta_rad.bench import format_inference_result, inference_benchmark
-    from deberta_rad.predict import EngineConfigError
     from deberta_rad.registry import resolve_model
 
-    try:
-        texts = [r.text for r in data.read_reports(input)]
-        if not texts:
-            raise data.InputError(f"{input}: no reports to time")
-        model_dir, model_name = resolve_model(model)
-        options = {"backend": backend, "precision": precision, "batch_size": batch_size}
-        result = inference_benchmark(Path(model_dir), texts, repeats, options, peak_tflops)
-    except (data.InputError, FileNotFoundError, EngineConfigError) as err:
-        _fail(str(err))
+    texts = [r.text for r in _input_reports(input)]
+    model_dir, model_name = resolve_model(model)
+    options = {"backend": backend, "precision": precision, "batch_size": batch_size}
+    result = inference_benchmark(Path(model_dir), texts, repeats, options, peak_tflops)
     result = {"model": model_name, "input": str(input), **result}
     _write_json(json_output, result)
     typer.echo(f"{format_inference_result(result)}\nwrote {json_output}")
@@ -369,12 +393,8 @@ def bench_train(
 ) -> None:
     """Train-stage throughput (reports/s) at a sequence length: full-length padding vs the stage's batches."""
     from deberta_rad.bench import format_training_result, training_benchmark
-    from deberta_rad.model import BackboneUnavailableError
 
-    try:
-        result = training_benchmark(input, _params(params), max_length, steps, work_dir)
-    except (data.InputError, FileNotFoundError, KeyError, BackboneUnavailableError) as err:
-        _fail(str(err))
+    result = training_benchmark(input, load_params(params), max_length, steps, work_dir)
     _write_json(json_output, {"input": str(input), **result})
     typer.echo(f"{format_training_result(result)}\nwrote {json_output}")
 
@@ -391,10 +411,7 @@ def serve(
     """Serve the model with BentoML (`POST /label`, `/readyz`, `/metrics`); follows an alias's moves."""
     from deberta_rad.serve import run_server
 
-    try:
-        code = run_server(model, host, port, api_key)
-    except ValueError as err:
-        _fail(str(err))
+    code = run_server(model, host, port, api_key)
     raise typer.Exit(code=code)
 
 
@@ -403,10 +420,7 @@ def bento(model: ModelOption = "models:/deberta-rad@champion") -> None:
     """Build a Bento of the service with the model packed in (then `bentoml serve` or containerize it)."""
     from deberta_rad.serve import build_bento
 
-    try:
-        tag, version = build_bento(model)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(str(err))
+    tag, version = build_bento(model)
     typer.echo(f"built Bento {tag} serving {version}\n  serve it:        bentoml serve {tag}")
     typer.echo(f"  containerize it: bentoml containerize {tag}   (needs Docker)")
 
@@ -424,13 +438,8 @@ def drift(
     3 window too small to judge, 4 drift found but the webhook alert failed."""
     from deberta_rad import monitor
 
-    try:
-        settings = monitor.DriftSettings.from_params(_params(params))
-        result, snapshot = monitor.run_drift(
-            data.read_label_records(reference), data.read_label_records(current), settings
-        )
-    except (data.InputError, FileNotFoundError, TypeError) as err:
-        _fail(str(err))
+    settings = monitor.DriftSettings.from_params(load_params(params))
+    result, snapshot = monitor.run_drift(data.read_label_records(reference), data.read_label_records(current), settings)
     written = monitor.write_result(result, snapshot, output)
     typer.echo(monitor.format_result(result))
     typer.echo(f"wrote {written} and {output / 'report.html'}")
@@ -460,13 +469,10 @@ def monitor(
     history. Exit codes as `drift`."""
     from deberta_rad import monitor as monitoring
 
-    try:
-        settings = monitoring.DriftSettings.from_params(_params(params))
-        results, failures = monitoring.monitor_folder(
-            data.read_label_records(reference), incoming, output, settings, webhook, workspace
-        )
-    except (data.InputError, FileNotFoundError, TypeError) as err:
-        _fail(str(err))
+    settings = monitoring.DriftSettings.from_params(load_params(params))
+    results, failures = monitoring.monitor_folder(
+        data.read_label_records(reference), incoming, output, settings, webhook, workspace
+    )
     typer.echo(monitoring.format_windows(results))
     typer.echo(f"history: {output / 'history.jsonl'}; plot: {output / 'drift_history.png'}")
     for failure in failures:
@@ -497,28 +503,27 @@ def relabel(
     from deberta_rad.teachers import get_teacher, llm_options
     from deberta_rad.teachers.llm import LLMTeacherError
 
-    config = _params(params)
-    teacher = config["pseudo_label"]
-    store = Path(config["ingest"]["relabeled"])
+    config = load_params(params)
+    teacher = param(config, "pseudo_label.teacher", params)
+    store = Path(param(config, "ingest.relabeled", params))
     if when_drift is not None and not json.loads(when_drift.read_text())["drift_detected"]:
         typer.echo(f"{when_drift}: no drift, nothing sent to the teacher")
         if summary_out:
             unchanged = RelabelSummary(0, 0, 0, len(RelabeledStore(store).records()))
             _write_json(summary_out, asdict(unchanged) | {"drift_detected": False})
         return
-    options = llm_options(teacher.get("llm_model"), Path(teacher["cache"])) if teacher["teacher"] == "llm" else {}
+    cache = Path(param(config, "pseudo_label.cache", params))
+    options = llm_options(config["pseudo_label"].get("llm_model"), cache) if teacher == "llm" else {}
     try:
         summary = relabel_files(
             reports,
             predictions,
             store,
-            budget if budget is not None else int(config["relabel"]["budget"]),
-            get_teacher(teacher["teacher"], **options).label,
+            budget if budget is not None else int(param(config, "relabel.budget", params)),
+            get_teacher(teacher, **options).label,
             institution,
             corpus_path=Path("data/reports.jsonl"),
         )
-    except (data.InputError, FileNotFoundError) as err:
-        _fail(str(err))
     except LLMTeacherError as err:
         _fail(f"{err}\n{store} keeps every chunk labelled before this; run the same command again to go on")
     typer.echo(summary.describe(store))
@@ -535,10 +540,7 @@ def evaluate_command(
     gold_format: Annotated[str, typer.Option(help="auto | labels | chexpert | chexgpt | iu | radlabels")] = "auto",
 ) -> None:
     """Score predictions against gold with the DESIGN.md section 5 metrics and print the tables."""
-    try:
-        metrics = evaluate.score_files(predictions, gold, gold_format)
-    except (data.InputError, ValueError) as err:
-        _fail(str(err))
+    metrics = evaluate.score_files(predictions, gold, gold_format)
     typer.echo(
         evaluate.format_metrics_table(metrics) if "status_f1" in metrics else evaluate.format_presence_table(metrics)
     )
@@ -561,18 +563,15 @@ def compare(
     from deberta_rad.gold import read_gold
 
     names = [str(path) if [p.stem for p in labelers].count(path.stem) > 1 else path.stem for path in labelers]
-    try:
-        gold_set = read_gold(gold, gold_format)
-        if gold_set.kind != "status":
-            raise ValueError(f"{gold} holds presence-only gold: compare needs statuses (use evaluate for presence F1)")
-        predictions = {
-            name: data.labels_by_id(data.read_label_records(path)) for name, path in zip(names, labelers, strict=True)
-        }
-        comparison = evaluate.compare_labelers(
-            gold_set.labels, predictions, n_bootstrap=n_bootstrap, seed=seed, all_pairs=all_pairs
-        )
-    except (data.InputError, ValueError) as err:
-        _fail(str(err))
+    gold_set = read_gold(gold, gold_format)
+    if gold_set.kind != "status":
+        raise ValueError(f"{gold} holds presence-only gold: compare needs statuses (use evaluate for presence F1)")
+    predictions = {
+        name: data.labels_by_id(data.read_label_records(path)) for name, path in zip(names, labelers, strict=True)
+    }
+    comparison = evaluate.compare_labelers(
+        gold_set.labels, predictions, n_bootstrap=n_bootstrap, seed=seed, all_pairs=all_pairs
+    )
     typer.echo(evaluate.format_comparison_table(comparison))
     if json_out:
         _write_json(json_out, comparison)
@@ -604,21 +603,17 @@ def promote(
 
     Exit codes: 0 promoted (or already champion), 1 refused by the gate, 2 usage or registry error.
     """
-    from mlflow.exceptions import MlflowException
-
     from deberta_rad import registry
 
     if force and not (reason or "").strip():
         _fail("--force needs --reason TEXT (it is recorded on the version)")
     if reason and not force:
         _fail("--reason goes with --force")
-    section = _params(params).get("promote") if params.is_file() else None
+    section = load_params(params).get("promote") if params.is_file() else None
     config = {**registry.PROMOTION_DEFAULTS, **(section or {})}
-    try:
-        registry.configure_mlflow()
-        candidate, champion = registry.promotion_candidates(version)
-    except (registry.PromotionError, MlflowException) as err:
-        _fail(str(err))
+    registry.require_registry()
+    registry.configure_mlflow()
+    candidate, champion = registry.promotion_candidates(version)
     if champion is not None and champion.version == candidate.version:
         typer.echo(f"version {candidate.version} is already {registry.CHAMPION}; nothing to do")
         return
@@ -633,10 +628,7 @@ def promote(
                 err=True,
             )
             raise typer.Exit(code=1)
-    try:
-        registry.promote_version(candidate, champion, gate, reason)
-    except MlflowException as err:
-        _fail(str(err))
+    registry.promote_version(candidate, champion, gate, reason)
     previous = f"was version {champion.version}" if champion else "there was none"
     forced = " (forced past the gate)" if gate and not gate.passed else ""
     typer.echo(f"promoted version {candidate.version} to {registry.CHAMPION}{forced}; {previous}")
@@ -662,8 +654,7 @@ def evaluate_split(
     with the teacher by phrase to a local file."""
     from deberta_rad.registry import log_evaluation
 
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    batch_size = _params(params).get("evaluate", {}).get("batch_size", 64)
+    batch_size = load_params(params).get("evaluate", {}).get("batch_size", 64)
     results = evaluate.evaluate_split(model, split_dir, plots_dir, batch_size, disagreements)
     for reference in ("teacher", "gold"):
         if reference in results:

@@ -10,7 +10,7 @@ import csv
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,19 +37,31 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def utf8_lines(path: Path) -> Iterator[str]:
+    """The file's lines (line ends kept), decoded one at a time so that bytes that are not UTF-8 are
+    reported with their line; a byte-order mark on the first line is dropped."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(
+                    f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start} of the line)"
+                ) from None
+
+
 def json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line, failing on the first bad one."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
+    for number, line in enumerate(utf8_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
 
 
 def _validated(model: type[BaseModel], data: dict, where: str) -> BaseModel:
@@ -63,6 +75,11 @@ def _validated(model: type[BaseModel], data: dict, where: str) -> BaseModel:
 
 def _checked_report(data: dict, where: str) -> Report:
     report = _validated(Report, data, where)
+    for name, value in report.model_dump(exclude_none=True).items():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a JSON escape such as \ud800: not text
+            raise InputError(f"{where}: field {name!r} holds an unpaired surrogate escape, not text") from None
     report.text = normalise_text(report.text)
     if not report.text:
         raise InputError(f"{where}: report {report.report_id!r} has empty text")
@@ -90,22 +107,21 @@ def read_jsonl_reports(path: Path) -> list[Report]:
 
 def read_csv_reports(path: Path) -> list[Report]:
     """CSV with `report_id,text` columns, or CheXbert style with a `Report Impression` column."""
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        text_column = "text" if "text" in columns else "Report Impression" if "Report Impression" in columns else None
-        if text_column is None:
-            raise InputError(f"{path}:1: CSV needs a 'text' or 'Report Impression' column; found {columns}")
-        id_column = next((c for c in ("report_id", "study_id") if c in columns), None)
-        reports = []
-        for row_number, row in enumerate(reader, start=1):
-            where = f"{path}:{reader.line_num}"
-            if None in row:
-                raise InputError(f"{where}: more fields than the header has")
-            report_id = row[id_column] if id_column else f"{path.stem}-{row_number}"
-            extras = {k: row[k] for k in ("institution", "patient_id", "study_date") if row.get(k)}
-            reports.append(_checked_report({"report_id": report_id, "text": row[text_column] or "", **extras}, where))
-        return reports
+    reader = csv.DictReader(utf8_lines(path))
+    columns = reader.fieldnames or []
+    text_column = "text" if "text" in columns else "Report Impression" if "Report Impression" in columns else None
+    if text_column is None:
+        raise InputError(f"{path}:1: CSV needs a 'text' or 'Report Impression' column; found {columns}")
+    id_column = next((c for c in ("report_id", "study_id") if c in columns), None)
+    reports = []
+    for row_number, row in enumerate(reader, start=1):
+        where = f"{path}:{reader.line_num}"
+        if None in row:
+            raise InputError(f"{where}: more fields than the header has")
+        report_id = row[id_column] if id_column else f"{path.stem}-{row_number}"
+        extras = {k: row[k] for k in ("institution", "patient_id", "study_date") if row.get(k)}
+        reports.append(_checked_report({"report_id": report_id, "text": row[text_column] or "", **extras}, where))
+    return reports
 
 
 def read_txt_folder(path: Path) -> list[Report]:
@@ -216,10 +232,28 @@ def split_of(group_key: str, seed: int, fractions: dict[str, float]) -> str:
     return SPLITS[-1]
 
 
+def checked_fractions(fractions: object) -> dict[str, float]:
+    """params.yaml `split.fractions`: train, val and test, each a number in [0, 1], summing to 1."""
+    if not isinstance(fractions, Mapping):
+        raise InputError("params.yaml split.fractions must map train, val and test to fractions")
+    missing, unknown = [n for n in SPLITS if n not in fractions], sorted(set(fractions) - set(SPLITS))
+    if missing or unknown:
+        raise InputError(
+            f"params.yaml split.fractions needs exactly {list(SPLITS)}; missing {missing}, unknown {unknown}"
+        )
+    for name in SPLITS:
+        value = fractions[name]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            raise InputError(f"params.yaml split.fractions.{name} must be a number in [0, 1], not {value!r}")
+    total = sum(fractions[name] for name in SPLITS)
+    if abs(total - 1.0) > 1e-6:
+        raise InputError(f"params.yaml split.fractions must sum to 1; they sum to {total:g}")
+    return {name: float(fractions[name]) for name in SPLITS}
+
+
 def split_reports(reports: Sequence[Report], seed: int, fractions: dict[str, float]) -> dict[str, list[Report]]:
     """Grouped split: by patient when the record names one, else by text (so identical texts stay together)."""
-    if abs(sum(fractions[name] for name in SPLITS) - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must sum to 1; got {fractions}")
+    fractions = checked_fractions(fractions)
     splits: dict[str, list[Report]] = {name: [] for name in SPLITS}
     for report in reports:
         group = f"patient:{report.patient_id}" if report.patient_id else f"text:{text_hash(report.text)}"
@@ -249,7 +283,10 @@ def ingest_sources(
             loaded.append((source, [report for report, _ in pairs]))
             gold.extend(labels for _, labels in pairs)
         else:
-            loaded.append((source, read_reports(source)))
+            reports = read_reports(source)
+            if not reports:
+                raise InputError(f"{source}: holds no reports (listed in params.yaml ingest.sources)")
+            loaded.append((source, reports))
     if relabeled and Path(relabeled).is_file():
         loaded.append((relabeled, read_reports(relabeled)))
     return merge_sources(loaded), gold

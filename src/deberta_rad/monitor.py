@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from deberta_rad.schema import FINDINGS, LabelRecord
+from deberta_rad.settings import known_keys
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +50,17 @@ class DriftSettings:
     confidence_threshold: float = 0.1
     window: str = "W"
 
+    def __post_init__(self) -> None:
+        try:
+            pd.tseries.frequencies.to_offset(self.window)
+        except ValueError:
+            raise ValueError(
+                f"params.yaml monitoring.window must be a pandas frequency such as D, W or M, not {self.window!r}"
+            ) from None
+
     @classmethod
     def from_params(cls, params: Mapping) -> DriftSettings:
-        return cls(**(params.get("monitoring") or {}))
+        return cls(**known_keys(params.get("monitoring"), cls, "monitoring"))
 
 
 def mean_confidence(record: LabelRecord) -> float | None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import mlflow
 import pandas as pd
 import yaml
@@ -41,6 +42,31 @@ SYNTHETIC_INPUT_EXAMPLE = pd.DataFrame(
 DATA_OUTPUTS = ("data/reports.jsonl", "data/pseudo_labels.jsonl", "data/splits", "data/augmented", "data/sentences")
 # Written beside a trained model: the MLflow run that trained it, so registration logs into that run.
 RUN_FILE = "training_run.json"
+
+
+class RegistryUnavailableError(Exception):
+    """The configured MLflow store does not exist or does not answer, found before MLflow would create
+    an empty store for a lookup or retry an unreachable server for minutes."""
+
+
+def require_registry(timeout_s: float = 5.0) -> None:
+    """Fail fast when there is no registry to look a model up in: a SQLite store whose file does not
+    exist, or a tracking server whose /health does not answer within ``timeout_s``."""
+    uri = get_settings().mlflow_tracking_uri
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise RegistryUnavailableError(
+                f"no MLflow registry at {uri} ({path} does not exist): train and register a model first "
+                "(dvc repro), pass a model directory, or set MLFLOW_TRACKING_URI"
+            )
+    elif uri.startswith(("http://", "https://")):
+        try:
+            httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
+        except httpx.HTTPError as err:
+            raise RegistryUnavailableError(
+                f"MLflow server {uri} does not answer ({type(err).__name__}): start it or fix MLFLOW_TRACKING_URI"
+            ) from None
 
 
 def configure_mlflow() -> str:
@@ -110,14 +136,25 @@ def alias_version(alias: str) -> ModelVersion | None:
         return None
 
 
+def check_model_ref(ref: str) -> None:
+    """Fail before any download or server start when ``ref`` is neither a directory nor an MLflow model
+    URI with a registry behind it."""
+    if Path(ref).is_dir():
+        if not (Path(ref) / "config.json").is_file():
+            raise FileNotFoundError(f"{ref} is not a DeBERTa-RAD model directory (no config.json)")
+        return
+    if not ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        raise FileNotFoundError(f"model {ref!r} is neither a model directory nor an MLflow model URI")
+    require_registry()
+
+
 def resolve_model(ref: str, cache_dir: Path | None = None) -> tuple[Path, str]:
     """A model directory or an MLflow model URI (`models:/deberta-rad@champion`, `runs:/...`) to a local
     model directory and a name for it (the registry version when there is one)."""
     local = Path(ref)
     if local.is_dir():
         return local, str(local)
-    if not ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        raise FileNotFoundError(f"model {ref!r} is neither a model directory nor an MLflow model URI")
+    check_model_ref(ref)
     configure_mlflow()
     label = ref
     if ref.startswith("models:/") and "@" in ref:

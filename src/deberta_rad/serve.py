@@ -55,7 +55,7 @@ class ReportIn(BaseModel):
 
 
 class LabelRequest(BaseModel):
-    """`POST /label`: reports, an optional subset of findings, an optional abstention threshold."""
+    """`POST /label`: reports, an optional subset of findings, an optional confidence threshold."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -76,6 +76,9 @@ class LabelResult(BaseModel):
     report_id: str
     labels: dict[str, Status]
     probabilities: dict[str, dict[str, float]]
+    # With a request threshold: the findings whose status is less probable than it, for a person to read.
+    # Their labels stay the model's: `uncertain` is a clinical status (the report hedges), not an abstention.
+    low_confidence: list[str] = Field(default_factory=list)
 
 
 class LabelResponse(BaseModel):
@@ -93,18 +96,20 @@ class Scored(BaseModel):
 def label_result(
     report_id: str, probabilities: np.ndarray, findings: Sequence[str] | None, threshold: float | None
 ) -> LabelResult:
-    """One report's answer. With a threshold, a finding whose most likely status is less probable than it
-    abstains to `uncertain`, so a caller can route low-confidence cells to a person."""
+    """One report's answer: the model's status per finding. With a threshold, the findings whose status is
+    less probable than it are listed in `low_confidence`, so a caller can route those cells to a person."""
     chosen = findings or FINDINGS
     labels: dict[str, str] = {}
     scores: dict[str, dict[str, float]] = {}
+    unsure: list[str] = []
     for finding in chosen:
         row = probabilities[FINDING_INDEX[finding]]
         best = int(row.argmax())
-        confident = threshold is None or float(row[best]) >= threshold
-        labels[finding] = STATUSES[best] if confident else "uncertain"
+        labels[finding] = STATUSES[best]
         scores[finding] = status_probabilities(row)
-    return LabelResult(report_id=report_id, labels=labels, probabilities=scores)
+        if threshold is not None and float(row[best]) < threshold:
+            unsure.append(finding)
+    return LabelResult(report_id=report_id, labels=labels, probabilities=scores, low_confidence=unsure)
 
 
 def capture(directory: Path, records: Sequence[LabelRecord], now: datetime) -> Path:
@@ -273,10 +278,12 @@ def absolute_tracking_uri(uri: str, base: Path) -> str:
 
 def run_server(model: str, host: str, port: int, api_key: str | None) -> int:
     """Start `bentoml serve` in the foreground with the model and store resolved from here."""
+    from deberta_rad.registry import check_model_ref
     from deberta_rad.settings import get_settings
 
     if not is_loopback(host) and not api_key:
         raise ValueError(f"--host {host} is not loopback: set DEBERTA_RAD_SERVE_API_KEY (or --api-key) first")
+    check_model_ref(model)
     if Path(model).is_dir():
         model = str(Path(model).resolve())
     settings = get_settings()

@@ -12,7 +12,7 @@ import json
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 CACHE_FILENAME = "llm_cache.sqlite"
@@ -90,7 +90,7 @@ class LabelCache:
                     json.dumps(answer.labels, sort_keys=True),
                     answer.prompt_tokens,
                     answer.completion_tokens,
-                    datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    datetime.now(UTC).isoformat(timespec="seconds"),
                 ),
             )
 

@@ -1,0 +1,238 @@
+"""The command line's error boundary, tried the way a new user would get things wrong: every expected
+failure ends in one `error:` line that names the file or key, exit code 2, no traceback, and nothing
+left behind (no half-written output, no MLflow store created by a failed lookup)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from typer.testing import CliRunner
+
+from deberta_rad.cli import app
+from deberta_rad.schema import FINDINGS
+from deberta_rad.settings import get_settings
+
+REPORT = {"report_id": "r1", "text": "FINDINGS: No pleural effusion."}
+LABELS = {"report_id": "r1", "labels": {finding: "not_mentioned" for finding in FINDINGS}}
+FRACTIONS = "split:\n  seed: 1\n  fractions:\n"
+
+# Files a case may use, written into an empty working folder before the command runs.
+FILES: dict[str, str | bytes] = {
+    "ok.jsonl": json.dumps(REPORT) + "\n",
+    "labels.jsonl": json.dumps(LABELS) + "\n",
+    "empty.jsonl": "",
+    "broken.jsonl": json.dumps(REPORT) + '\n{"report_id": "r2", "text": "cut off\n',
+    "array.jsonl": "[1, 2]\n",
+    "blank_text.jsonl": json.dumps({"report_id": "r1", "text": "   "}) + "\n",
+    "latin1.jsonl": '{"report_id": "r1", "text": "Pleural effusion \xe9"}\n'.encode("latin-1"),
+    "wrongcols.csv": "id,body\nr1,No effusion.\n",
+    "extra_fields.csv": "report_id,text\nr1,No effusion.,surplus\n",
+    "notes.txt": "not a report source\n",
+    "bad_yaml.yaml": "ingest: [sources\n",
+    "list.yaml": "- ingest\n- train\n",
+    "empty.yaml": "",
+    "misspelt_sources.yaml": "ingest:\n  source:\n    - ok.jsonl\n",
+    "string_sources.yaml": "ingest:\n  sources: ok.jsonl\n",
+    "missing_source.yaml": "ingest:\n  sources:\n    - missing.jsonl\n",
+    "empty_source.yaml": "ingest:\n  sources:\n    - empty.jsonl\n",
+    "broken_source.yaml": "ingest:\n  sources:\n    - broken.jsonl\n",
+    "latin1_source.yaml": "ingest:\n  sources:\n    - latin1.jsonl\n",
+    "wrongcols_source.yaml": "ingest:\n  sources:\n    - wrongcols.csv\n",
+    "extra_fields_source.yaml": "ingest:\n  sources:\n    - extra_fields.csv\n",
+    "array_source.yaml": "ingest:\n  sources:\n    - array.jsonl\n",
+    "txt_source.yaml": "ingest:\n  sources:\n    - notes.txt\n",
+    "no_val.yaml": FRACTIONS + "    train: 0.8\n    test: 0.2\n",
+    "over_one.yaml": FRACTIONS + "    train: 0.8\n    val: 0.3\n    test: 0.2\n",
+    "word_fraction.yaml": FRACTIONS + "    train: most\n    val: 0.1\n    test: 0.2\n",
+    "split_ok.yaml": FRACTIONS + "    train: 0.8\n    val: 0.1\n    test: 0.1\n",
+    "misspelt_train.yaml": "train:\n  learning_rat: 0.001\n",
+    "word_epochs.yaml": "train:\n  epochs: three\n",
+    "text_rate.yaml": "train:\n  learning_rate: 1e-4\n",
+    "bad_window.yaml": "monitoring:\n  window: fortnightly\n",
+    "negative_swaps.yaml": "model:\n  unit: sentence\nsentences:\n  mention_swaps: -1\n",
+    "misspelt_monitoring.yaml": "monitoring:\n  windw: D\n",
+    "no_teacher.yaml": "ingest:\n  relabeled: data/relabeled/records.jsonl\npseudo_label:\n  cache: .cache/llm\n",
+    "relabel.yaml": "ingest:\n  relabeled: relabeled.jsonl\npseudo_label:\n  teacher: rules\n  cache: .cache/llm\n"
+    "relabel:\n  budget: 5\n",
+    "model/config.json": "{}",
+    "folder/empty/.keep": "",
+}
+
+# (case, command line, what the message must name). `{port}` is a port nothing listens on.
+BAD_INPUTS = [
+    ("params file missing", "ingest --params nope.yaml", "nope.yaml: no params file"),
+    ("params not YAML", "ingest --params bad_yaml.yaml", "bad_yaml.yaml:2: not a valid YAML file"),
+    ("params not a mapping", "ingest --params list.yaml", "list.yaml: expected a mapping of sections"),
+    ("params empty", "ingest --params empty.yaml", "missing key 'ingest.sources'"),
+    (
+        "sources misspelt",
+        "ingest --params misspelt_sources.yaml",
+        "'ingest.sources' (in ingest) (did you mean 'source'?)",
+    ),
+    ("sources not a list", "ingest --params string_sources.yaml", "ingest.sources must be a list"),
+    ("source missing", "ingest --params missing_source.yaml", "missing.jsonl: no such file or folder"),
+    ("source empty", "ingest --params empty_source.yaml", "empty.jsonl: holds no reports"),
+    ("source not JSON", "ingest --params broken_source.yaml", "broken.jsonl:2: not valid JSON"),
+    ("source not UTF-8", "ingest --params latin1_source.yaml", "latin1.jsonl:1: not UTF-8 text"),
+    ("CSV without a text column", "ingest --params wrongcols_source.yaml", "wrongcols.csv:1: CSV needs a 'text'"),
+    ("CSV row too long", "ingest --params extra_fields_source.yaml", "extra_fields.csv:2: more fields than the header"),
+    ("JSONL line not an object", "ingest --params array_source.yaml", "array.jsonl:1: expected a JSON object"),
+    ("source of unknown kind", "ingest --params txt_source.yaml", "notes.txt: unsupported report source"),
+    ("label input missing", "label -i nope.jsonl -o out.jsonl", "nope.jsonl: no such file or folder"),
+    ("label input empty", "label -i empty.jsonl -o out.jsonl", "empty.jsonl: holds no reports"),
+    ("label report blank", "label -i blank_text.jsonl -o out.jsonl", "blank_text.jsonl:1: report 'r1' has empty text"),
+    ("label folder without reports", "label -i folder/empty -o out.jsonl", "folder/empty: folder holds no .txt"),
+    ("label teacher unknown", "label -i ok.jsonl -o out.jsonl --teacher gpt", "unknown teacher 'gpt'"),
+    ("agreement labels missing", "agreement labels.jsonl nope.jsonl", "nope.jsonl: No such file or directory"),
+    ("agreement given reports", "agreement ok.jsonl labels.jsonl", "ok.jsonl:1: labels: Field required"),
+    ("split fraction missing", "split -i ok.jsonl --labels labels.jsonl --params no_val.yaml", "missing ['val']"),
+    (
+        "split fractions over 1",
+        "split -i ok.jsonl --labels labels.jsonl --params over_one.yaml",
+        "sum to 1; they sum to 1.3",
+    ),
+    (
+        "split fraction a word",
+        "split -i ok.jsonl --labels labels.jsonl --params word_fraction.yaml",
+        "split.fractions.train",
+    ),
+    (
+        "split labels missing",
+        "split -i ok.jsonl --labels nope.jsonl --params split_ok.yaml",
+        "nope.jsonl: No such file",
+    ),
+    (
+        "split reports unlabelled",
+        "split -i ok.jsonl --labels empty.jsonl --params split_ok.yaml",
+        "have no teacher label",
+    ),
+    ("train params missing", "train --params nope.yaml", "nope.yaml: no params file"),
+    ("train key misspelt", "train --params misspelt_train.yaml", "['learning_rat'] (did you mean 'learning_rate'?)"),
+    (
+        "train epochs a word",
+        "train --params word_epochs.yaml",
+        "model/train key 'epochs' must be a number, not 'three'",
+    ),
+    ("train rate read as text", "train --params text_rate.yaml", "not '1e-4' (YAML reads 1e-4 as text: write 1.0e-4)"),
+    (
+        "monitor window not a frequency",
+        "monitor --reference labels.jsonl --incoming folder --params bad_window.yaml",
+        "monitoring.window must be a pandas frequency",
+    ),
+    (
+        "train splits missing",
+        "train --params split_ok.yaml --splits nowhere",
+        "nowhere/train/reports.jsonl: no such file",
+    ),
+    (
+        "sentences swaps negative",
+        "sentences --params negative_swaps.yaml",
+        "sentences.mention_swaps must be a whole number",
+    ),
+    ("predict without a registry", "predict -i ok.jsonl -o out.jsonl", "no MLflow registry at sqlite:///mlflow.db"),
+    ("predict model path wrong", "predict -i ok.jsonl -o out.jsonl --model nowhere", "'nowhere' is neither a model"),
+    ("predict input empty", "predict -i empty.jsonl -o out.jsonl --model model", "empty.jsonl: holds no reports"),
+    ("evaluate gold missing", "evaluate --predictions labels.jsonl --gold nope.jsonl", "nope.jsonl: no such gold file"),
+    ("evaluate gold format", "evaluate --predictions labels.jsonl --gold labels.jsonl --gold-format xml", "'xml'"),
+    (
+        "drift key misspelt",
+        "drift --reference labels.jsonl --current labels.jsonl -o drift --params misspelt_monitoring.yaml",
+        "did you mean 'window'?",
+    ),
+    (
+        "drift reference missing",
+        "drift --reference nope.jsonl --current labels.jsonl -o drift --params split_ok.yaml",
+        "nope.jsonl",
+    ),
+    ("register metrics missing", "register --model-dir model --metrics nope.json", "nope.json: No such file"),
+    ("promote without a registry", "promote --params split_ok.yaml", "no MLflow registry at sqlite:///mlflow.db"),
+    ("serve not a model folder", "serve --model folder", "folder is not a DeBERTa-RAD model directory"),
+    ("serve off loopback, no key", "serve --model model --host 0.0.0.0", "--host 0.0.0.0 is not loopback"),
+    (
+        "relabel teacher key missing",
+        "relabel --reports ok.jsonl --params no_teacher.yaml",
+        "missing key 'pseudo_label.teacher'",
+    ),
+    ("relabel reports missing", "relabel --reports nope.jsonl --params relabel.yaml", "nope.jsonl: no such file"),
+    (
+        "split-dir of evaluate-split missing",
+        "evaluate-split --model model --split-dir nowhere --params split_ok.yaml",
+        "nowhere/reports.jsonl",
+    ),
+]
+UNREACHABLE = [
+    ("predict, MLflow server down", "predict -i ok.jsonl -o out.jsonl"),
+    ("promote, MLflow server down", "promote --params split_ok.yaml"),
+]
+
+
+def write_files(folder: Path) -> None:
+    for name, content in FILES.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {path.relative_to(folder) for path in folder.rglob("*")}
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty project folder holding only the case files, with the default embedded MLflow store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    get_settings.cache_clear()
+    write_files(tmp_path)
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def assert_clear_failure(folder: Path, args: str, named: str) -> None:
+    before = files_under(folder)
+    result = CliRunner().invoke(app, args.split())
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}{result.exception!r}"
+    assert "Traceback" not in result.output, result.output
+    assert result.output.startswith("error: "), result.output
+    assert named in result.output, result.output
+    assert files_under(folder) == before, f"left behind: {sorted(map(str, files_under(folder) - before))}"
+
+
+def test_the_table_holds_at_least_30_bad_inputs() -> None:
+    assert len(BAD_INPUTS) + len(UNREACHABLE) >= 30
+
+
+@pytest.mark.parametrize(("args", "named"), [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+def test_a_bad_input_ends_in_one_line_that_names_it(workdir: Path, args: str, named: str) -> None:
+    assert_clear_failure(workdir, args, named)
+
+
+@pytest.mark.parametrize("args", [case[1] for case in UNREACHABLE], ids=[case[0] for case in UNREACHABLE])
+def test_an_unreachable_mlflow_server_is_named_at_once(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, args: str
+) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    get_settings.cache_clear()
+    assert_clear_failure(workdir, args, f"MLflow server {uri} does not answer")
+
+
+def test_verbose_adds_the_traceback(workdir: Path) -> None:
+    result = CliRunner().invoke(app, ["--verbose", "agreement", "labels.jsonl", "nope.jsonl"])
+    assert result.exit_code == 2
+    assert "Traceback" in result.output and "error: nope.jsonl: No such file or directory" in result.output
+
+
+def test_a_bug_keeps_its_traceback(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only expected failures are turned into one line; an unexpected exception is not hidden."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr("deberta_rad.data.read_label_records", broken)
+    result = CliRunner().invoke(app, ["agreement", "labels.jsonl", "labels.jsonl"])
+    assert result.exit_code == 1 and isinstance(result.exception, ZeroDivisionError)
