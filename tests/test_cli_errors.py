@@ -154,7 +154,7 @@ BAD_INPUTS = [
     (
         "relabel teacher key missing",
         "relabel --reports ok.jsonl --params no_teacher.yaml",
-        "missing key 'pseudo_label.teacher'",
+        "missing key 'pseudo_label.teacher' (in pseudo_label)\n",
     ),
     ("relabel reports missing", "relabel --reports nope.jsonl --params relabel.yaml", "nope.jsonl: no such file"),
     (

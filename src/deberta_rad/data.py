@@ -58,7 +58,7 @@ def json_lines(path: Path) -> Iterator[tuple[int, dict]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            raise InputError(f"{path}:{number}: not valid JSON ({err.msg} column {err.colno})") from None
         if not isinstance(record, dict):
             raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         yield number, record

@@ -78,7 +78,7 @@ class ParamsError(ValueError):
 
 def _closest(key: str, valid: Iterable[str]) -> str:
     """' (did you mean X?)' for the valid key nearest to a misspelt one, or nothing."""
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.8)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
