@@ -61,7 +61,7 @@ FILES: dict[str, str | bytes] = {
     "folder/empty/.keep": "",
 }
 
-# (case, command line, what the message must name). `{port}` is a port nothing listens on.
+# (case, command line, what the message must name), each run in a folder holding only FILES.
 BAD_INPUTS = [
     ("params file missing", "ingest --params nope.yaml", "nope.yaml: no params file"),
     ("params not YAML", "ingest --params bad_yaml.yaml", "bad_yaml.yaml:2: not a valid YAML file"),
