@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -101,16 +99,8 @@ def _input_reports(path: Path) -> list[Report]:
 
 
 def _write_json(path: Path, payload: object) -> None:
-    """Write a command's JSON result through a temporary file in the same folder, renamed into place
-    when whole, so a failure never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(payload, out, indent=2)
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+    """Write a command's JSON result atomically, so a failure never leaves half a file."""
+    data.write_atomically(path, lambda temporary: temporary.write_text(json.dumps(payload, indent=2)))
 
 
 @app.callback()

@@ -9,8 +9,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,17 +176,31 @@ def labels_by_id(records: Iterable[LabelRecord]) -> dict[str, dict[str, str]]:
     return {record.report_id: dict(record.labels) for record in records}
 
 
+def write_atomically(path: Path, write: Callable[[Path], None], suffix: str = ".tmp") -> None:
+    """Let ``write`` fill a temporary file in the same folder, then rename it into place: a failure or a
+    crash leaves the old file (or none), and a concurrent reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
 def write_jsonl(path: str | Path, records: Iterable[BaseModel]) -> int:
     """Write pydantic records one per line (atomically: a crash leaves the old file) and count them."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
     count = 0
-    with temporary.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(record.model_dump_json(exclude_none=True) + "\n")
-            count += 1
-    temporary.replace(path)
+
+    def write(temporary: Path) -> None:
+        nonlocal count
+        with temporary.open("w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(record.model_dump_json(exclude_none=True) + "\n")
+                count += 1
+
+    write_atomically(Path(path), write)
     return count
 
 

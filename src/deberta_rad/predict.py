@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from deberta_rad.data import write_atomically
 from deberta_rad.model import Student
 from deberta_rad.schema import FINDINGS, STATUSES, LabelRecord, Report, TeacherInfo
 from deberta_rad.sentences import aggregate_reports, report_sentences
@@ -127,18 +126,6 @@ def weights_digest(student: Student) -> str:
     return digest.hexdigest()[:16]
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary name in the same folder, so a concurrent reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".onnx")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-
-
 def export_onnx(student: Student, path: Path) -> None:
     """Export the student (encoder and heads) to ONNX with dynamic batch and sequence axes, then let ONNX
     Runtime fuse attention, GELU and LayerNorm where it knows the backbone (BERT-style encoders).
@@ -186,14 +173,14 @@ def onnx_graph(student: Student, precision: str, cache_dir: Path) -> Path:
     folder = cache_dir / "onnx" / weights_digest(student)
     fp32 = folder / "model.onnx"
     if not fp32.is_file():
-        _write_atomically(fp32, lambda target: export_onnx(student, target))
+        write_atomically(fp32, lambda target: export_onnx(student, target), suffix=".onnx")
     if precision == "fp32":
         return fp32
     int8 = folder / "model.int8.onnx"
     if not int8.is_file():
         # Per-channel weights with the reduced range kept the most labels of the settings measured
         # (README "Speed"); activations are quantised per batch at run time.
-        _write_atomically(
+        write_atomically(
             int8,
             lambda target: quantize_dynamic(
                 fp32,
@@ -204,6 +191,7 @@ def onnx_graph(student: Student, precision: str, cache_dir: Path) -> Path:
                 # The fused operators are outside ONNX's own domain, so shape inference cannot type them.
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             ),
+            suffix=".onnx",
         )
     return int8
 
