@@ -19,10 +19,10 @@ from pathlib import Path
 from teachers_iu import DEFAULT_DATA
 
 from deberta_rad.data import read_reports, split_of, text_hash
-from deberta_rad.monitor import DriftSettings, run_drift, write_result
+from deberta_rad.monitor import run_drift, write_result
+from deberta_rad.params import Fractions, load_params
 from deberta_rad.predict import predict_reports
 from deberta_rad.schema import FINDINGS
-from deberta_rad.settings import load_params
 
 RADLABELS = DEFAULT_DATA.parents[1] / "radlabels-synthetic" / "reports.jsonl"
 
@@ -47,9 +47,9 @@ def main() -> None:
         if not path.is_file():
             raise SystemExit(f"{path} is absent (../shared is not beside the repo)")
 
-    settings = DriftSettings.from_params(load_params("params.yaml"))
+    settings = load_params("params.yaml").monitoring
     iu = read_reports(args.iu)
-    fractions = {"train": 1 - args.held_back, "val": 0.0, "test": args.held_back}
+    fractions = Fractions(train=1 - args.held_back, val=0.0, test=args.held_back)
     side = {r.report_id: split_of(f"text:{text_hash(r.text)}", args.seed, fractions) for r in iu}
     reference_reports = [r for r in iu if side[r.report_id] == "train"]
     held_back_reports = [r for r in iu if side[r.report_id] == "test"]

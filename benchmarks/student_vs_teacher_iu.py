@@ -15,12 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from teachers_iu import DEFAULT_DATA, format_table
+from teachers_iu import DEFAULT_DATA
 
 from deberta_rad.data import labels_by_id, read_label_records, read_reports
-from deberta_rad.evaluate import presence_metrics
 from deberta_rad.gold import iu_presence_gold
+from deberta_rad.metrics import presence_metrics
 from deberta_rad.predict import predict_reports
+from deberta_rad.schema import FINDINGS
 
 
 def scores(predictions: dict[str, dict[str, str]], gold: dict[str, dict[str, bool]]) -> dict[str, Any]:
@@ -28,6 +29,23 @@ def scores(predictions: dict[str, dict[str, str]], gold: dict[str, dict[str, boo
         "present": presence_metrics(predictions, gold),
         "present_or_uncertain": presence_metrics(predictions, gold, count_uncertain=True),
     }
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """Per-finding presence F1 (gold positives in brackets) of each labeler, then the macro lines."""
+    names = list(results)
+    first = results[names[0]]["present"]["per_finding"]
+    lines = [f"{'finding':34s}" + "".join(f" {name[:12]:>12s}" for name in names)]
+    for finding in FINDINGS:
+        cells = "".join(f" {_fmt(r['present']['per_finding'][finding]['f1']):>12s}" for r in results.values())
+        lines.append(f"{finding + ' (' + str(first[finding]['support']) + ')':34s}{cells}")
+    for mode, title in (("present", "macro F1 (present)"), ("present_or_uncertain", "macro F1 (pres.+unc.)")):
+        lines.append(f"{title:34s}" + "".join(f" {_fmt(r[mode]['macro_f1']):>12s}" for r in results.values()))
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from deberta_rad.data import iu_report_text, json_lines, read_jsonl_reports
-from deberta_rad.evaluate import compute_metrics, presence_metrics
 from deberta_rad.gold import PresenceGold, iu_half, iu_presence_gold, read_radlabels_jsonl
+from deberta_rad.metrics import compute_metrics, presence_metrics
 from deberta_rad.predict import load_engine
 from deberta_rad.registry import resolve_model
 from deberta_rad.schema import FINDINGS, LabelRecord, Report

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import yaml
 
+from deberta_rad.params import Params
 from deberta_rad.schema import STATUSES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +50,27 @@ def isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
     get_settings.cache_clear()
+
+
+def project_params(overrides: dict | None = None) -> Params:
+    """The repo's params.yaml with `overrides` ({section: {key: value}}, nested sections merged)."""
+    return Params.model_validate(merged(yaml.safe_load((REPO / "params.yaml").read_text()), overrides or {}))
+
+
+def write_params(path: Path, overrides: dict | None = None) -> Path:
+    """A complete params file: the repo's params.yaml with `overrides` merged in."""
+    path.write_text(yaml.safe_dump(project_params(overrides).model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    return {
+        **base,
+        **{
+            key: merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+            for key, value in overrides.items()
+        },
+    }
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import write_params
 from tiny_backbones import tiny_deberta_backbone
 
 from deberta_rad.data import write_jsonl
@@ -81,8 +81,8 @@ def test_bench_names_a_missing_input_and_a_backend_that_cannot_run(tmp_path: Pat
 
 def test_bench_train_compares_full_length_padding_with_the_train_stage(split_dir: Path, tmp_path: Path) -> None:
     backbone = tiny_deberta_backbone(tmp_path / "tiny-deberta")
-    params = {"model": {"backbone": str(backbone)}, "train": {"batch_size": 8, "deepspeed": False}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    params = {"model": {"backbone": str(backbone), "unit": "report"}, "train": {"batch_size": 8, "deepspeed": False}}
+    write_params(tmp_path / "params.yaml", params)
     out = tmp_path / "train.json"
     result = deberta_rad(
         "bench-train", "--input", str(split_dir), "--json", str(out), "--max-length", "128", "--steps", "3",

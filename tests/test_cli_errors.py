@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+import yaml
+from conftest import REPO, free_port, merged
 from typer.testing import CliRunner
 
 from deberta_rad.cli import app
@@ -17,7 +18,23 @@ from deberta_rad.settings import get_settings
 
 REPORT = {"report_id": "r1", "text": "FINDINGS: No pleural effusion."}
 LABELS = {"report_id": "r1", "labels": {finding: "not_mentioned" for finding in FINDINGS}}
-FRACTIONS = "split:\n  seed: 1\n  fractions:\n"
+
+
+def params_file(overrides: dict | None = None, without: str | None = None) -> str:
+    """The repo's params.yaml with `overrides` merged in and the dotted key `without` left out."""
+    values = merged(yaml.safe_load((REPO / "params.yaml").read_text()), overrides or {})
+    if without:
+        *sections, key = without.split(".")
+        section = values
+        for name in sections:
+            section = section[name]
+        del section[key]
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def sources(*names: str) -> str:
+    return params_file({"ingest": {"sources": list(names)}})
+
 
 # Files a case may use, written into an empty working folder before the command runs.
 FILES: dict[str, str | bytes] = {
@@ -34,29 +51,31 @@ FILES: dict[str, str | bytes] = {
     "bad_yaml.yaml": "ingest: [sources\n",
     "list.yaml": "- ingest\n- train\n",
     "empty.yaml": "",
-    "misspelt_sources.yaml": "ingest:\n  source:\n    - ok.jsonl\n",
-    "string_sources.yaml": "ingest:\n  sources: ok.jsonl\n",
-    "missing_source.yaml": "ingest:\n  sources:\n    - missing.jsonl\n",
-    "empty_source.yaml": "ingest:\n  sources:\n    - empty.jsonl\n",
-    "broken_source.yaml": "ingest:\n  sources:\n    - broken.jsonl\n",
-    "latin1_source.yaml": "ingest:\n  sources:\n    - latin1.jsonl\n",
-    "wrongcols_source.yaml": "ingest:\n  sources:\n    - wrongcols.csv\n",
-    "extra_fields_source.yaml": "ingest:\n  sources:\n    - extra_fields.csv\n",
-    "array_source.yaml": "ingest:\n  sources:\n    - array.jsonl\n",
-    "txt_source.yaml": "ingest:\n  sources:\n    - notes.txt\n",
-    "no_val.yaml": FRACTIONS + "    train: 0.8\n    test: 0.2\n",
-    "over_one.yaml": FRACTIONS + "    train: 0.8\n    val: 0.3\n    test: 0.2\n",
-    "word_fraction.yaml": FRACTIONS + "    train: most\n    val: 0.1\n    test: 0.2\n",
-    "split_ok.yaml": FRACTIONS + "    train: 0.8\n    val: 0.1\n    test: 0.1\n",
-    "misspelt_train.yaml": "train:\n  learning_rat: 0.001\n",
-    "word_epochs.yaml": "train:\n  epochs: three\n",
-    "text_rate.yaml": "train:\n  learning_rate: 1e-4\n",
-    "bad_window.yaml": "monitoring:\n  window: fortnightly\n",
-    "negative_swaps.yaml": "model:\n  unit: sentence\nsentences:\n  mention_swaps: -1\n",
-    "misspelt_monitoring.yaml": "monitoring:\n  windw: D\n",
-    "no_teacher.yaml": "ingest:\n  relabeled: data/relabeled/records.jsonl\npseudo_label:\n  cache: .cache/llm\n",
-    "relabel.yaml": "ingest:\n  relabeled: relabeled.jsonl\npseudo_label:\n  teacher: rules\n  cache: .cache/llm\n"
-    "relabel:\n  budget: 5\n",
+    "partial.yaml": "ingest:\n  sources:\n    - ok.jsonl\n",
+    "misspelt_sources.yaml": params_file({"ingest": {"source": ["ok.jsonl"]}}, without="ingest.sources"),
+    "string_sources.yaml": params_file({"ingest": {"sources": "ok.jsonl"}}),
+    "missing_source.yaml": sources("missing.jsonl"),
+    "empty_source.yaml": sources("empty.jsonl"),
+    "broken_source.yaml": sources("broken.jsonl"),
+    "latin1_source.yaml": sources("latin1.jsonl"),
+    "wrongcols_source.yaml": sources("wrongcols.csv"),
+    "extra_fields_source.yaml": sources("extra_fields.csv"),
+    "array_source.yaml": sources("array.jsonl"),
+    "txt_source.yaml": sources("notes.txt"),
+    "no_val.yaml": params_file(without="split.fractions.val"),
+    "over_one.yaml": params_file({"split": {"fractions": {"train": 0.8, "val": 0.3, "test": 0.2}}}),
+    "word_fraction.yaml": params_file({"split": {"fractions": {"train": "most"}}}),
+    "split_ok.yaml": params_file({"split": {"fractions": {"train": 0.8, "val": 0.1, "test": 0.1}}}),
+    "misspelt_train.yaml": params_file({"train": {"learning_rat": 0.001}}, without="train.learning_rate"),
+    "word_epochs.yaml": params_file({"train": {"epochs": "three"}}),
+    "text_rate.yaml": params_file({"train": {"learning_rate": "1e-4"}}),
+    "alpha_over_one.yaml": params_file({"train": {"alpha": 1.5}}),
+    "unit_unknown.yaml": params_file({"model": {"unit": "paragraph"}}),
+    "bad_window.yaml": params_file({"monitoring": {"window": "fortnightly"}}),
+    "negative_swaps.yaml": params_file({"sentences": {"mention_swaps": -1}}),
+    "misspelt_monitoring.yaml": params_file({"monitoring": {"windw": "D"}}, without="monitoring.window"),
+    "no_teacher.yaml": params_file(without="pseudo_label.teacher"),
+    "relabel.yaml": params_file({"ingest": {"relabeled": "relabeled.jsonl"}, "relabel": {"budget": 5}}),
     "model/config.json": "{}",
     "folder/empty/.keep": "",
 }
@@ -66,13 +85,18 @@ BAD_INPUTS = [
     ("params file missing", "ingest --params nope.yaml", "nope.yaml: no params file"),
     ("params not YAML", "ingest --params bad_yaml.yaml", "bad_yaml.yaml:2: not a valid YAML file"),
     ("params not a mapping", "ingest --params list.yaml", "list.yaml: expected a mapping of sections"),
-    ("params empty", "ingest --params empty.yaml", "missing key 'ingest.sources'"),
+    ("params empty", "ingest --params empty.yaml", "empty.yaml: expected a mapping of sections"),
+    (
+        "params partial",
+        "ingest --params partial.yaml",
+        "missing key 'ingest.relabeled'; missing key 'ingest.synthetic'",
+    ),
     (
         "sources misspelt",
         "ingest --params misspelt_sources.yaml",
-        "'ingest.sources' (in ingest) (did you mean 'source'?)",
+        "missing key 'ingest.sources'; unknown key 'ingest.source' (did you mean 'sources'?)",
     ),
-    ("sources not a list", "ingest --params string_sources.yaml", "ingest.sources must be a list"),
+    ("sources not a list", "ingest --params string_sources.yaml", "ingest.sources: Input should be a valid list"),
     ("source missing", "ingest --params missing_source.yaml", "missing.jsonl: no such file or folder"),
     ("source empty", "ingest --params empty_source.yaml", "empty.jsonl: holds no reports"),
     ("source not JSON", "ingest --params broken_source.yaml", "broken.jsonl:2: not valid JSON"),
@@ -88,7 +112,11 @@ BAD_INPUTS = [
     ("label teacher unknown", "label -i ok.jsonl -o out.jsonl --teacher gpt", "unknown teacher 'gpt'"),
     ("agreement labels missing", "agreement labels.jsonl nope.jsonl", "nope.jsonl: No such file or directory"),
     ("agreement given reports", "agreement ok.jsonl labels.jsonl", "ok.jsonl:1: labels: Field required"),
-    ("split fraction missing", "split -i ok.jsonl --labels labels.jsonl --params no_val.yaml", "missing ['val']"),
+    (
+        "split fraction missing",
+        "split -i ok.jsonl --labels labels.jsonl --params no_val.yaml",
+        "missing key 'split.fractions.val'",
+    ),
     (
         "split fractions over 1",
         "split -i ok.jsonl --labels labels.jsonl --params over_one.yaml",
@@ -97,7 +125,7 @@ BAD_INPUTS = [
     (
         "split fraction a word",
         "split -i ok.jsonl --labels labels.jsonl --params word_fraction.yaml",
-        "split.fractions.train",
+        "split.fractions.train: Input should be a valid number, not 'most'",
     ),
     (
         "split labels missing",
@@ -110,17 +138,31 @@ BAD_INPUTS = [
         "have no teacher label",
     ),
     ("train params missing", "train --params nope.yaml", "nope.yaml: no params file"),
-    ("train key misspelt", "train --params misspelt_train.yaml", "['learning_rat'] (did you mean 'learning_rate'?)"),
+    (
+        "train key misspelt",
+        "train --params misspelt_train.yaml",
+        "unknown key 'train.learning_rat' (did you mean 'learning_rate'?)",
+    ),
     (
         "train epochs a word",
         "train --params word_epochs.yaml",
-        "model/train key 'epochs' must be a number, not 'three'",
+        "train.epochs: Input should be a valid number, not 'three'",
     ),
     ("train rate read as text", "train --params text_rate.yaml", "not '1e-4' (YAML reads 1e-4 as text: write 1.0e-4)"),
     (
+        "train alpha over 1",
+        "train --params alpha_over_one.yaml",
+        "train.alpha: Input should be less than or equal to 1",
+    ),
+    (
+        "model unit unknown",
+        "sentences --params unit_unknown.yaml",
+        "model.unit: Input should be 'sentence' or 'report'",
+    ),
+    (
         "monitor window not a frequency",
         "monitor --reference labels.jsonl --incoming folder --params bad_window.yaml",
-        "monitoring.window must be a pandas frequency",
+        "monitoring.window: must be a pandas frequency",
     ),
     (
         "train splits missing",
@@ -130,7 +172,7 @@ BAD_INPUTS = [
     (
         "sentences swaps negative",
         "sentences --params negative_swaps.yaml",
-        "sentences.mention_swaps must be a whole number",
+        "sentences.mention_swaps: Input should be greater than or equal to 0",
     ),
     ("predict without a registry", "predict -i ok.jsonl -o out.jsonl", "no MLflow registry at sqlite:///mlflow.db"),
     ("predict model path wrong", "predict -i ok.jsonl -o out.jsonl --model nowhere", "'nowhere' is neither a model"),
@@ -154,7 +196,7 @@ BAD_INPUTS = [
     (
         "relabel teacher key missing",
         "relabel --reports ok.jsonl --params no_teacher.yaml",
-        "missing key 'pseudo_label.teacher' (in pseudo_label)\n",
+        "no_teacher.yaml: missing key 'pseudo_label.teacher'",
     ),
     ("relabel reports missing", "relabel --reports nope.jsonl --params relabel.yaml", "nope.jsonl: no such file"),
     (

@@ -15,15 +15,15 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-import yaml
-from conftest import free_port
+from conftest import free_port, write_params
 from tiny_backbones import tiny_deberta_backbone
 
 from deberta_rad.data import split_reports, write_jsonl
 from deberta_rad.model import load_student
+from deberta_rad.params import Fractions
 
 BIN = Path(sys.executable).parent
-FRACTIONS = {"train": 0.8, "val": 0.2, "test": 0.0}
+FRACTIONS = Fractions(train=0.8, val=0.2, test=0.0)
 RATES = {"learning_rate": 1e-3, "head_learning_rate": 1e-2}
 
 pytestmark = pytest.mark.slow
@@ -113,10 +113,10 @@ def test_launcher_with_two_ranks_records_one_run(backbone: Path, tmp_path: Path)
     """The README's multi-GPU command, with two CPU processes standing in for two GPUs."""
     write_splits(tmp_path / "splits")
     params = {
-        "model": {"backbone": str(backbone), "max_length": 48},
+        "model": {"backbone": str(backbone), "max_length": 48, "unit": "report"},
         "train": {"epochs": 2, "batch_size": 8, "logging_steps": 2, "deepspeed": True, **RATES},
     }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path / "params.yaml", params)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
     launcher = [str(BIN / "deepspeed"), "--num_gpus", "2", "--no_local_rank", "--master_port", str(free_port())]

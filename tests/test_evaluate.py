@@ -19,22 +19,16 @@ from sklearn.metrics import (
 )
 from typer.testing import CliRunner
 
-from deberta_rad import evaluate
 from deberta_rad.cli import app
-from deberta_rad.evaluate import (
-    NO_EVIDENCE,
+from deberta_rad.comparison import (
+    _cell_status_indicators,
+    _resampled_macro_f1,
     compare_labelers,
-    compute_metrics,
-    confusion_matrices,
-    confusion_rows,
-    disagreement_counts,
     format_comparison_table,
-    format_disagreements,
-    format_metrics_table,
-    plot_confusion_matrices,
-    presence_metrics,
-    teacher_disagreements,
 )
+from deberta_rad.evaluate import NO_EVIDENCE, disagreement_counts, format_disagreements, teacher_disagreements
+from deberta_rad.metrics import _encode_statuses, compute_metrics, format_metrics_table, presence_metrics
+from deberta_rad.plots import confusion_matrices, confusion_rows, plot_confusion_matrices
 from deberta_rad.schema import FINDINGS, SCORED_STATUSES, STATUSES, LabelRecord, apply_no_finding_rule
 
 ALL_NOT_MENTIONED = dict.fromkeys(FINDINGS, "not_mentioned")
@@ -290,10 +284,8 @@ def test_resampled_macro_f1_equals_scoring_the_resampled_reports(
     ids = list(gold)
     rng = np.random.default_rng(5)
     weights = np.stack([np.bincount(rng.integers(0, len(ids), len(ids)), minlength=len(ids)) for _ in range(3)])
-    indicators = evaluate._cell_status_indicators(
-        evaluate._encode_statuses("predicted", good, ids), evaluate._encode_statuses("gold", gold, ids)
-    )
-    vectorised = evaluate._resampled_macro_f1(weights.astype(float), indicators)
+    indicators = _cell_status_indicators(_encode_statuses("predicted", good, ids), _encode_statuses("gold", gold, ids))
+    vectorised = _resampled_macro_f1(weights.astype(float), indicators)
     for row, expected in zip(weights, vectorised, strict=True):
         copies = [(f"{rid}#{k}", rid) for rid, n in zip(ids, row, strict=True) for k in range(n)]
         resampled_gold = {new: gold[rid] for new, rid in copies}

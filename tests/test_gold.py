@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import IU_DEV, RADLABELS, needs_shared
 
-from deberta_rad.data import InputError, iu_report_text
+from deberta_rad.comparison import compare_labelers, format_comparison_table
+from deberta_rad.data import InputError, iu_report_text, read_reports
+from deberta_rad.evaluate import score_files
 from deberta_rad.gold import (
     GoldSet,
     iu_half,
@@ -21,7 +23,8 @@ from deberta_rad.gold import (
     read_label_jsonl,
     read_radlabels_jsonl,
 )
-from deberta_rad.schema import FINDINGS
+from deberta_rad.metrics import compute_metrics, format_metrics_table
+from deberta_rad.schema import FINDINGS, LabelRecord
 
 
 def write_jsonl(path: Path, records: list[object]) -> Path:
@@ -79,23 +82,26 @@ def test_read_chexpert_csv_maps_values_and_numbers_rows(tmp_path: Path) -> None:
         CHEXPERT_HEADER + '\n"small effusion, no ptx",,,,,,,,,,0.0,1.0,,,\n"maybe edema",,,-1.0,,,1,,,,,,,,1.0\n',
         encoding="utf-8",
     )
-    gold = read_chexpert_csv(path)
-    assert list(gold) == ["row-1", "row-2"]
-    assert gold["row-1"]["Pneumothorax"] == "absent"
-    assert gold["row-1"]["Pleural Effusion"] == "present"
-    assert gold["row-2"]["Cardiomegaly"] == "uncertain"
-    assert gold["row-2"]["Edema"] == "present"
-    # CheXpert has no Infiltrate or Pleural Thickening column: those are not mentioned.
-    assert gold["row-2"]["Infiltrate"] == gold["row-2"]["Pleural Thickening"] == "not_mentioned"
-    assert list(gold["row-1"]) == list(FINDINGS)
+    gold_set = read_chexpert_csv(path)
+    gold = gold_set.labels
+    assert list(gold) == ["chexbert-1", "chexbert-2"]  # data.csv_report_id: <file stem>-<data row>
+    assert gold["chexbert-1"]["Pneumothorax"] == "absent"
+    assert gold["chexbert-1"]["Pleural Effusion"] == "present"
+    assert gold["chexbert-2"]["Cardiomegaly"] == "uncertain"
+    assert gold["chexbert-2"]["Edema"] == "present"
+    assert list(gold["chexbert-1"]) == list(FINDINGS)
+    # CheXpert has no Infiltrate or Pleural Thickening column: those are not scored (not "not mentioned").
+    assert gold_set.not_scored == ["Infiltrate", "Pleural Thickening"]
+    assert gold_set.findings == tuple(f for f in FINDINGS if f not in ("Infiltrate", "Pleural Thickening"))
 
 
 def test_read_chexpert_csv_takes_the_id_column(tmp_path: Path) -> None:
     path = tmp_path / "gold.csv"
     path.write_text("study_id,Edema,Atelectasis\ns1,1.0,\ns2,,0.0\n", encoding="utf-8")
-    gold = read_chexpert_csv(path)
-    assert gold["s1"]["Edema"] == "present"
-    assert gold["s2"]["Atelectasis"] == "absent"
+    gold_set = read_chexpert_csv(path)
+    assert gold_set.labels["s1"]["Edema"] == "present"
+    assert gold_set.labels["s2"]["Atelectasis"] == "absent"
+    assert gold_set.findings == ("Atelectasis", "Edema")
 
 
 @pytest.mark.parametrize(
@@ -115,6 +121,106 @@ def test_read_chexpert_csv_errors(tmp_path: Path, content: str, message: str) ->
     assert str(path) in str(err.value)
 
 
+# A CheXbert labeler's output: the 14 CheXpert observations, no report id column.
+CHEXBERT_HEADER = (
+    "Report Impression,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,Lung Lesion,Edema,Consolidation,"
+    "Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,Fracture,Support Devices,No Finding"
+)
+CHEXBERT_ROWS = [
+    '"Enlarged cardiomediastinum, cardiomegaly, opacity.",1.0,1.0,1.0,,,,,,0.0,,,,,',
+    '"No nodule. Maybe edema, consolidation.",,0.0,,0.0,-1.0,-1.0,,,,,,,,',
+    '"Atelectasis. Small effusion. Rib fracture.",,,,,1.0,,,1.0,,1.0,,1.0,1.0,',
+    '"Possible pneumothorax, no effusion, nodule.",-1.0,,0.0,1.0,0.0,1.0,,-1.0,-1.0,0.0,,0.0,,',
+    '"Normal chest.",0.0,0.0,,,0.0,0.0,,0.0,0.0,0.0,,,,1.0',
+    '"Clear lungs, heart normal.",,,,,,,,,,,,,,0.0',
+]
+NOT_IN_CHEXBERT = ["Infiltrate", "Pleural Thickening"]
+
+
+def chexbert_csv(path: Path) -> Path:
+    path.write_text("\n".join([CHEXBERT_HEADER, *CHEXBERT_ROWS]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_chexbert_csv_scored_against_itself_is_perfect_and_says_what_it_does_not_score(tmp_path: Path) -> None:
+    """Gold from the gold reader; predictions are the same labels on the ids the report reader gives the
+    same CSV (what `label --input` would key them by), saying `present` for the findings the CSV has no
+    column for: those must neither count against the labeler nor be scored as not_mentioned."""
+    csv_path = chexbert_csv(tmp_path / "chexbert.csv")
+    gold = read_gold(csv_path)
+    assert gold.kind == "status" and gold.not_scored == NOT_IN_CHEXBERT
+    report_ids = [report.report_id for report in read_reports(csv_path)]
+    assert report_ids == list(gold.labels)
+    records = [
+        LabelRecord(report_id=rid, labels=labels | dict.fromkeys(NOT_IN_CHEXBERT, "present"))
+        for rid, labels in zip(report_ids, gold.labels.values(), strict=True)
+    ]
+    predictions = write_jsonl(tmp_path / "predictions.jsonl", [r.model_dump(exclude_none=True) for r in records])
+
+    metrics = score_files(predictions, csv_path)
+    assert metrics["macro_f1"] == 1.0
+    assert metrics["findings_not_scored"] == NOT_IN_CHEXBERT
+    assert metrics["findings_left_out"] == []  # each of the 11 scored findings has gold support here
+    assert list(metrics["per_finding"]) == [f for f in FINDINGS if f not in NOT_IN_CHEXBERT]
+    assert all(m["f1"] == 1.0 for m in metrics["per_finding"].values())
+    assert all(f1 == 1.0 for f1 in metrics["status_f1"].values())
+    assert metrics["agreement"] == 1.0 and metrics["kappa"] == 1.0
+    assert metrics["n_cells"] == len(CHEXBERT_ROWS) * (len(FINDINGS) - len(NOT_IN_CHEXBERT))
+    table = format_metrics_table(metrics)
+    assert "Not scored (the gold does not code them): Infiltrate, Pleural Thickening" in table
+    assert "2 of 13 not scored" in table
+    assert not any(line.startswith(("Infiltrate ", "Pleural Thickening ")) for line in table.splitlines())
+
+
+def test_the_same_csv_without_the_unscored_columns_would_have_been_worse(tmp_path: Path) -> None:
+    """What scoring the missing columns as not_mentioned did: the labeler's `present` became false
+    positives (the status F1 of present drops); with the gold's findings they are not scored."""
+    gold = read_gold(chexbert_csv(tmp_path / "chexbert.csv"))
+    predictions = {rid: labels | dict.fromkeys(NOT_IN_CHEXBERT, "present") for rid, labels in gold.labels.items()}
+    assert compute_metrics(predictions, gold.labels)["status_f1"]["present"] < 1.0
+    assert compute_metrics(predictions, gold.labels, gold.findings)["status_f1"]["present"] == 1.0
+
+
+def test_compare_on_a_chexbert_csv_lists_the_unscored_findings(tmp_path: Path) -> None:
+    gold = read_gold(chexbert_csv(tmp_path / "chexbert.csv"))
+    same = {rid: labels | dict.fromkeys(NOT_IN_CHEXBERT, "present") for rid, labels in gold.labels.items()}
+    other = {rid: labels | dict.fromkeys(NOT_IN_CHEXBERT, "absent") for rid, labels in gold.labels.items()}
+    comparison = compare_labelers(gold.labels, {"a": same, "b": other}, n_bootstrap=20, findings=gold.findings)
+    assert comparison["findings_not_scored"] == NOT_IN_CHEXBERT
+    assert comparison["labelers"]["a"]["macro_f1"] == comparison["labelers"]["b"]["macro_f1"] == 1.0
+    assert set(comparison["labelers"]["a"]["finding_f1"]).isdisjoint(NOT_IN_CHEXBERT)
+    (pair,) = comparison["pairs"]
+    assert pair["disagreements"]["n_total"] == 0  # they differ only on findings the gold cannot score
+    assert "Not scored (the gold does not code them): Infiltrate, Pleural Thickening" in format_comparison_table(
+        comparison
+    )
+
+
+@pytest.mark.parametrize(
+    ("header", "row", "expected"),
+    [
+        ("Report Impression,Edema", '"Edema.",1.0', "reports-1"),  # no id column: <file stem>-<data row>
+        ("report_id,Report Impression,Edema", 'r-7,"Edema.",1.0', "r-7"),
+        ("study_id,text,Edema", ' 501 ,"Edema.",1.0', "501"),  # stripped alike
+        (" study_id , text ,Edema", '502,"Edema.",1.0', "502"),  # header names stripped alike
+    ],
+)
+def test_the_report_reader_and_the_gold_reader_give_a_csv_the_same_ids(
+    tmp_path: Path, header: str, row: str, expected: str
+) -> None:
+    path = tmp_path / "reports.csv"
+    path.write_text(f"{header}\n{row}\n", encoding="utf-8")
+    assert [r.report_id for r in read_reports(path)] == list(read_chexpert_csv(path).labels) == [expected]
+
+
+def test_an_empty_id_is_the_same_error_for_both_readers(tmp_path: Path) -> None:
+    path = tmp_path / "reports.csv"
+    path.write_text('study_id,text,Edema\n  ,"Edema.",1.0\n', encoding="utf-8")
+    for read in (read_reports, read_chexpert_csv):
+        with pytest.raises(InputError, match=rf"{path.name}:2: empty study_id"):
+            read(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # CheX-GPT JSONL
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +238,8 @@ def test_read_chexgpt_jsonl_accepts_numbers_strings_and_name_variants(tmp_path: 
         "Support Devices": 1,
     }
     path = write_jsonl(tmp_path / "mimic500.jsonl", [{"study_id": 501, "text": "…", "label": label}])
-    gold = read_chexgpt_jsonl(path)["501"]
+    gold_set = read_chexgpt_jsonl(path)
+    gold = gold_set.labels["501"]
     assert gold["Atelectasis"] == "present"
     assert gold["Cardiomegaly"] == "absent"
     assert gold["Edema"] == "uncertain"
@@ -141,6 +248,11 @@ def test_read_chexgpt_jsonl_accepts_numbers_strings_and_name_variants(tmp_path: 
     assert gold["Pneumothorax"] == "not_mentioned"
     assert gold["Fracture"] == "present"
     assert gold["Lung Lesion"] == "not_mentioned"
+    # Findings no record names are not scored; a named finding with null is gold not_mentioned.
+    named = {"Atelectasis", "Cardiomegaly", "Edema", "Enlarged Cardiomediastinum", "Pleural Effusion"}
+    named |= {"Pneumothorax", "Fracture"}
+    assert gold_set.findings == tuple(f for f in FINDINGS if f in named)
+    assert gold_set.not_scored == [f for f in FINDINGS if f not in named]
 
 
 @pytest.mark.parametrize(
@@ -255,7 +367,7 @@ def test_read_gold_sniffs_each_format(tmp_path: Path) -> None:
     csv_path = tmp_path / "d.csv"
     csv_path.write_text("report_id,Edema\nr1,1.0\n", encoding="utf-8")
     assert read_gold(labels).kind == "status"
-    assert read_gold(chexgpt) == GoldSet("status", {"s1": all_findings(Edema="present")})
+    assert read_gold(chexgpt) == GoldSet("status", {"s1": all_findings(Edema="present")}, ("Edema",))
     assert read_gold(csv_path).labels == {"r1": all_findings(Edema="present")}
     iu_gold = read_gold(iu)
     assert iu_gold.kind == "presence"

@@ -14,10 +14,11 @@ import pytest
 from fake_openai import COMPLETION_TOKENS, PROMPT_TOKENS, RETRY_AFTER_S, FakeOpenAI, expected_labels, serve
 from pydantic import ValidationError
 
+from deberta_rad.data import text_hash
 from deberta_rad.schema import FINDINGS, Report
 from deberta_rad.settings import get_settings
 from deberta_rad.teachers import get_teacher
-from deberta_rad.teachers.cache import CACHE_FILENAME, CachedAnswer, LabelCache, text_sha256
+from deberta_rad.teachers.cache import CACHE_FILENAME, CachedAnswer, LabelCache
 from deberta_rad.teachers.llm import (
     RESPONSE_FORMAT,
     BudgetExhausted,
@@ -29,7 +30,7 @@ from deberta_rad.teachers.llm import (
     _RetryableFailure,
     _validation_reason,
     backoff_delay,
-    is_loopback_url,
+    ensure_endpoint_allowed,
     load_prompt,
     retry_after_seconds,
 )
@@ -246,7 +247,7 @@ def test_the_cache_stores_hashes_and_labels_but_never_report_text(fake: FakeOpen
     with sqlite3.connect(cache_file) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         dumped = "\n".join(conn.iterdump())
-    assert text_sha256(REPORTS[0].text) in dumped
+    assert text_hash(REPORTS[0].text) in dumped
     assert SECRET_PHRASE not in dumped
     for path in cache_file.parent.iterdir():
         assert SECRET_PHRASE.encode() not in path.read_bytes()
@@ -345,7 +346,11 @@ def test_openai_base_url_from_the_environment_is_honoured(
     ],
 )
 def test_loopback_detection(url: str, loopback: bool) -> None:
-    assert is_loopback_url(url) is loopback
+    if loopback:
+        ensure_endpoint_allowed(url, allow_external=False)
+    else:
+        with pytest.raises(ExternalLLMNotAllowed):
+            ensure_endpoint_allowed(url, allow_external=False)
 
 
 def assert_no_secret_in(error: BaseException, caplog: pytest.LogCaptureFixture) -> None:

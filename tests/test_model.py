@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_params
 from tiny_backbones import tiny_deberta_backbone
 
 from deberta_rad.model import BackboneUnavailableError, DebertaRadConfig, load_student, student_from_backbone
+from deberta_rad.params import Fractions
 from deberta_rad.schema import FINDINGS, STATUSES
 
 TEXTS = ["FINDINGS: Small left pleural effusion. IMPRESSION: Effusion.", "The lungs are clear."]
@@ -69,11 +71,11 @@ def test_train_command_names_the_offline_default_instead_of_a_stack_trace(tmp_pa
 
     pairs = generate_corpus(20, seed=1)
     labels = {r.report_id: record for r, record in pairs}
-    splits = split_reports([r for r, _ in pairs], seed=1, fractions={"train": 0.7, "val": 0.3, "test": 0.0})
+    splits = split_reports([r for r, _ in pairs], seed=1, fractions=Fractions(train=0.7, val=0.3, test=0.0))
     for name in ("train", "val"):
         write_jsonl(tmp_path / "splits" / name / "reports.jsonl", splits[name])
         write_jsonl(tmp_path / "splits" / name / "labels.jsonl", [labels[r.report_id] for r in splits[name]])
-    (tmp_path / "params.yaml").write_text("model:\n  backbone: microsoft/deberta-v3-base\ntrain:\n  epochs: 1\n")
+    write_params(tmp_path / "params.yaml", {"model": {"backbone": "microsoft/deberta-v3-base", "unit": "report"}})
     args = ["train", "--splits", "splits", "--output", "student", "--params", "params.yaml"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, write_params
 from typer.testing import CliRunner
 
 from deberta_rad.cli import app
@@ -24,17 +24,17 @@ from deberta_rad.monitor import (
     EXIT_ERROR,
     EXIT_NO_DRIFT,
     EXIT_TOO_SMALL,
-    DriftSettings,
     read_history,
     run_drift,
     window_label,
 )
+from deberta_rad.params import MonitoringParams
 from deberta_rad.relabel import RelabeledStore, relabel, select_reports, uncertainty
 from deberta_rad.schema import FINDINGS, STATUSES, LabelRecord, Report
 from deberta_rad.synthetic import generate_corpus
 from deberta_rad.teachers.rules import RuleTeacher
 
-SETTINGS = DriftSettings()
+SETTINGS = MonitoringParams()
 RUNNER = CliRunner()
 
 
@@ -157,7 +157,7 @@ def write(path: Path, records: Sequence[LabelRecord]) -> Path:
 
 def drift_cli(tmp_path: Path, reference: Path, current: Path, *extra: str) -> tuple[int, str]:
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"monitoring": {}}))
+    write_params(params)
     out = tmp_path / "out"
     result = RUNNER.invoke(
         app,
@@ -219,7 +219,7 @@ def test_monitor_judges_each_institution_and_week_and_keeps_a_history(
     write(incoming / "b-few.jsonl", teacher_labels("templated", 10, 23, "northfield", "2026-12-01"))
     (incoming / "b-few-captured-again.jsonl").write_text((incoming / "b-few.jsonl").read_text())  # counted once
     write(tmp_path / "reference.jsonl", reference)
-    (tmp_path / "params.yaml").write_text(json.dumps({"monitoring": {"window": "W"}}))
+    write_params(tmp_path / "params.yaml", {"monitoring": {"window": "W"}})
     args = [
         "monitor",
         "--reference", str(tmp_path / "reference.jsonl"),
@@ -326,12 +326,7 @@ def test_relabel_cli_follows_the_drift_verdict(tmp_path: Path, monkeypatch: pyte
     monkeypatch.chdir(tmp_path)
     reports = styled_reports("templated", 30, seed=40)
     write_jsonl(tmp_path / "incoming.jsonl", reports)
-    params = {
-        "ingest": {"relabeled": "data/relabeled/records.jsonl"},
-        "pseudo_label": {"teacher": "rules", "llm_model": "m", "cache": ".cache/llm"},
-        "relabel": {"budget": 12},
-    }
-    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    write_params(tmp_path / "params.yaml", {"relabel": {"budget": 12}})
     (tmp_path / "drift.json").write_text(json.dumps({"drift_detected": False}))
     args = ["relabel", "--reports", "incoming.jsonl", "--when-drift", "drift.json", "--summary", "summary.json"]
     quiet = RUNNER.invoke(app, args)

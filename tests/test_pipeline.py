@@ -23,7 +23,10 @@ from deberta_rad.schema import FINDINGS
 from deberta_rad.synthetic import generate_corpus
 
 BIN = Path(sys.executable).parent
+# A user's own reports beside the generator's, so that editing a source can be tried.
+OWN_REPORTS = "reports/own.jsonl"
 SMALL_PARAMS = {
+    ("ingest", "sources"): ["synthetic", OWN_REPORTS],
     ("ingest", "synthetic", "n_reports"): 150,
     ("pretrain", "epochs"): 1,
     ("pretrain", "max_length"): 64,
@@ -40,13 +43,17 @@ def run(
     args: list[str], cwd: Path, timeout: int = 600, extra_env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run a command in the copy with the venv on PATH and no MLflow, LLM or project settings from outside."""
+    result = subprocess.run(args, cwd=cwd, env=clean_env(extra_env), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def clean_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment with the venv on PATH and no MLflow, LLM or project settings from outside."""
     outside = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "OPENAI_BASE_URL", "OPENAI_API_KEY")
     env = {k: v for k, v in os.environ.items() if k not in outside and not k.startswith("DEBERTA_RAD_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra_env or {})
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
+    return env | (extra_env or {})
 
 
 def repo_files() -> list[str]:
@@ -68,13 +75,16 @@ def set_params(path: Path, values: dict[tuple[str, ...], object]) -> None:
 
 
 def copy_of_repo(copy: Path, params: dict[tuple[str, ...], object]) -> Path:
-    """A git repository holding what a fresh clone holds, with some params changed."""
+    """A git repository holding what a fresh clone holds, with some params changed and a few reports of
+    the user's own (OWN_REPORTS)."""
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     for name in repo_files():
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, copy / name)
     set_params(copy / "params.yaml", params)
+    own = [r for r, _ in generate_corpus(6, seed=99)]
+    write_jsonl(copy / OWN_REPORTS, [r.model_copy(update={"report_id": f"own-{i}"}) for i, r in enumerate(own)])
     run(["git", "init", "-q", "-b", "main"], copy)
     run(["git", "add", "-A"], copy)
     run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "copy"], copy)
@@ -90,7 +100,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_runs_every_stage_and_writes_their_outputs(project: Path) -> None:
     reports = read_reports(project / "data/reports.jsonl")
-    assert 0 < len(reports) <= 150
+    assert 0 < len(reports) <= 156  # 150 generated, 6 of the user's own
     assert len(read_label_records(project / "data/pseudo_labels.jsonl")) == len(reports)
     split_sizes = [
         len(read_reports(project / f"data/splits/{name}/reports.jsonl")) for name in ("train", "val", "test")
@@ -129,11 +139,39 @@ def test_first_version_is_champion_and_challenger(project: Path) -> None:
     assert set(registered["aliases"]) == {"champion", "challenger"}
 
 
-def test_second_repro_reruns_nothing(project: Path) -> None:
-    again = run([str(BIN / "dvc"), "repro"], project)
-    assert "Running stage" not in again.stdout
+def test_second_repro_reruns_only_ingest_which_changes_nothing(project: Path) -> None:
     # The main pipeline only: the relabeling loop (pipelines/relabel) has not run here.
-    assert json.loads(run([str(BIN / "dvc"), "status", "dvc.yaml", "--json"], project).stdout) == {}
+    status = json.loads(run([str(BIN / "dvc"), "status", "dvc.yaml", "--json"], project).stdout)
+    assert status == {"ingest": ["always changed"]}  # its sources are params, not deps DVC can list
+    again = run([str(BIN / "dvc"), "repro"], project)
+    assert "Running stage 'ingest'" in again.stdout and again.stdout.count("Running stage") == 1
+
+
+def test_editing_a_source_report_or_the_vocabulary_reruns_what_it_feeds(project: Path) -> None:
+    dvc = str(BIN / "dvc")
+    source, vocabulary = project / OWN_REPORTS, project / "src/deberta_rad/teachers/vocabulary.yaml"
+    original_source, original_vocabulary = source.read_text(), vocabulary.read_text()
+    try:
+        source.write_text(original_source.replace('"text": "', '"text": "Edited. ', 1))
+        run([dvc, "repro", "--single-item", "ingest"], project)
+        assert "pseudo_label" in json.loads(run([dvc, "status", "dvc.yaml", "--json"], project).stdout)
+        source.write_text(original_source)
+        run([dvc, "repro", "--single-item", "ingest"], project)
+        vocabulary.write_text(original_vocabulary + "\n# an edit\n")
+        assert "pseudo_label" in json.loads(run([dvc, "status", "dvc.yaml", "--json"], project).stdout)
+    finally:
+        source.write_text(original_source)
+        vocabulary.write_text(original_vocabulary)
+    assert set(json.loads(run([dvc, "status", "dvc.yaml", "--json"], project).stdout)) == {"ingest"}
+
+
+def test_a_bad_value_from_dvc_exp_run_fails_in_the_first_stage_that_reads_it(project: Path) -> None:
+    args = [str(BIN / "dvc"), "exp", "run", "-S", "train.alpha=1.5"]
+    result = subprocess.run(args, cwd=project, capture_output=True, text=True, timeout=600, env=clean_env())
+    assert result.returncode != 0
+    assert "error: params.yaml: train.alpha: Input should be less than or equal to 1, not 1.5" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "Running stage 'train'" in result.stdout and "Running stage 'evaluate'" not in result.stdout
 
 
 def test_dvc_shows_metrics_and_plots(project: Path) -> None:

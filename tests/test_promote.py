@@ -21,24 +21,16 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from conftest import free_port, noisy_copy, stop_server, wait_for_http
+from conftest import free_port, noisy_copy, stop_server, wait_for_http, write_params
 from mlflow import MlflowClient
 from tiny_backbones import tiny_deberta_backbone
 from typer.testing import CliRunner
 
 from deberta_rad.cli import app
-from deberta_rad.evaluate import compute_metrics
+from deberta_rad.metrics import compute_metrics
 from deberta_rad.model import student_from_backbone
-from deberta_rad.registry import (
-    CHAMPION,
-    EVALUATION_DATA_TAG,
-    finding_f1_tag,
-    format_gate_table,
-    gate_reference,
-    promotion_gate,
-    register_model,
-    resolve_model,
-)
+from deberta_rad.promote import EVALUATION_DATA_TAG, format_gate_table, gate_reference, promotion_gate
+from deberta_rad.registry import CHAMPION, finding_f1_tag, register_model, resolve_model
 from deberta_rad.schema import FINDINGS, STATUSES
 from deberta_rad.settings import get_settings
 
@@ -144,7 +136,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         get_settings.cache_clear()
         lock = {"schema": "2.0", "stages": {"split": {"outs": [{"path": "data/splits", "md5": SPLITS_MD5}]}}}
         (root / "dvc.lock").write_text(yaml.safe_dump(lock))
-        (root / "params.yaml").write_text(yaml.safe_dump({"promote": {"reference": "gold", "max_finding_drop": 0.05}}))
+        write_params(root / "params.yaml", {"promote": {"reference": "gold", "max_finding_drop": 0.05}})
         student = student_from_backbone(str(tiny_deberta_backbone(root / "tiny-deberta")), max_length=32)
         student.save(root / "student")
         better_metrics = synthetic_evaluation(seed=2, error_rate=0.1)

@@ -31,9 +31,10 @@ from typer.testing import CliRunner
 from deberta_rad.cli import app
 from deberta_rad.data import read_label_records
 from deberta_rad.model import student_from_backbone
+from deberta_rad.net import is_loopback_host
 from deberta_rad.registry import CHAMPION, register_model
 from deberta_rad.schema import FINDINGS, STATUSES
-from deberta_rad.serve import RequestGuard, absolute_tracking_uri, error_location, is_loopback, label_result
+from deberta_rad.serve import RequestGuard, absolute_tracking_uri, error_location, label_result
 from deberta_rad.settings import get_settings
 from deberta_rad.synthetic import generate_corpus
 
@@ -67,8 +68,8 @@ def test_error_locations_read_like_the_json_path() -> None:
 
 
 def test_loopback_addresses() -> None:
-    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
-    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.org")
+    assert all(map(is_loopback_host, ["127.0.0.1", "127.8.9.1", "::1", "[::1]", "localhost", "LocalHost."]))
+    assert not any(map(is_loopback_host, ["0.0.0.0", "10.1.2.3", "example.org", "localhost.example.com", "", None]))
 
 
 def test_a_relative_sqlite_store_is_made_absolute(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import write_params
 from mlflow import MlflowClient
 from tiny_backbones import tiny_deberta_backbone
 from typer.testing import CliRunner
@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from deberta_rad.cli import app
 from deberta_rad.data import write_jsonl
 from deberta_rad.synthetic import generate_corpus
-from deberta_rad.tune import SEARCHED, TuneConfig
+from deberta_rad.tune import SEARCHED
 
 RANGES = {
     "alpha": {"low": 0.2, "high": 0.8},
@@ -36,11 +36,11 @@ def test_two_trials_are_nested_runs_and_the_best_is_reported(isolated_mlflow: st
     write_tiny_splits(tmp_path / "splits")
     backbone = tiny_deberta_backbone(tmp_path / "tiny-deberta")
     params = {
-        "model": {"backbone": str(backbone), "max_length": 32},
+        "model": {"backbone": str(backbone), "max_length": 32, "unit": "report"},
         "train": {"epochs": 3, "batch_size": 16, "logging_steps": 1},
         "tune": {"n_trials": 2, "seed": 0, "startup_trials": 1, "epochs": 1, **RANGES},
     }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path / "params.yaml", params)
 
     args = ["tune", "--splits", "splits", "--params", "params.yaml", "--output", "metrics/tune.json"]
     result = CliRunner().invoke(app, args)
@@ -84,21 +84,8 @@ def test_two_trials_are_nested_runs_and_the_best_is_reported(isolated_mlflow: st
 
 def test_a_sentence_level_search_without_the_sentences_folder_says_what_to_pass(tmp_path: Path) -> None:
     write_tiny_splits(tmp_path / "splits")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"model": {"unit": "sentence"}}))
+    write_params(tmp_path / "params.yaml", {"model": {"unit": "sentence"}})
     result = CliRunner().invoke(
         app, ["tune", "--splits", str(tmp_path / "splits"), "--params", str(tmp_path / "params.yaml")]
     )
     assert result.exit_code == 2 and "--sentences data/sentences" in result.output, result.output
-
-
-def test_tune_params_are_checked() -> None:
-    config = TuneConfig.from_params(
-        {"tune": {"n_trials": 3, "learning_rate": {"low": 1e-5, "high": 1e-3, "log": True}}}
-    )
-    assert (config.n_trials, config.learning_rate.log, config.alpha.high) == (3, True, 0.9)
-    with pytest.raises(ValueError, match=r"unknown tune keys \['trials'\]"):
-        TuneConfig.from_params({"tune": {"trials": 3}})
-    with pytest.raises(ValueError, match="low must be below high"):
-        TuneConfig.from_params({"tune": {"temperature": {"low": 3.0, "high": 1.0}}})
-    with pytest.raises(ValueError, match=r"within \[0, 1\]"):
-        TuneConfig.from_params({"tune": {"alpha": {"low": 0.5, "high": 1.5}}})

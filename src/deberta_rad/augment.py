@@ -17,7 +17,6 @@ import random
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from deberta_rad.data import (
@@ -29,37 +28,14 @@ from deberta_rad.data import (
     text_hash,
     write_jsonl,
 )
+from deberta_rad.params import AugmentParams, Params
 from deberta_rad.schema import Report
+from deberta_rad.teachers.rules import split_sentences
 from deberta_rad.train import repeat_factors, status_matrix
 
 AUGMENTED_SUFFIX = "~aug"
 # A section header such as "FINDINGS:" or "IMPRESSION:" at the start of a line.
 _HEADER = re.compile(r"(?m)^[ \t]*([A-Z][A-Z /]{2,}:)")
-# A sentence ends after a word or bracket and a full stop, so "1. Cardiomegaly" stays one sentence.
-_SENTENCE_END = re.compile(r"(?<=[A-Za-z)%][.!?])\s+")
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """params.yaml `augment`: variants per train report, the share of sentences each drops, how many
-    sentences it borrows from other reports of its institution, and `rare_threshold`, which gives a
-    report with a rare (finding, status) pair more variants (0: the same number for every report)."""
-
-    per_report: int = 0
-    drop: float = 0.2
-    borrow: int = 1
-    rare_threshold: float = 0.0
-    seed: int = 13
-
-    @classmethod
-    def from_params(cls, params: Mapping) -> AugmentConfig:
-        section = params.get("augment") or {}
-        config = cls(**{key: section[key] for key in cls.__dataclass_fields__ if key in section})
-        if min(config.per_report, config.borrow, config.rare_threshold) < 0 or not 0 <= config.drop < 1:
-            raise ValueError(
-                f"params.yaml augment: need per_report, borrow, rare_threshold >= 0 and 0 <= drop < 1; got {config}"
-            )
-        return config
 
 
 def sections(text: str) -> list[tuple[str, list[str]]]:
@@ -67,11 +43,7 @@ def sections(text: str) -> list[tuple[str, list[str]]]:
     header with no sentence under it is left out (a variant would render nothing there either)."""
     parts = _HEADER.split(text)
     pairs = [("", parts[0]), *zip(parts[1::2], parts[2::2], strict=True)]
-    return [(header, sentences) for header, body in pairs if (sentences := _sentences(body))]
-
-
-def _sentences(body: str) -> list[str]:
-    return [sentence for sentence in _SENTENCE_END.split(body.strip()) if sentence]
+    return [(header, sentences) for header, body in pairs if (sentences := split_sentences(body))]
 
 
 def _render(parts: Sequence[tuple[str, list[str]]]) -> str:
@@ -81,7 +53,7 @@ def _render(parts: Sequence[tuple[str, list[str]]]) -> str:
 def recombined(
     base: Sequence[tuple[str, list[str]]],
     donors: Sequence[Sequence[tuple[str, list[str]]]],
-    config: AugmentConfig,
+    config: AugmentParams,
     rng: random.Random,
 ) -> str:
     """One variant of a report given as `sections`: each sentence dropped with probability `drop`
@@ -117,7 +89,7 @@ class _AllBut(Sequence):
 
 
 def variant_counts(
-    train: Sequence[Report], labels: Mapping[str, Mapping[str, str]], config: AugmentConfig
+    train: Sequence[Report], labels: Mapping[str, Mapping[str, str]], config: AugmentParams
 ) -> list[int]:
     """Variants per train report: `per_report` times the report's repeat factor (train.repeat_factors,
     LVIS-style) at `rare_threshold`, so a rare pair such as a present pneumothorax is met in more new
@@ -128,7 +100,7 @@ def variant_counts(
 
 def augment_reports(
     train: Sequence[Report],
-    config: AugmentConfig,
+    config: AugmentParams,
     held_out_texts: Iterable[str] = (),
     counts: Sequence[int] | None = None,
 ) -> tuple[list[Report], int]:
@@ -161,14 +133,13 @@ def augment_reports(
     return variants, collisions
 
 
-def augment_splits(splits_dir: Path, output_dir: Path, params: Mapping) -> dict[str, int | str | None]:
+def augment_splits(splits_dir: Path, output_dir: Path, params: Params) -> dict[str, int | str | None]:
     """The augment stage: recombine the train split, label the variants with the pipeline's teacher
     (params `pseudo_label`), write `reports.jsonl` and `labels.jsonl` to `output_dir` (both empty when
     `augment.per_report` is 0). Returns the counts and, for the LLM teacher, its usage line."""
-    from deberta_rad.teachers import label_reports
+    from deberta_rad.teachers import label_with_pipeline_teacher
 
-    config = AugmentConfig.from_params(params)
-    teacher = params["pseudo_label"]
+    config = params.augment
     train = read_reports(splits_dir / "train" / "reports.jsonl")
     labels_path = splits_dir / "train" / "labels.jsonl"
     try:
@@ -179,8 +150,7 @@ def augment_splits(splits_dir: Path, output_dir: Path, params: Mapping) -> dict[
     variants, collisions = augment_reports(train, config, held_out, counts)
     records, usage = [], None
     if variants:
-        cache = Path(teacher["cache"]) if teacher.get("cache") else None
-        records, usage = label_reports(teacher["teacher"], variants, teacher.get("llm_model"), cache)
+        records, usage = label_with_pipeline_teacher(variants, params.pseudo_label)
     write_jsonl(output_dir / "reports.jsonl", variants)
     write_jsonl(output_dir / "labels.jsonl", records)
     return {"train_reports": len(train), "variants": len(variants), "duplicates_left_out": collisions, "usage": usage}

@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from transformers import PretrainedConfig, TrainerCallback
 
 from deberta_rad.model import Student, load_student
+from deberta_rad.params import Params
 from deberta_rad.schema import FINDINGS, STATUSES
 from deberta_rad.sentences import aggregate, report_sentences
 
@@ -255,14 +255,14 @@ class StepTimer(TrainerCallback):
 TRAINING_VARIANTS = {"baseline": ("random", "max_length"), "train_stage": ("group_by_length", "longest")}
 
 
-def training_benchmark(split_dir: Path, params: Mapping, max_length: int, steps: int, work_dir: Path) -> dict[str, Any]:
+def training_benchmark(split_dir: Path, params: Params, max_length: int, steps: int, work_dir: Path) -> dict[str, Any]:
     """Train-stage steps/s and reports/s at ``max_length`` (the stage's knobs from params.yaml otherwise,
     DeepSpeed included where it would run), for the baseline's batches and the stage's."""
     from deberta_rad.data import labels_by_id
     from deberta_rad.model import student_from_backbone
     from deberta_rad.train import TrainConfig, build_dataset, distillation_trainer, read_split, training_arguments
 
-    config = replace(TrainConfig.from_params(params), max_length=max_length)
+    config = TrainConfig.from_params(params).model_copy(update={"max_length": max_length})
     reports, records = read_split(split_dir.parent, split_dir.name)
     labels = labels_by_id(records)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -16,8 +16,10 @@ import yaml
 from typer.core import TyperGroup
 
 from deberta_rad import data, evaluate
+from deberta_rad.comparison import compare_labelers, format_comparison_table
+from deberta_rad.metrics import format_metrics_table, format_presence_table
+from deberta_rad.params import ParamsError, PromoteParams, load_params
 from deberta_rad.schema import LabelRecord, Report
-from deberta_rad.settings import ParamsError, load_params, param
 
 # Failures a user causes and can fix (bad input, params, paths, servers), by module: a module that was
 # never imported raised none of them, so the boundary looks them up only where it is loaded and the
@@ -25,7 +27,8 @@ from deberta_rad.settings import ParamsError, load_params, param
 EXPECTED_ELSEWHERE = {
     "mlflow.exceptions": ("MlflowException",),
     "deberta_rad.model": ("BackboneUnavailableError",),
-    "deberta_rad.registry": ("PromotionError", "RegistryUnavailableError"),
+    "deberta_rad.promote": ("PromotionError",),
+    "deberta_rad.tracking": ("RegistryUnavailableError",),
     "deberta_rad.teachers.llm": ("LLMTeacherError",),
 }
 
@@ -126,6 +129,19 @@ def generate(
     typer.echo(f"wrote {n_reports} reports to {reports} and their ground truth to {labels}")
 
 
+params_app = typer.Typer(help="The knobs in params.yaml.", no_args_is_help=True)
+app.add_typer(params_app, name="params")
+
+
+@params_app.command("check")
+def params_check(params: ParamsOption = Path("params.yaml")) -> None:
+    """Validate a params file (every key present, known, of its type and within its bounds) and print the
+    values the stages will use."""
+    loaded = load_params(params)
+    typer.echo(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False).rstrip())
+    typer.echo(f"\n{params}: every key is valid")
+
+
 @app.command()
 def ingest(
     params: ParamsOption = Path("params.yaml"),
@@ -135,12 +151,8 @@ def ingest(
     ),
 ) -> None:
     """Read every source in params `ingest.sources`, normalise, de-duplicate, write one reports file."""
-    loaded = load_params(params)
-    sources = param(loaded, "ingest.sources", params)
-    if not isinstance(sources, list):
-        raise ParamsError(f"{params}: ingest.sources must be a list of sources, not {type(sources).__name__}")
-    config = loaded["ingest"]
-    result, gold = data.ingest_sources(sources, config.get("synthetic") or {}, config.get("relabeled"))
+    config = load_params(params).ingest
+    result, gold = data.ingest_sources(config.sources, config.synthetic, config.relabeled)
     data.write_jsonl(output, result.reports)
     kept_ids = {r.report_id for r in result.reports}
     data.write_jsonl(gold_output, [g for g in gold if g.report_id in kept_ids])
@@ -201,9 +213,8 @@ def split(
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Deterministic train/val/test split, grouped by patient (or by identical text)."""
-    config = load_params(params)
-    seed, fractions = param(config, "split.seed", params), param(config, "split.fractions", params)
-    counts = data.write_splits(input, labels, gold, output_dir, seed, fractions)
+    config = load_params(params).split
+    counts = data.write_splits(input, labels, gold, output_dir, config.seed, config.fractions)
     typer.echo("split: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
 
 
@@ -428,7 +439,7 @@ def drift(
     3 window too small to judge, 4 drift found but the webhook alert failed."""
     from deberta_rad import monitor
 
-    settings = monitor.DriftSettings.from_params(load_params(params))
+    settings = load_params(params).monitoring
     result, snapshot = monitor.run_drift(data.read_label_records(reference), data.read_label_records(current), settings)
     written = monitor.write_result(result, snapshot, output)
     typer.echo(monitor.format_result(result))
@@ -459,7 +470,7 @@ def monitor(
     history. Exit codes as `drift`."""
     from deberta_rad import monitor as monitoring
 
-    settings = monitoring.DriftSettings.from_params(load_params(params))
+    settings = load_params(params).monitoring
     results, failures = monitoring.monitor_folder(
         data.read_label_records(reference), incoming, output, settings, webhook, workspace
     )
@@ -494,22 +505,24 @@ def relabel(
     from deberta_rad.teachers.llm import LLMTeacherError
 
     config = load_params(params)
-    teacher = param(config, "pseudo_label.teacher", params)
-    store = Path(param(config, "ingest.relabeled", params))
+    teacher = config.pseudo_label.teacher
+    if not config.ingest.relabeled:
+        raise ParamsError(f"{params}: ingest.relabeled is null: name the file ingest reads relabelled reports from")
+    store = Path(config.ingest.relabeled)
     if when_drift is not None and not json.loads(when_drift.read_text())["drift_detected"]:
         typer.echo(f"{when_drift}: no drift, nothing sent to the teacher")
         if summary_out:
             unchanged = RelabelSummary(0, 0, 0, len(RelabeledStore(store).records()))
             _write_json(summary_out, asdict(unchanged) | {"drift_detected": False})
         return
-    cache = Path(param(config, "pseudo_label.cache", params))
-    options = llm_options(config["pseudo_label"].get("llm_model"), cache) if teacher == "llm" else {}
+    cache = Path(config.pseudo_label.cache) if config.pseudo_label.cache else None
+    options = llm_options(config.pseudo_label.llm_model, cache) if teacher == "llm" else {}
     try:
         summary = relabel_files(
             reports,
             predictions,
             store,
-            budget if budget is not None else int(param(config, "relabel.budget", params)),
+            budget if budget is not None else config.relabel.budget,
             get_teacher(teacher, **options).label,
             institution,
             corpus_path=Path("data/reports.jsonl"),
@@ -531,9 +544,7 @@ def evaluate_command(
 ) -> None:
     """Score predictions against gold with the DESIGN.md section 5 metrics and print the tables."""
     metrics = evaluate.score_files(predictions, gold, gold_format)
-    typer.echo(
-        evaluate.format_metrics_table(metrics) if "status_f1" in metrics else evaluate.format_presence_table(metrics)
-    )
+    typer.echo(format_metrics_table(metrics) if "status_f1" in metrics else format_presence_table(metrics))
     if json_out:
         _write_json(json_out, metrics)
 
@@ -559,10 +570,15 @@ def compare(
     predictions = {
         name: data.labels_by_id(data.read_label_records(path)) for name, path in zip(names, labelers, strict=True)
     }
-    comparison = evaluate.compare_labelers(
-        gold_set.labels, predictions, n_bootstrap=n_bootstrap, seed=seed, all_pairs=all_pairs
+    comparison = compare_labelers(
+        gold_set.labels,
+        predictions,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        all_pairs=all_pairs,
+        findings=gold_set.findings,
     )
-    typer.echo(evaluate.format_comparison_table(comparison))
+    typer.echo(format_comparison_table(comparison))
     if json_out:
         _write_json(json_out, comparison)
 
@@ -593,35 +609,36 @@ def promote(
 
     Exit codes: 0 promoted (or already champion), 1 refused by the gate, 2 usage or registry error.
     """
-    from deberta_rad import registry
+    from deberta_rad import promote as promotion
+    from deberta_rad.registry import CHAMPION
+    from deberta_rad.tracking import configure_mlflow, require_registry
 
     if force and not (reason or "").strip():
         _fail("--force needs --reason TEXT (it is recorded on the version)")
     if reason and not force:
         _fail("--reason goes with --force")
-    section = load_params(params).get("promote") if params.is_file() else None
-    config = {**registry.PROMOTION_DEFAULTS, **(section or {})}
-    registry.require_registry()
-    registry.configure_mlflow()
-    candidate, champion = registry.promotion_candidates(version)
+    config = load_params(params).promote if params.is_file() else PromoteParams()
+    require_registry()
+    configure_mlflow()
+    candidate, champion = promotion.promotion_candidates(version)
     if champion is not None and champion.version == candidate.version:
-        typer.echo(f"version {candidate.version} is already {registry.CHAMPION}; nothing to do")
+        typer.echo(f"version {candidate.version} is already {CHAMPION}; nothing to do")
         return
     gate = None
     if champion is not None:
-        reference = registry.gate_reference(config["reference"], champion, candidate)
-        gate = registry.promotion_gate(champion, candidate, reference, float(config["max_finding_drop"]))
-        typer.echo(registry.format_gate_table(gate))
+        reference = promotion.gate_reference(config.reference, champion, candidate)
+        gate = promotion.promotion_gate(champion, candidate, reference, config.max_finding_drop)
+        typer.echo(promotion.format_gate_table(gate))
         if not gate.passed and not force:
             typer.secho(
-                f"refused: {registry.CHAMPION} stays version {champion.version} (override: --force --reason TEXT)",
+                f"refused: {CHAMPION} stays version {champion.version} (override: --force --reason TEXT)",
                 err=True,
             )
             raise typer.Exit(code=1)
-    registry.promote_version(candidate, champion, gate, reason)
+    promotion.promote_version(candidate, champion, gate, reason)
     previous = f"was version {champion.version}" if champion else "there was none"
     forced = " (forced past the gate)" if gate and not gate.passed else ""
-    typer.echo(f"promoted version {candidate.version} to {registry.CHAMPION}{forced}; {previous}")
+    typer.echo(f"promoted version {candidate.version} to {CHAMPION}{forced}; {previous}")
 
 
 @app.command()
@@ -642,16 +659,15 @@ def evaluate_split(
     """Label a split with the student and score it against the teacher (and ground truth if any); the
     metrics go to DVC (the JSON and plots) and to the model's MLflow training run, the disagreements
     with the teacher by phrase to a local file."""
-    from deberta_rad.registry import log_evaluation
+    from deberta_rad.tracking import log_evaluation
 
-    batch_size = load_params(params).get("evaluate", {}).get("batch_size", 64)
+    batch_size = load_params(params).evaluate.batch_size
     results = evaluate.evaluate_split(model, split_dir, plots_dir, batch_size, disagreements)
     for reference in ("teacher", "gold"):
         if reference in results:
             source = results[reference]["source"]
             typer.echo(
-                f"\n== student vs {reference} ({source}) on {split_dir} ==\n"
-                f"{evaluate.format_metrics_table(results[reference])}"
+                f"\n== student vs {reference} ({source}) on {split_dir} ==\n{format_metrics_table(results[reference])}"
             )
     if "teacher" in results:
         typer.echo(

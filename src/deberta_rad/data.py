@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from deberta_rad.params import Fractions, SyntheticParams
 from deberta_rad.schema import LabelRecord, Report
 
 SPLITS = ("train", "val", "test")
@@ -107,20 +108,41 @@ def read_jsonl_reports(path: Path) -> list[Report]:
     return reports
 
 
+CSV_ID_COLUMNS = ("report_id", "study_id")
+
+
+def csv_id_column(columns: Sequence[str]) -> str | None:
+    """The column a CSV's report ids come from (`report_id`, else `study_id`), or None."""
+    return next((c for c in CSV_ID_COLUMNS if c in columns), None)
+
+
+def csv_report_id(path: Path, row_number: int, row: Mapping[str, str | None], id_column: str | None, where: str) -> str:
+    """The one report-id scheme of every CSV reader (reports here, gold in deberta_rad.gold): the id
+    column's value when the header has one, else `<file stem>-<data row number>` (1-based, header not
+    counted), so a CheXbert CSV read as reports and read as gold gives the same ids."""
+    if id_column is None:
+        return f"{path.stem}-{row_number}"
+    report_id = (row.get(id_column) or "").strip()
+    if not report_id:
+        raise InputError(f"{where}: empty {id_column}")
+    return report_id
+
+
 def read_csv_reports(path: Path) -> list[Report]:
-    """CSV with `report_id,text` columns, or CheXbert style with a `Report Impression` column."""
+    """CSV with `report_id,text` columns, or CheXbert style with a `Report Impression` column; ids as
+    `csv_report_id` gives them."""
     reader = csv.DictReader(utf8_lines(path))
-    columns = reader.fieldnames or []
+    columns = reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
     text_column = "text" if "text" in columns else "Report Impression" if "Report Impression" in columns else None
     if text_column is None:
         raise InputError(f"{path}:1: CSV needs a 'text' or 'Report Impression' column; found {columns}")
-    id_column = next((c for c in ("report_id", "study_id") if c in columns), None)
+    id_column = csv_id_column(columns)
     reports = []
     for row_number, row in enumerate(reader, start=1):
         where = f"{path}:{reader.line_num}"
         if None in row:
             raise InputError(f"{where}: more fields than the header has")
-        report_id = row[id_column] if id_column else f"{path.stem}-{row_number}"
+        report_id = csv_report_id(path, row_number, row, id_column, where)
         extras = {k: row[k] for k in ("institution", "patient_id", "study_date") if row.get(k)}
         reports.append(_checked_report({"report_id": report_id, "text": row[text_column] or "", **extras}, where))
     return reports
@@ -236,40 +258,20 @@ def merge_sources(sources: Sequence[tuple[str, list[Report]]]) -> IngestResult:
     return result
 
 
-def split_of(group_key: str, seed: int, fractions: dict[str, float]) -> str:
+def split_of(group_key: str, seed: int, fractions: Fractions) -> str:
     """Assign a group to a split by a seeded hash: deterministic, and a group never straddles splits.
     New reports do not move old ones between splits, which keeps the relabeling loop leak-free."""
     position = int(hashlib.sha256(f"{seed}:{group_key}".encode()).hexdigest()[:12], 16) / 16**12
     cumulative = 0.0
     for name in SPLITS:
-        cumulative += fractions[name]
+        cumulative += getattr(fractions, name)
         if position < cumulative:
             return name
     return SPLITS[-1]
 
 
-def checked_fractions(fractions: object) -> dict[str, float]:
-    """params.yaml `split.fractions`: train, val and test, each a number in [0, 1], summing to 1."""
-    if not isinstance(fractions, Mapping):
-        raise InputError("params.yaml split.fractions must map train, val and test to fractions")
-    missing, unknown = [n for n in SPLITS if n not in fractions], sorted(set(fractions) - set(SPLITS))
-    if missing or unknown:
-        raise InputError(
-            f"params.yaml split.fractions needs exactly {list(SPLITS)}; missing {missing}, unknown {unknown}"
-        )
-    for name in SPLITS:
-        value = fractions[name]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-            raise InputError(f"params.yaml split.fractions.{name} must be a number in [0, 1], not {value!r}")
-    total = sum(fractions[name] for name in SPLITS)
-    if abs(total - 1.0) > 1e-6:
-        raise InputError(f"params.yaml split.fractions must sum to 1; they sum to {total:g}")
-    return {name: float(fractions[name]) for name in SPLITS}
-
-
-def split_reports(reports: Sequence[Report], seed: int, fractions: dict[str, float]) -> dict[str, list[Report]]:
+def split_reports(reports: Sequence[Report], seed: int, fractions: Fractions) -> dict[str, list[Report]]:
     """Grouped split: by patient when the record names one, else by text (so identical texts stay together)."""
-    fractions = checked_fractions(fractions)
     splits: dict[str, list[Report]] = {name: [] for name in SPLITS}
     for report in reports:
         group = f"patient:{report.patient_id}" if report.patient_id else f"text:{text_hash(report.text)}"
@@ -281,27 +283,25 @@ SYNTHETIC_SOURCE = "synthetic"
 
 
 def ingest_sources(
-    sources: Sequence[str], synthetic: dict, relabeled: str | None = None
+    sources: Sequence[str], synthetic: SyntheticParams, relabeled: str | None = None
 ) -> tuple[IngestResult, list[LabelRecord]]:
     """Read `ingest.sources` in order; `synthetic` stands for the embedded generator, whose ground
     truth comes back as gold labels (other sources carry none). Then the relabeling loop's store
     (`ingest.relabeled`), when it exists: reports a drift alarm sent to the teacher."""
-    from deberta_rad.synthetic import STYLES, generate_corpus
+    from deberta_rad.synthetic import generate_corpus
 
     if not sources:
-        raise InputError("params.yaml ingest.sources is empty: name at least one source")
+        raise InputError("ingest.sources is empty: name at least one source")
     loaded, gold = [], []
     for source in sources:
         if source == SYNTHETIC_SOURCE:
-            pairs = generate_corpus(
-                int(synthetic.get("n_reports", 1000)), int(synthetic.get("seed", 7)), synthetic.get("styles", STYLES)
-            )
+            pairs = generate_corpus(synthetic.n_reports, synthetic.seed, synthetic.styles)
             loaded.append((source, [report for report, _ in pairs]))
             gold.extend(labels for _, labels in pairs)
         else:
             reports = read_reports(source)
             if not reports:
-                raise InputError(f"{source}: holds no reports (listed in params.yaml ingest.sources)")
+                raise InputError(f"{source}: holds no reports (listed in ingest.sources)")
             loaded.append((source, reports))
     if relabeled and Path(relabeled).is_file():
         loaded.append((relabeled, read_reports(relabeled)))
@@ -314,7 +314,7 @@ def write_splits(
     gold_path: Path | None,
     out_dir: Path,
     seed: int,
-    fractions: dict[str, float],
+    fractions: Fractions,
 ) -> dict[str, int]:
     """Write `<split>/reports.jsonl`, the teacher's `labels.jsonl` and any `gold.jsonl` per split."""
     reports = read_reports(reports_path)

@@ -1,10 +1,14 @@
 """Readers for the gold standards the evaluator scores against.
 
 Status gold (label JSONL, CheXpert/CheXbert CSV, CheX-GPT MIMIC-500 JSONL, the radlabels peer labels)
-becomes ``report_id -> {finding: status}`` with all 13 findings (a finding the source does not code is
-``not_mentioned``, which the evaluator leaves out of the scored statuses). IU X-ray MeSH codes only
-mark findings as present, so that reader returns ``report_id -> {finding: bool}`` and `read_gold`
-says which kind it returns. Error messages name the file and line, never report text.
+becomes ``report_id -> {finding: status}`` with all 13 findings. IU X-ray MeSH codes only mark findings
+as present, so that reader returns ``report_id -> {finding: bool}``. `read_gold` returns a `GoldSet`
+that says which kind it holds and which findings the source codes at all: a format without a column for
+a finding (CheXpert/CheXbert CSV has none for Infiltrate or Pleural Thickening) cannot score it, so that
+finding is listed as not scored and the evaluator leaves it out (its cells hold a `not_mentioned`
+placeholder only so that every row has the 13 findings; it is never counted as gold `not_mentioned`).
+CSV report ids follow `data.csv_report_id`, the same scheme as the report reader's. Error messages name
+the file and line, never report text.
 """
 
 from __future__ import annotations
@@ -16,7 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from deberta_rad.data import InputError, json_lines, labels_by_id, read_label_records
+from deberta_rad.data import (
+    InputError,
+    csv_id_column,
+    csv_report_id,
+    json_lines,
+    labels_by_id,
+    read_label_records,
+    utf8_lines,
+)
 from deberta_rad.schema import CHEXPERT_TO_STATUS, FINDINGS, STATUSES, apply_no_finding_rule
 
 StatusGold = dict[str, dict[str, str]]
@@ -90,10 +102,17 @@ STATUS_RANK = {"not_mentioned": 0, "absent": 1, "uncertain": 2, "present": 3}
 
 @dataclass(frozen=True)
 class GoldSet:
-    """Gold labels plus their kind: `status` (4 statuses) or `presence` (booleans, presence F1 only)."""
+    """Gold labels plus their kind, `status` (4 statuses) or `presence` (booleans, presence F1 only), and
+    the findings the source codes (schema order): the only ones that can be scored against it."""
 
     kind: Literal["status", "presence"]
     labels: StatusGold | PresenceGold
+    findings: tuple[str, ...] = FINDINGS
+
+    @property
+    def not_scored(self) -> list[str]:
+        """Findings the source has no label for: reported as not scored, never as not_mentioned."""
+        return [f for f in FINDINGS if f not in self.findings]
 
 
 def read_label_jsonl(path: str | Path) -> StatusGold:
@@ -101,42 +120,42 @@ def read_label_jsonl(path: str | Path) -> StatusGold:
     return labels_by_id(read_label_records(path))
 
 
-def read_chexpert_csv(path: str | Path) -> StatusGold:
+def read_chexpert_csv(path: str | Path) -> GoldSet:
     """CheXpert/CheXbert CSV: one column per finding, 1.0/0.0/-1.0/blank; other columns are ignored.
 
-    Findings without a column (CheXpert has no Infiltrate or Pleural Thickening) are not_mentioned.
-    The id comes from `report_id` or `study_id`, else the data row number as "row-<n>".
+    Only the findings with a column are scored (CheXpert has no Infiltrate or Pleural Thickening
+    column: `GoldSet.not_scored` lists them). Report ids follow `data.csv_report_id`: the `report_id` or
+    `study_id` column, else `<file stem>-<data row number>`, as the report reader gives them.
     """
     path = Path(path)
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = columns
-        finding_columns = [f for f in FINDINGS if f in columns]
-        if not finding_columns:
-            raise InputError(f"{path}:1: CSV header names none of the 13 findings; found {columns}")
-        id_column = next((c for c in ("report_id", "study_id") if c in columns), None)
-        gold: StatusGold = {}
-        for row_number, row in enumerate(reader, start=1):
-            where = f"{path}:{reader.line_num}"
-            if None in row:
-                raise InputError(f"{where}: more fields than the header has")
-            report_id = (row[id_column] or "").strip() if id_column else f"row-{row_number}"
-            if not report_id:
-                raise InputError(f"{where}: empty {id_column}")
-            statuses = {f: _chexpert_status(row[f], f, where) for f in finding_columns}
-            _add_unique(gold, report_id, _complete(statuses), where)
-    return gold
+    reader = csv.DictReader(utf8_lines(path))
+    columns = reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
+    finding_columns = [f for f in FINDINGS if f in columns]
+    if not finding_columns:
+        raise InputError(f"{path}:1: CSV header names none of the 13 findings; found {columns}")
+    id_column = csv_id_column(columns)
+    gold: StatusGold = {}
+    for row_number, row in enumerate(reader, start=1):
+        where = f"{path}:{reader.line_num}"
+        if None in row:
+            raise InputError(f"{where}: more fields than the header has")
+        report_id = csv_report_id(path, row_number, row, id_column, where)
+        statuses = {f: _chexpert_status(row[f], f, where) for f in finding_columns}
+        _add_unique(gold, report_id, _complete(statuses), where)
+    return GoldSet("status", gold, tuple(finding_columns))
 
 
-def read_chexgpt_jsonl(path: str | Path) -> StatusGold:
+def read_chexgpt_jsonl(path: str | Path) -> GoldSet:
     """CheX-GPT MIMIC-500 JSONL: `study_id`, `text`, `label` ({finding: 1/0/-1/null or a string}).
 
     Finding names are matched leniently (case, spacing, underscores, an unambiguous truncation such
     as "Enlarged Cardiom."); names outside the 13 findings (Pneumonia, Support Devices) are ignored.
+    Only findings that some record's `label` names are scored (`GoldSet.not_scored` lists the rest);
+    a null value of a named finding is gold not_mentioned.
     """
     path = Path(path)
     gold: StatusGold = {}
+    coded: set[str] = set()
     for number, record in json_lines(path):
         where = f"{path}:{number}"
         report_id = record.get("study_id", record.get("report_id"))
@@ -150,8 +169,9 @@ def read_chexgpt_jsonl(path: str | Path) -> StatusGold:
             finding = match_finding_name(name)
             if finding is not None:
                 statuses[finding] = _chexgpt_status(value, finding, where)
+        coded.update(statuses)
         _add_unique(gold, str(report_id), _complete(statuses), where)
-    return gold
+    return GoldSet("status", gold, tuple(f for f in FINDINGS if f in coded))
 
 
 def iu_presence_gold(path: str | Path) -> PresenceGold:
@@ -232,9 +252,9 @@ def read_gold(path: str | Path, fmt: str = "auto") -> GoldSet:
     if fmt == "labels":
         return GoldSet("status", read_label_jsonl(path))
     if fmt == "chexpert":
-        return GoldSet("status", read_chexpert_csv(path))
+        return read_chexpert_csv(path)
     if fmt == "chexgpt":
-        return GoldSet("status", read_chexgpt_jsonl(path))
+        return read_chexgpt_jsonl(path)
     if fmt == "iu":
         return GoldSet("presence", iu_presence_gold(path))
     if fmt == "radlabels":
@@ -299,7 +319,8 @@ def _chexgpt_status(value: Any, finding: str, where: str) -> str:
 
 
 def _complete(statuses: dict[str, str]) -> dict[str, str]:
-    """All 13 findings in schema order; findings the source does not code are not_mentioned."""
+    """All 13 findings in schema order; a finding the source does not code gets a not_mentioned
+    placeholder (the reader's `GoldSet.findings` leaves it out of scoring)."""
     return {f: statuses.get(f, "not_mentioned") for f in FINDINGS}
 
 

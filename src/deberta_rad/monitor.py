@@ -18,7 +18,6 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ import httpx
 import numpy as np
 import pandas as pd
 
+from deberta_rad.params import MonitoringParams
 from deberta_rad.schema import FINDINGS, LabelRecord
-from deberta_rad.settings import known_keys
 
 logger = logging.getLogger(__name__)
 
@@ -37,30 +36,6 @@ EXIT_NO_DRIFT, EXIT_DRIFT, EXIT_ERROR, EXIT_TOO_SMALL, EXIT_ALERT_FAILED = 0, 1,
 CONFIDENCE = "confidence"
 UNKNOWN_INSTITUTION = "unknown"
 ALL_TIME = "all"
-
-
-@dataclass(frozen=True)
-class DriftSettings:
-    """`params.yaml` `monitoring`: what counts as drift, and the smallest window judged."""
-
-    min_window: int = 100
-    js_threshold: float = 0.1
-    p_value: float = 0.05
-    drift_share: float = 0.15
-    confidence_threshold: float = 0.1
-    window: str = "W"
-
-    def __post_init__(self) -> None:
-        try:
-            pd.tseries.frequencies.to_offset(self.window)
-        except ValueError:
-            raise ValueError(
-                f"params.yaml monitoring.window must be a pandas frequency such as D, W or M, not {self.window!r}"
-            ) from None
-
-    @classmethod
-    def from_params(cls, params: Mapping) -> DriftSettings:
-        return cls(**known_keys(params.get("monitoring"), cls, "monitoring"))
 
 
 def mean_confidence(record: LabelRecord) -> float | None:
@@ -98,13 +73,13 @@ def _rounded(value: float) -> float | None:
 
 
 def run_drift(
-    reference: Sequence[LabelRecord], current: Sequence[LabelRecord], settings: DriftSettings
+    reference: Sequence[LabelRecord], current: Sequence[LabelRecord], settings: MonitoringParams
 ) -> tuple[dict, Any]:
     """The drift result (what drift.json holds) and the Evidently snapshot (None when not judged)."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import ValueDrift
 
-    thresholds = asdict(settings) | {"per_finding_p_value": settings.p_value / len(FINDINGS)}
+    thresholds = settings.model_dump() | {"per_finding_p_value": settings.p_value / len(FINDINGS)}
     result: dict[str, Any] = {
         "checked_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "n_reference": len(reference),
@@ -162,7 +137,7 @@ def run_drift(
 
 
 def finding_scores(
-    values: Mapping[tuple[str, str], float], reference: pd.DataFrame, current: pd.DataFrame, settings: DriftSettings
+    values: Mapping[tuple[str, str], float], reference: pd.DataFrame, current: pd.DataFrame, settings: MonitoringParams
 ) -> dict[str, dict]:
     """Per finding: JS distance, chi-square p-value, both status distributions, and the verdict."""
     per_finding_p = settings.p_value / len(FINDINGS)
@@ -180,7 +155,7 @@ def finding_scores(
 
 
 def confidence_scores(
-    values: Mapping[tuple[str, str], float], reference: pd.DataFrame, current: pd.DataFrame, settings: DriftSettings
+    values: Mapping[tuple[str, str], float], reference: pd.DataFrame, current: pd.DataFrame, settings: MonitoringParams
 ) -> dict:
     """The confidence comparison: energy distance, K-S p-value, both means, and the verdict."""
     distance, p_value = values[(CONFIDENCE, "ed")], _p(values[(CONFIDENCE, "ks")])
@@ -287,7 +262,7 @@ def monitor_folder(
     reference: Sequence[LabelRecord],
     incoming: Path,
     output_dir: Path,
-    settings: DriftSettings,
+    settings: MonitoringParams,
     webhook: str | None = None,
     workspace: Path | None = None,
 ) -> tuple[list[dict], list[str]]:

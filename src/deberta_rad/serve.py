@@ -1,6 +1,7 @@
-"""The labelling service's contract and its guard, kept apart from BentoML (serving/service.py) so they
-are plain code to test: the request and response models, how probabilities become answers, and the
-ASGI middleware that checks the API key, the JSON and the limits before a request reaches BentoML.
+"""The labelling service's contract and its guard, kept apart from the BentoML service itself
+(deberta_rad.service) so they are plain code to test: the request and response models, how
+probabilities become answers, and the ASGI middleware that checks the API key, the JSON and the limits
+before a request reaches BentoML. Also the commands that start the service and build a Bento of it.
 
 Why a guard in front of BentoML's own validation: BentoML 1.4 logs a traceback with pydantic's
 `input_value` for a request that fails validation, i.e. it would write report text to the log. The
@@ -10,7 +11,6 @@ guard answers every bad request itself with a 4xx that names what and where, and
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -25,14 +25,20 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from deberta_rad.net import is_loopback_host
 from deberta_rad.predict import status_probabilities
 from deberta_rad.schema import FINDING_INDEX, FINDINGS, STATUSES, LabelRecord, Status
 
 logger = logging.getLogger(__name__)
 
-SERVICE_DIR = Path(__file__).resolve().parents[2] / "serving"
+# `bentoml serve` finds the service through the installed package, wherever it runs.
+SERVICE = "deberta_rad.service:LabelService"
+# The Bento's build context (bentofile.yaml) in a source checkout: `deberta-rad bento` builds a wheel of it.
+BENTO_DIR = Path(__file__).resolve().parents[2] / "serving"
 # The model a Bento carries, in BentoML's model store (`deberta-rad bento` puts it there).
 PACKED_MODEL = "deberta-rad-student"
+# The Bento argument (bentoml.use_arguments) naming the exact packed model a built Bento serves.
+PACKED_MODEL_ARG = "packed_model"
 API_KEY_HEADER = "x-api-key"
 GUARDED_PATHS = ("/label", "/reload")
 
@@ -147,16 +153,6 @@ def check_limits(request: LabelRequest, max_reports: int, max_chars: int) -> Non
             raise LimitExceeded(f"reports[{i}].text has {len(report.text)} characters; the limit is {max_chars}")
 
 
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
@@ -164,7 +160,8 @@ Send = Callable[[dict], Awaitable[None]]
 class RequestGuard:
     """ASGI middleware for the label service: API key, body size, JSON, schema and limits, answered
     with 4xx JSON before BentoML sees the request. Other paths (/readyz, /livez, /metrics) pass through.
-    A request that passes is replayed unchanged to the app."""
+    A /label request that passes is replayed unchanged to the app; /reload takes no input, so the app gets
+    an empty body (BentoML would log a traceback with the content of a body it cannot parse)."""
 
     def __init__(self, app: Any, api_key: str | None, max_reports: int, max_chars: int) -> None:
         self.app = app
@@ -182,22 +179,20 @@ class RequestGuard:
         if refusal is not None:
             await _send_json(send, *refusal)
             return
-        if scope["path"] != "/label":
-            await self.app(scope, receive, send)
-            return
+        label = scope["path"] == "/label"
         body = await _read_body(receive, self.max_body_bytes)
-        refusal = self.check_label_body(body)
+        refusal = self.check_label_body(body) if label else self.check_reload_body(body)
         if refusal is not None:
             await _send_json(send, *refusal)
             return
-        await self.app(scope, _replay(body), send)
+        await self.app(scope, _replay(body if label else b""), send)
 
     def check_access(self, scope: dict) -> tuple[int, dict] | None:
         """Off loopback a key is required; with a key set, every caller must send it."""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         server_host = (scope.get("server") or ("127.0.0.1", 0))[0]
         if self.api_key is None:
-            if is_loopback(server_host):
+            if is_loopback_host(server_host):
                 return None
             return 503, {"error": "reached off loopback but no API key is set: set DEBERTA_RAD_SERVE_API_KEY"}
         if not hmac.compare_digest(headers.get(API_KEY_HEADER, "").encode(), self.api_key.encode()):
@@ -208,12 +203,9 @@ class RequestGuard:
         """None when the body is a valid request within the limits, else the status and error to answer."""
         if body is None:
             return 413, {"error": f"request body over {self.max_body_bytes} bytes"}
-        try:
-            payload = json.loads(body)
-        except json.JSONDecodeError as error:
-            return 400, {"error": f"body is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}"}
-        except UnicodeDecodeError:
-            return 400, {"error": "body is not UTF-8 JSON"}
+        payload, refusal = _json_payload(body)
+        if refusal is not None:
+            return refusal
         try:
             request = LabelRequest.model_validate(payload)
         except ValidationError as error:
@@ -223,6 +215,32 @@ class RequestGuard:
         except LimitExceeded as error:
             return 413, {"error": str(error)}
         return None
+
+    def check_reload_body(self, body: bytes | None) -> tuple[int, dict] | None:
+        """/reload takes no input: None for no body or a JSON object (its keys are ignored), else a 4xx."""
+        if body is None:
+            return 413, {"error": f"request body over {self.max_body_bytes} bytes"}
+        if not body.strip():
+            return None
+        payload, refusal = _json_payload(body)
+        if refusal is not None:
+            return refusal
+        if not isinstance(payload, dict):
+            return 422, {"error": "/reload takes no input: send no body or a JSON object"}
+        return None
+
+
+def _json_payload(body: bytes) -> tuple[Any, tuple[int, dict] | None]:
+    """The parsed body, or the 400 to answer (never quoting the body)."""
+    try:
+        return json.loads(body), None
+    except json.JSONDecodeError as error:
+        where = f"line {error.lineno}, column {error.colno}"
+        return None, (400, {"error": f"body is not valid JSON: {error.msg} at {where}"})
+    except UnicodeDecodeError:
+        return None, (400, {"error": "body is not UTF-8 JSON"})
+    except RecursionError:  # json.loads gives up on arrays/objects nested about a thousand deep
+        return None, (400, {"error": "body is not acceptable JSON: nested too deeply"})
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
@@ -260,11 +278,10 @@ async def _send_json(send: Send, status: int, payload: dict) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def serve_command(host: str, port: int, service_dir: Path = SERVICE_DIR) -> list[str]:
-    """`bentoml serve` for the service in serving/, the way the README runs it by hand."""
+def serve_command(host: str, port: int) -> list[str]:
+    """`bentoml serve` of the installed package's service, the way the README runs it by hand."""
     bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
-    service = ["service:LabelService", "--working-dir", str(service_dir)]
-    return [bentoml, "serve", *service, "--host", host, "--port", str(port)]
+    return [bentoml, "serve", SERVICE, "--host", host, "--port", str(port)]
 
 
 def absolute_tracking_uri(uri: str, base: Path) -> str:
@@ -281,7 +298,7 @@ def run_server(model: str, host: str, port: int, api_key: str | None) -> int:
     from deberta_rad.registry import check_model_ref
     from deberta_rad.settings import get_settings
 
-    if not is_loopback(host) and not api_key:
+    if not is_loopback_host(host) and not api_key:
         raise ValueError(f"--host {host} is not loopback: set DEBERTA_RAD_SERVE_API_KEY (or --api-key) first")
     check_model_ref(model)
     if Path(model).is_dir():
@@ -317,33 +334,40 @@ def pack_model(model_ref: str) -> tuple[str, str]:
     return str(packed.tag), version
 
 
-def build_wheel(service_dir: Path = SERVICE_DIR) -> Path:
-    """A wheel of this project in serving/wheels/, which the bentofile installs into the Bento's image."""
-    wheels = service_dir / "wheels"
+def build_wheel(bento_dir: Path = BENTO_DIR) -> Path:
+    """A wheel of this project in serving/wheels/, which the bentofile installs into the Bento's image:
+    the service inside the Bento is the one in that wheel."""
+    wheels = bento_dir / "wheels"
     shutil.rmtree(wheels, ignore_errors=True)
     pip_wheel = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels)]
-    subprocess.run([*pip_wheel, str(service_dir.parent)], check=True)
+    subprocess.run([*pip_wheel, str(bento_dir.parent)], check=True)
     return next(wheels.glob("deberta_rad-*.whl"))
 
 
-def build_bento(model_ref: str, service_dir: Path = SERVICE_DIR) -> tuple[str, str]:
-    """`bentoml build` of serving/ with the model packed in; returns the Bento tag and model version."""
+def build_bento(model_ref: str, bento_dir: Path = BENTO_DIR) -> tuple[str, str]:
+    """`bentoml build` of serving/bentofile.yaml with the model packed in; returns the Bento tag and model
+    version. The Bento's `packed_model` argument tells the service inside it which model it carries."""
     import bentoml
     import yaml
 
+    if not (bento_dir / "bentofile.yaml").is_file():
+        raise FileNotFoundError(
+            f"no {bento_dir / 'bentofile.yaml'}: `deberta-rad bento` builds from a source checkout of the project"
+        )
     model_tag, version = pack_model(model_ref)
-    wheel = build_wheel(service_dir)
-    listed = yaml.safe_load((service_dir / "bentofile.yaml").read_text())["python"]["wheels"]
+    wheel = build_wheel(bento_dir)
+    listed = yaml.safe_load((bento_dir / "bentofile.yaml").read_text())["python"]["wheels"]
     if f"wheels/{wheel.name}" not in listed:
         raise ValueError(f"serving/bentofile.yaml lists {listed}, but the project's wheel is wheels/{wheel.name}")
     # BentoML resolves the bentofile's wheel paths against the working directory, not the build context.
     previous = Path.cwd()
-    os.chdir(service_dir)
+    os.chdir(bento_dir)
     try:
         bento = bentoml.bentos.build_bentofile(
             "bentofile.yaml",
             build_ctx=".",
             labels={"model_version": tag_safe(version), "packed_model": tag_safe(model_tag)},
+            args={PACKED_MODEL_ARG: model_tag},
         )
     finally:
         os.chdir(previous)

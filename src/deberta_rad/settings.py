@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -69,84 +66,3 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """One Settings per process; tests clear the cache after changing the environment."""
     return Settings()
-
-
-class ParamsError(ValueError):
-    """A params file that is missing, not YAML, or lacks / misspells a key: the message names the file
-    and the key (and, for a misspelling, the closest valid one)."""
-
-
-def _closest(key: str, valid: Iterable[str]) -> str:
-    """' (did you mean X?)' for the valid key nearest to a misspelt one, or nothing."""
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.8)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
-def known_keys(values: Mapping | None, config_class: type, section: str) -> dict:
-    """A params.yaml section as a dict, when every key names a field of the dataclass ``config_class``:
-    a knob spelt wrong would otherwise be ignored without a word."""
-    values = dict(values or {})
-    valid = config_class.__dataclass_fields__
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        hints = "".join(_closest(key, valid) for key in unknown)
-        raise ParamsError(f"params.yaml: unknown {section} keys {unknown}{hints}")
-    for key, value in values.items():
-        _check_number(value, valid[key].type, f"{section} key {key!r}")
-    return values
-
-
-def _check_number(value: object, annotation: object, what: str) -> None:
-    """A knob annotated plain `int` or `float` must hold one (YAML reads `1e-4` as text: write 1.0e-4)."""
-    if annotation not in ("int", "float", int, float):
-        return
-    whole = annotation in ("int", int)
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not is_number or (whole and not float(value).is_integer()):
-        kind = "a whole number" if whole else "a number"
-        hint = " (YAML reads 1e-4 as text: write 1.0e-4)" if _reads_as_number(value) else ""
-        raise ParamsError(f"params.yaml: {what} must be {kind}, not {value!r}{hint}")
-
-
-def _reads_as_number(value: object) -> bool:
-    """Text that Python reads as a number, such as YAML's `1e-4`."""
-    if not isinstance(value, str):
-        return False
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True
-
-
-def load_params(path: str | Path = "params.yaml") -> dict:
-    """params.yaml, the one place for knobs (DVC tracks it; `dvc exp run -S` overrides it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path}: no params file: run the command in the project folder or pass --params")
-    try:
-        params = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        where = getattr(err, "problem_mark", None)
-        line = f":{where.line + 1}" if where else ""
-        raise ParamsError(f"{path}{line}: not a valid YAML file ({getattr(err, 'problem', None) or err})") from None
-    if params is None:
-        return {}
-    if not isinstance(params, dict):
-        raise ParamsError(f"{path}: expected a mapping of sections (ingest:, train:, ...), got {type(params).__name__}")
-    return params
-
-
-def param(params: Mapping, key: str, path: str | Path = "params.yaml") -> object:
-    """The value of a dotted params key such as `ingest.sources`, or a ParamsError naming the missing
-    key and, when a present key is spelt close to it, that key."""
-    value: object = params
-    done: list[str] = []
-    for part in key.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            present = value.keys() if isinstance(value, Mapping) else []
-            section = ".".join(done) or "top level"
-            raise ParamsError(f"{path}: missing key {key!r} (in {section}){_closest(part, present)}")
-        value = value[part]
-        done.append(part)
-    return value

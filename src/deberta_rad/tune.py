@@ -13,7 +13,6 @@ import logging
 import random
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,8 @@ import mlflow
 import optuna
 
 from deberta_rad.data import InputError, labels_by_id
-from deberta_rad.registry import configure_mlflow, data_version_tags
-from deberta_rad.settings import known_keys
+from deberta_rad.params import Params, TuneParams
+from deberta_rad.tracking import configure_mlflow, data_version_tags
 from deberta_rad.train import TrainConfig, read_split, train_student, training_examples
 
 logger = logging.getLogger(__name__)
@@ -32,58 +31,7 @@ SEARCHED: tuple[str, ...] = ("alpha", "temperature", "learning_rate")
 COLUMN_TITLES = {"alpha": "alpha", "temperature": "T_distill", "learning_rate": "learning_rate"}
 
 
-@dataclass(frozen=True)
-class Range:
-    """Where one knob is searched: [low, high], uniformly or (log) on a log scale."""
-
-    low: float
-    high: float
-    log: bool = False
-
-    @classmethod
-    def from_params(cls, name: str, values: Mapping) -> Range:
-        unknown = sorted(set(values) - {"low", "high", "log"})
-        if unknown:
-            raise ValueError(f"params.yaml tune.{name}: unknown keys {unknown} (expected low, high, log)")
-        searched = cls(float(values["low"]), float(values["high"]), bool(values.get("log", False)))
-        if not searched.low < searched.high:
-            raise ValueError(f"params.yaml tune.{name}: low must be below high; got {searched.low}, {searched.high}")
-        if searched.log and searched.low <= 0:
-            raise ValueError(f"params.yaml tune.{name}: a log-scale range needs low > 0")
-        return searched
-
-
-@dataclass
-class TuneConfig:
-    """The `tune` section of params.yaml: budget, seed and the range of each searched knob."""
-
-    n_trials: int = 10
-    seed: int = 13
-    startup_trials: int = 4  # random trials before TPE starts modelling the results
-    epochs: float | None = None  # per trial; None: train.epochs
-    max_train_reports: int | None = None  # a seeded sample of the train examples per trial; None: all of them
-    alpha: Range = field(default_factory=lambda: Range(0.1, 0.9))
-    temperature: Range = field(default_factory=lambda: Range(1.0, 4.0))
-    learning_rate: Range = field(default_factory=lambda: Range(2e-5, 3e-4, log=True))
-
-    @classmethod
-    def from_params(cls, params: Mapping) -> TuneConfig:
-        """Build from the parsed params.yaml `tune` section, rejecting unknown keys."""
-        values = known_keys(params.get("tune"), cls, "tune")
-        for name in SEARCHED:
-            if name in values:
-                values[name] = Range.from_params(name, values[name])
-        config = cls(**values)
-        if config.n_trials < 1:
-            raise ValueError("params.yaml tune.n_trials must be at least 1")
-        if config.alpha.low < 0.0 or config.alpha.high > 1.0:
-            raise ValueError("params.yaml tune.alpha must lie within [0, 1] (the weight of the distillation term)")
-        if config.temperature.low <= 0:
-            raise ValueError("params.yaml tune.temperature must be positive")
-        return config
-
-
-def suggest(trial: optuna.Trial, config: TuneConfig) -> dict[str, float]:
+def suggest(trial: optuna.Trial, config: TuneParams) -> dict[str, float]:
     """The trial's value of each searched knob, drawn from its range."""
     ranges = {name: getattr(config, name) for name in SEARCHED}
     return {name: trial.suggest_float(name, r.low, r.high, log=r.log) for name, r in ranges.items()}
@@ -91,7 +39,7 @@ def suggest(trial: optuna.Trial, config: TuneConfig) -> dict[str, float]:
 
 def tune(
     splits_dir: Path,
-    params: Mapping,
+    params: Params,
     work_dir: Path | None = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
     sentences_dir: Path | None = None,
@@ -102,7 +50,7 @@ def tune(
     `on_trial(record)` is called after each trial (the CLI prints progress with it). Trainer checkpoints
     go to a temporary folder per trial (under `work_dir` when given) and are removed after it."""
     base = TrainConfig.from_params(params)
-    config = TuneConfig.from_params(params)
+    config = params.tune
     train_reports, train_labels = read_split(splits_dir, "train")
     val_reports, val_labels = read_split(splits_dir, "val")
     if not train_reports or not val_reports:
@@ -122,7 +70,7 @@ def tune(
 
     def objective(trial: optuna.Trial) -> float:
         knobs = suggest(trial, config)
-        trial_config = replace(base, epochs=epochs, **knobs)
+        trial_config = base.model_copy(update={"epochs": epochs, **knobs})
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
             mlflow.set_tags({"stage": "tune-trial", "trial": str(trial.number)})
             mlflow.log_params({**knobs, "epochs": epochs, "trial": trial.number})
@@ -162,9 +110,9 @@ def tune(
         mlflow.set_tags({"stage": "tune", "teacher": teacher, **data_version_tags()})
         mlflow.log_params(
             {
-                **{f"tune.{k}": v for k, v in asdict(config).items() if k not in SEARCHED},
-                **{f"tune.{name}.{k}": v for name in SEARCHED for k, v in asdict(getattr(config, name)).items()},
-                **{f"params.{k}": v for k, v in asdict(base).items() if k not in SEARCHED and k != "epochs"},
+                **{f"tune.{k}": v for k, v in config.model_dump(exclude=set(SEARCHED)).items()},
+                **{f"tune.{name}.{k}": v for name in SEARCHED for k, v in getattr(config, name).model_dump().items()},
+                **{f"params.{k}": v for k, v in base.model_dump(exclude={*SEARCHED, "epochs"}).items()},
                 "epochs_per_trial": epochs,
                 "n_train": len(train_reports),
                 "n_val": len(val_reports),
@@ -180,7 +128,7 @@ def tune(
             "best": best,
             "dvc_exp_run": dvc_exp_command(best["params"]),
             "trials": records,
-            "search": {name: asdict(getattr(config, name)) for name in SEARCHED},
+            "search": {name: getattr(config, name).model_dump() for name in SEARCHED},
             "n_trials": config.n_trials,
             "seed": config.seed,
             "epochs_per_trial": epochs,

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from deberta_rad.params import PseudoLabelParams
 from deberta_rad.schema import LabelRecord, Report, TeacherInfo
 
 
@@ -65,3 +66,11 @@ def label_reports(
     records = labeler.label(reports)
     last_run = getattr(labeler, "last_run", None)
     return records, None if last_run is None else last_run.describe()
+
+
+def label_with_pipeline_teacher(
+    reports: Sequence[Report], pseudo_label: PseudoLabelParams
+) -> tuple[list[LabelRecord], str | None]:
+    """Label with the teacher params.yaml `pseudo_label` names (the stages that label new text)."""
+    cache = Path(pseudo_label.cache) if pseudo_label.cache else None
+    return label_reports(pseudo_label.teacher, reports, pseudo_label.llm_model, cache)

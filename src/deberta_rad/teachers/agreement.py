@@ -1,8 +1,8 @@
 """Agreement between two teachers on the same reports, so a user sees where the LLM and the rules differ.
 
-Cross-tabs and Cohen's kappa come from ``deberta_rad.evaluate`` (the same counting the metrics use),
-with teacher ``a`` in the rows and teacher ``b`` in the columns. Reports only one teacher labelled
-are counted and listed, never silently dropped.
+Cross-tabs come from ``deberta_rad.plots`` and Cohen's kappa from ``deberta_rad.metrics`` (the same
+counting the metrics use), with teacher ``a`` in the rows and teacher ``b`` in the columns. Reports only
+one teacher labelled are counted and listed, never silently dropped.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from deberta_rad.evaluate import cohen_kappa, confusion_matrices
+from deberta_rad.metrics import cohen_kappa
+from deberta_rad.plots import confusion_matrices
 from deberta_rad.schema import FINDINGS, STATUSES
 
 Labels = Mapping[str, Mapping[str, str]]

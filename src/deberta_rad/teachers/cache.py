@@ -7,7 +7,6 @@ prompt version); report text itself is never stored, because reports are PHI and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 from collections.abc import Iterable
@@ -30,11 +29,6 @@ CREATE TABLE IF NOT EXISTS labels (
     PRIMARY KEY (text_sha256, model, prompt_version)
 )
 """
-
-
-def text_sha256(text: str) -> str:
-    """Cache key of a report: the hex sha256 of its exact UTF-8 text."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 
 from deberta_rad.schema import LabelRecord, Report, TeacherInfo, apply_no_finding_rule
+from deberta_rad.teachers.rules import split_sentences
 
 KEYWORDS: dict[str, tuple[str, ...]] = {
     "Atelectasis": ("atelectasis", "collapse"),
@@ -28,14 +29,13 @@ KEYWORDS: dict[str, tuple[str, ...]] = {
     "Pneumothorax": ("pneumothorax",),
 }
 NEGATION = re.compile(r"\b(?:no|not|without|negative for|free of)\b(?!.*\b(?:but|however|although)\b)", re.IGNORECASE)
-SENTENCE_END = re.compile(r"[.!?;\n]")
 
 
 class KeywordTeacher:
     """Keyword match per finding; negated when a negation word stands before it in its sentence."""
 
     def __init__(self) -> None:
-        self.info = TeacherInfo(name="keyword", model="keywords-2")
+        self.info = TeacherInfo(name="keyword", model="keywords-3")
         self.patterns = {
             finding: re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")s?\b", re.IGNORECASE)
             for finding, words in KEYWORDS.items()
@@ -51,12 +51,12 @@ class KeywordTeacher:
 
     @staticmethod
     def _status(pattern: re.Pattern[str], text: str) -> str:
-        """Present if any match is not negated, absent if all are, not_mentioned without a match."""
+        """Present if any match is not negated, absent if all are, not_mentioned without a match. A sentence
+        is the project's (split_sentences) within one line: a negation never reaches into the next line."""
         statuses = set()
-        for match in pattern.finditer(text):
-            sentence_start = max((m.end() for m in SENTENCE_END.finditer(text, 0, match.start())), default=0)
-            negated = NEGATION.search(text[sentence_start : match.start()])
-            statuses.add("absent" if negated else "present")
+        for sentence in (s for line in text.splitlines() for s in split_sentences(line)):
+            for match in pattern.finditer(sentence):
+                statuses.add("absent" if NEGATION.search(sentence[: match.start()]) else "present")
         if not statuses:
             return "not_mentioned"
         return "present" if "present" in statuses else "absent"

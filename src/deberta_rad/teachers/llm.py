@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import importlib.resources
-import ipaddress
 import logging
 import random
 import re
@@ -37,9 +36,11 @@ from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_validator
 from tqdm import tqdm
 
+from deberta_rad.data import text_hash
+from deberta_rad.net import is_loopback_host
 from deberta_rad.schema import FINDINGS, STATUSES, LabelRecord, Report, Status, TeacherInfo
 from deberta_rad.settings import get_settings
-from deberta_rad.teachers.cache import CachedAnswer, LabelCache, text_sha256
+from deberta_rad.teachers.cache import CachedAnswer, LabelCache
 
 log = logging.getLogger(__name__)
 
@@ -163,23 +164,12 @@ class LLMAnswer(BaseModel):
 # ----------------------------------------------------------------------------------------------
 
 
-def is_loopback_url(url: str) -> bool:
-    """True when the URL's host is this machine (localhost, 127.0.0.0/8, ::1)."""
-    host = urlsplit(url).hostname or ""
-    if host.rstrip(".").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def ensure_endpoint_allowed(base_url: str, allow_external: bool) -> None:
     """Refuse a non-local endpoint unless the user opted in: reports are PHI."""
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("the LLM base URL must be an http(s) URL such as http://localhost:8000/v1")
-    if allow_external or is_loopback_url(base_url):
+    if allow_external or is_loopback_host(parts.hostname):
         return
     raise ExternalLLMNotAllowed(
         f"refusing to send reports to {parts.hostname}: reports are protected health information and "
@@ -366,11 +356,11 @@ class _RunState:
 def _group_by_text(reports: Sequence[Report], hashes: Sequence[str]) -> dict[str, _Job]:
     """One job per distinct text: identical reports (frequent "normal" reports) cost one request."""
     jobs: dict[str, _Job] = {}
-    for report, text_hash in zip(reports, hashes, strict=True):
-        if text_hash in jobs:
-            jobs[text_hash].report_ids.append(report.report_id)
+    for report, digest in zip(reports, hashes, strict=True):
+        if digest in jobs:
+            jobs[digest].report_ids.append(report.report_id)
         else:
-            jobs[text_hash] = _Job(text_hash, report.text, [report.report_id])
+            jobs[digest] = _Job(digest, report.text, [report.report_id])
     return jobs
 
 
@@ -442,7 +432,7 @@ class LLMTeacher:
         Raises EndpointRejected, BudgetExhausted or LabelingFailed (all carrying the summary, also
         kept in ``last_run``) when any report stays unlabelled; every answer received is cached first.
         """
-        hashes = [text_sha256(r.text) for r in reports]
+        hashes = [text_hash(r.text) for r in reports]
         jobs = _group_by_text(reports, hashes)
         summary = RunSummary(self.model, self.prompt.version, reports=len(reports), unique_texts=len(jobs))
         self.last_run = summary

@@ -35,6 +35,16 @@ SENTENCE_BREAK = re.compile(
     r"|(?<=[a-z]\.)(?=[A-Z])|\n\s*\n|\s+(?=\d{1,2}[.)]\s)"
 )
 SPACES = re.compile(r"[ \t]{2,}")
+
+
+def split_sentences(text: str) -> list[str]:
+    """The project's one sentence splitter (the rule teacher's, the sentence-level student's, augmentation's
+    and the keyword baseline's): line breaks within a paragraph joined, then cut at SENTENCE_BREAK;
+    pieces of bare punctuation dropped."""
+    flat = SPACES.sub(" ", re.sub(r"[ \t]*\n[ \t]*(?!\s*\n)", " ", text))
+    return [piece.strip() for piece in SENTENCE_BREAK.split(flat) if piece and piece.strip(" .,;:")]
+
+
 # The grammar of conditions ("the heart is enlarged"): a copula separates subject and predicate, words
 # such as these may stand in a list of anatomy without ending it, and semicolons or brackets end a clause.
 COPULA = re.compile(r"\b(?:is|are|was|were|be|been|being|appears?|remains?|seems?|looks?)\b", FLAGS)
@@ -328,11 +338,8 @@ class RuleTeacher:
 
     def sentences(self, text: str) -> list[str]:
         """Sentences of the sections that describe this study (unsectioned text counts), placeholders removed."""
-        sentences: list[str] = []
-        for section in self._scored_sections(self.vocabulary.placeholders.sub("", text)):
-            flat = SPACES.sub(" ", re.sub(r"[ \t]*\n[ \t]*(?!\s*\n)", " ", section))
-            sentences += [s.strip() for s in SENTENCE_BREAK.split(flat) if s and s.strip(" .,;:")]
-        return sentences
+        sections = self._scored_sections(self.vocabulary.placeholders.sub("", text))
+        return [sentence for section in sections for sentence in split_sentences(section)]
 
     def _scored_sections(self, text: str) -> list[str]:
         """Cut the text at section headers; of an ignored section keep only what follows its paragraph.

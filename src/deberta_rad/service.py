@@ -1,5 +1,7 @@
 """BentoML 1.4 service for DeBERTa-RAD: `POST /label` on `LabelService`, which validates, counts and
-formats, and a `Labeler` dependency that holds the model and scores texts.
+formats, and a `Labeler` dependency that holds the model and scores texts. Part of the package, so
+`bentoml serve deberta_rad.service:LabelService` finds it wherever the package is installed; its
+contract and guard are plain code in deberta_rad.serve.
 
 The split is BentoML's adaptive-batching pattern for composed services: `Labeler.score` is batchable,
 so texts from concurrent /label calls are merged into one batch by BentoML's dispatcher, and the
@@ -24,7 +26,7 @@ import numpy as np
 from deberta_rad.predict import LabelingEngine, load_engine, prediction_record
 from deberta_rad.schema import TeacherInfo
 from deberta_rad.serve import (
-    PACKED_MODEL,
+    PACKED_MODEL_ARG,
     LabelRequest,
     LabelResponse,
     ReportIn,
@@ -42,11 +44,12 @@ BENTO_PREFIX = "bentoml:"
 
 
 def model_reference() -> str:
-    """What to serve: inside a built Bento (bento.yaml beside its src/), the model packed into it, unless
-    DEBERTA_RAD_SERVE_MODEL says otherwise; elsewhere the setting (default: the champion alias)."""
-    in_bento = (Path(__file__).resolve().parents[1] / "bento.yaml").is_file()
-    if in_bento and "serve_model" not in SETTINGS.model_fields_set:
-        return f"{BENTO_PREFIX}{PACKED_MODEL}:latest"
+    """What to serve: in a Bento built by `deberta-rad bento` (its `packed_model` argument names the model
+    packed into it), that model, unless DEBERTA_RAD_SERVE_MODEL says otherwise; elsewhere the setting
+    (default: the champion alias)."""
+    packed = getattr(bentoml.use_arguments(), PACKED_MODEL_ARG, None)
+    if packed and "serve_model" not in SETTINGS.model_fields_set:
+        return f"{BENTO_PREFIX}{packed}"
     return SETTINGS.serve_model
 
 
