@@ -29,9 +29,10 @@ MAX_EVIDENCE_SPANS = 5
 NEVER = r"(?!)"
 WORD = re.compile(r"\S+")
 PARAGRAPH_END = re.compile(r"\S.*?\n[ \t]*\n", re.DOTALL)
-# Sentences end at . ! ? ; (not after an abbreviation such as "vs."), a blank line or a numbered item.
+# Sentences end at . ! ? ; (not after an abbreviation such as "vs." or an item number such as "1."), a
+# blank line or before a numbered item.
 SENTENCE_BREAK = re.compile(
-    r"(?<=[.!?;])(?<!\bvs\.)(?<!\bVs\.)(?<!e\.g\.)(?<!i\.e\.)(?<!\bDr\.)\s+"
+    r"(?<=[.!?;])(?<!\bvs\.)(?<!\bVs\.)(?<!e\.g\.)(?<!i\.e\.)(?<!\bDr\.)(?<!\b\d\.)(?<!\b\d\d\.)\s+"
     r"|(?<=[a-z]\.)(?=[A-Z])|\n\s*\n|\s+(?=\d{1,2}[.)]\s)"
 )
 SPACES = re.compile(r"[ \t]{2,}")
