@@ -83,7 +83,7 @@ def copy_of_repo(copy: Path, params: dict[tuple[str, ...], object]) -> Path:
         (copy / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, copy / name)
     set_params(copy / "params.yaml", params)
-    own = [r for r, _ in generate_corpus(6, seed=99)]
+    own = [r for r, _ in generate_corpus(6, seed=2024)]
     write_jsonl(copy / OWN_REPORTS, [r.model_copy(update={"report_id": f"own-{i}"}) for i, r in enumerate(own)])
     run(["git", "init", "-q", "-b", "main"], copy)
     run(["git", "add", "-A"], copy)
@@ -152,7 +152,8 @@ def test_editing_a_source_report_or_the_vocabulary_reruns_what_it_feeds(project:
     source, vocabulary = project / OWN_REPORTS, project / "src/deberta_rad/teachers/vocabulary.yaml"
     original_source, original_vocabulary = source.read_text(), vocabulary.read_text()
     try:
-        source.write_text(original_source.replace('"text": "', '"text": "Edited. ', 1))
+        first, *others = read_reports(source)
+        write_jsonl(source, [first.model_copy(update={"text": "Edited. " + first.text}), *others])
         run([dvc, "repro", "--single-item", "ingest"], project)
         assert "pseudo_label" in json.loads(run([dvc, "status", "dvc.yaml", "--json"], project).stdout)
         source.write_text(original_source)
@@ -165,13 +166,16 @@ def test_editing_a_source_report_or_the_vocabulary_reruns_what_it_feeds(project:
     assert set(json.loads(run([dvc, "status", "dvc.yaml", "--json"], project).stdout)) == {"ingest"}
 
 
-def test_a_bad_value_from_dvc_exp_run_fails_in_the_first_stage_that_reads_it(project: Path) -> None:
+def test_a_bad_value_from_dvc_exp_run_fails_in_the_first_stage_that_reads_it(tmp_path: Path) -> None:
+    # A fresh copy: DVC removes a stage's outputs before it runs it, so the failed stage leaves none.
+    copy = copy_of_repo(tmp_path, {})
     args = [str(BIN / "dvc"), "exp", "run", "-S", "train.alpha=1.5"]
-    result = subprocess.run(args, cwd=project, capture_output=True, text=True, timeout=600, env=clean_env())
+    result = subprocess.run(args, cwd=copy, capture_output=True, text=True, timeout=600, env=clean_env())
     assert result.returncode != 0
     assert "error: params.yaml: train.alpha: Input should be less than or equal to 1, not 1.5" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
-    assert "Running stage 'train'" in result.stdout and "Running stage 'evaluate'" not in result.stdout
+    # ingest reads (and checks) the whole file: the run stops there, before any teacher or training.
+    assert "Running stage 'ingest'" in result.stdout and "Running stage 'pseudo_label'" not in result.stdout
 
 
 def test_dvc_shows_metrics_and_plots(project: Path) -> None:
@@ -293,6 +297,7 @@ def test_the_relabeling_loop_sends_the_drifted_institution_to_the_teacher_and_re
             ("sentences", "synthetic_reports"): 0,  # generated sentences would show it the other style
             ("sentences", "mention_swaps"): 0,  # as would other phrasings put into its own sentences
             ("relabel", "budget"): budget,
+            ("ingest", "sources"): ["synthetic"],  # one institution's style only
         },
     )
     run([str(BIN / "dvc"), "repro"], copy, timeout=900)
