@@ -155,8 +155,9 @@ def registered(student: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
+        # Both set, so the context restores both: mlflow.set_registry_uri(None) leaves its variable behind.
         patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        patch.setenv("MLFLOW_REGISTRY_URI", uri)
         patch.chdir(root)
         get_settings.cache_clear()
         assert CHAMPION in register_model(student, {})["aliases"]

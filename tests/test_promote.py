@@ -131,7 +131,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     root = tmp_path_factory.mktemp("registry")
     with mlflow_server(root) as url, pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", url)
-        patch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        patch.setenv("MLFLOW_REGISTRY_URI", url)  # restored on exit (mlflow would leave it set)
         patch.chdir(root)  # register reads ./dvc.lock for the data version; promote reads ./params.yaml
         get_settings.cache_clear()
         lock = {"schema": "2.0", "stages": {"split": {"outs": [{"path": "data/splits", "md5": SPLITS_MD5}]}}}

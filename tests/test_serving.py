@@ -153,8 +153,9 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
+        # Both set, so the context restores both: mlflow.set_registry_uri(None) leaves its variable behind.
         patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        patch.setenv("MLFLOW_REGISTRY_URI", uri)
         patch.chdir(root)
         get_settings.cache_clear()
         student = student_from_backbone(str(tiny_deberta_backbone(root / "tiny-deberta")), max_length=64)
