@@ -7,6 +7,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,28 @@ def isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
     get_settings.cache_clear()
+
+
+@contextmanager
+def mlflow_store(root: Path, uri: str) -> Iterator[None]:
+    """MLflow pointed at ``uri`` with ``root`` as the working folder, for a module's registry fixture; on
+    exit the variables, MLflow's globals and the settings are restored. Both variables are set through
+    monkeypatch because mlflow.set_registry_uri(None) leaves MLFLOW_REGISTRY_URI behind."""
+    import mlflow
+
+    from deberta_rad.settings import get_settings
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MLFLOW_REGISTRY_URI", uri)
+        patch.chdir(root)
+        get_settings.cache_clear()
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
+            get_settings.cache_clear()
 
 
 def project_params(overrides: dict | None = None) -> Params:

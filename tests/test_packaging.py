@@ -25,13 +25,12 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
-from conftest import REPO, free_port, stop_server, wait_for_http
+from conftest import REPO, free_port, mlflow_store, stop_server, wait_for_http
 from tiny_backbones import tiny_deberta_backbone
 
 from deberta_rad.model import student_from_backbone
 from deberta_rad.registry import CHAMPION, register_model
 from deberta_rad.schema import FINDINGS, STATUSES
-from deberta_rad.settings import get_settings
 
 pytestmark = pytest.mark.slow
 
@@ -154,19 +153,9 @@ def registered(student: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """The student registered (champion) in a SQLite store; yields the store's URI."""
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        # Both set, so the context restores both: mlflow.set_registry_uri(None) leaves its variable behind.
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.setenv("MLFLOW_REGISTRY_URI", uri)
-        patch.chdir(root)
-        get_settings.cache_clear()
+    with mlflow_store(root, uri):
         assert CHAMPION in register_model(student, {})["aliases"]
-        try:
-            yield uri
-        finally:
-            mlflow.set_tracking_uri(None)
-            mlflow.set_registry_uri(None)
-            get_settings.cache_clear()
+        yield uri
 
 
 PREDICT = """

@@ -16,12 +16,11 @@ from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
-import mlflow
 import numpy as np
 import pytest
 import requests
 import yaml
-from conftest import free_port, noisy_copy, stop_server, wait_for_http, write_params
+from conftest import free_port, mlflow_store, noisy_copy, stop_server, wait_for_http, write_params
 from mlflow import MlflowClient
 from tiny_backbones import tiny_deberta_backbone
 from typer.testing import CliRunner
@@ -32,7 +31,6 @@ from deberta_rad.model import student_from_backbone
 from deberta_rad.promote import EVALUATION_DATA_TAG, format_gate_table, gate_reference, promotion_gate
 from deberta_rad.registry import CHAMPION, finding_f1_tag, register_model, resolve_model
 from deberta_rad.schema import FINDINGS, STATUSES
-from deberta_rad.settings import get_settings
 
 pytestmark = pytest.mark.slow
 
@@ -129,11 +127,9 @@ class Registry:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     root = tmp_path_factory.mktemp("registry")
-    with mlflow_server(root) as url, pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", url)
-        patch.setenv("MLFLOW_REGISTRY_URI", url)  # restored on exit (mlflow would leave it set)
-        patch.chdir(root)  # register reads ./dvc.lock for the data version; promote reads ./params.yaml
-        get_settings.cache_clear()
+    # register reads ./dvc.lock for the data version; promote reads ./params.yaml. On exit nothing later in
+    # the session may talk to the stopped server.
+    with mlflow_server(root) as url, mlflow_store(root, url):
         lock = {"schema": "2.0", "stages": {"split": {"outs": [{"path": "data/splits", "md5": SPLITS_MD5}]}}}
         (root / "dvc.lock").write_text(yaml.safe_dump(lock))
         write_params(root / "params.yaml", {"promote": {"reference": "gold", "max_finding_drop": 0.05}})
@@ -143,14 +139,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         worse_metrics = synthetic_evaluation(seed=3, error_rate=0.1, dropped=DROPPED)
         better = register_model(root / "student", better_metrics)
         worse = register_model(root / "student", worse_metrics)  # the newest: challenger
-        try:
-            yield Registry(
-                url, MlflowClient(), str(better["version"]), str(worse["version"]), better_metrics, worse_metrics
-            )
-        finally:
-            mlflow.set_tracking_uri(None)  # nothing later in the session may talk to the stopped server
-            mlflow.set_registry_uri(None)
-            get_settings.cache_clear()
+        versions = str(better["version"]), str(worse["version"])
+        yield Registry(url, MlflowClient(), *versions, better_metrics, worse_metrics)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,11 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import requests
-from conftest import free_port, stop_server, wait_for_http
+from conftest import free_port, mlflow_store, stop_server, wait_for_http
 from mlflow import MlflowClient
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
@@ -35,7 +34,6 @@ from deberta_rad.net import is_loopback_host
 from deberta_rad.registry import CHAMPION, register_model
 from deberta_rad.schema import FINDINGS, STATUSES
 from deberta_rad.serve import RequestGuard, absolute_tracking_uri, error_location, label_result
-from deberta_rad.settings import get_settings
 from deberta_rad.synthetic import generate_corpus
 
 BIN = Path(sys.executable).parent
@@ -152,22 +150,12 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
     """Two registered versions of a tiny student in a SQLite store; version 1 is champion."""
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        # Both set, so the context restores both: mlflow.set_registry_uri(None) leaves its variable behind.
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.setenv("MLFLOW_REGISTRY_URI", uri)
-        patch.chdir(root)
-        get_settings.cache_clear()
+    with mlflow_store(root, uri):
         student = student_from_backbone(str(tiny_deberta_backbone(root / "tiny-deberta")), max_length=64)
         student.save(root / "student")
         assert CHAMPION in register_model(root / "student", {})["aliases"]
         register_model(root / "student", {})
-        try:
-            yield root, uri
-        finally:
-            mlflow.set_tracking_uri(None)
-            mlflow.set_registry_uri(None)
-            get_settings.cache_clear()
+        yield root, uri
 
 
 @pytest.fixture(scope="module")
