@@ -127,7 +127,7 @@ def label_sentence_splits(
         held_out = distinct_sentences([*val, *test])
         synthetic = synthetic_sentences(config, {s.report_id for s in own}, [*val, *test])
         known = {s.report_id for s in [*own, *synthetic, *held_out]}
-        swaps = mention_swaps(own, config.mention_swaps, config.swap_seed, known)
+        swaps = mention_swaps(own, config.mention_swaps, config.swap_seed, known, config.vocabulary_phrases)
         n_synthetic, n_swaps = len(synthetic), len(swaps)
         splits = {"train": own + synthetic + swaps, "val": distinct_sentences(val)}
     everything = {s.report_id: s for sentences in splits.values() for s in sentences}
@@ -168,11 +168,15 @@ def synthetic_sentences(config: SentencesParams, known: set[str], held_out: Sequ
 MAX_SWAP_WORDS = 3
 
 
-def mention_swaps(sentences: Sequence[Report], variants: int, seed: int, known: set[str]) -> list[Report]:
+def mention_swaps(
+    sentences: Sequence[Report], variants: int, seed: int, known: set[str], vocabulary: bool = False
+) -> list[Report]:
     """Up to `variants` new sentences per sentence, each with one short phrase that names a finding (the
     rule vocabulary's evidence) replaced by a phrase that names another finding in some other sentence,
-    the finding drawn uniformly: "No pneumothorax." gives "No cardiomegaly.". None is a ``known``
-    sentence id. The pipeline's teacher labels them like any sentence.
+    the finding drawn uniformly: "No pneumothorax." gives "No cardiomegaly.". With ``vocabulary`` the
+    phrases drawn from also hold every name the rule vocabulary spells out for the finding
+    (teachers.phrases), not only those the sentences hold. None is a ``known`` sentence id. The
+    pipeline's teacher labels them like any sentence.
 
     Why: the student only learns the phrasings its train sentences hold, and a rare finding's names occur
     in a handful of sentences while the negation and uncertainty around them occur in hundreds. Putting
@@ -182,6 +186,8 @@ def mention_swaps(sentences: Sequence[Report], variants: int, seed: int, known: 
         return []
     spans = [_short_evidence(record) for record in _segmenter().label(list(sentences))]
     phrases = _phrases_by_finding(spans)
+    if vocabulary:
+        phrases = _with_vocabulary_phrases(phrases, sentences)
     rng = random.Random(seed)
     new: dict[str, Report] = {}
     for sentence, own in zip(sentences, spans, strict=True):
@@ -217,6 +223,18 @@ def _phrases_by_finding(spans: Iterable[list[tuple[str, str]]]) -> dict[str, lis
         for finding, phrase in own:
             phrases.setdefault(finding, set()).add(phrase.lower())
     return {finding: sorted(phrases[finding]) for finding in FINDINGS if finding in phrases}
+
+
+def _with_vocabulary_phrases(phrases: dict[str, list[str]], sentences: Sequence[Report]) -> dict[str, list[str]]:
+    from deberta_rad.teachers.phrases import finding_phrases
+
+    words = {word for sentence in sentences for word in sentence.text.lower().split()}
+    spelt = finding_phrases(words, _segmenter())
+    return {
+        finding: sorted({*phrases.get(finding, []), *spelt.get(finding, [])})
+        for finding in FINDINGS
+        if finding in phrases or finding in spelt
+    }
 
 
 def _cased_like(original: str, text: str) -> str:

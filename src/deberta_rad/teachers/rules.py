@@ -224,8 +224,8 @@ class FindingVotes:
         return max(self.statuses, key=STATUS_RANK.__getitem__)
 
 
-def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
-    """Read and compile the vocabulary; the packaged file unless a path is given."""
+def read_vocabulary(path: str | Path | None = None) -> dict[str, Any]:
+    """The vocabulary file as written (patterns uncompiled); the packaged file unless a path is given."""
     if path is None:
         text = resources.files("deberta_rad.teachers").joinpath("vocabulary.yaml").read_text("utf-8")
     else:
@@ -233,6 +233,12 @@ def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
     data = yaml.safe_load(text)
     if not isinstance(data, dict) or "version" not in data:
         raise ValueError(f"vocabulary {path or 'vocabulary.yaml'} has no `version` key")
+    return data
+
+
+def load_vocabulary(path: str | Path | None = None) -> Vocabulary:
+    """Read and compile the vocabulary; the packaged file unless a path is given."""
+    data = read_vocabulary(path)
     specs = {name: spec or {} for name, spec in (data.get("findings") or {}).items()}
     unknown = [name for name in specs if name not in FINDINGS]
     if unknown:
