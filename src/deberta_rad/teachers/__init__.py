@@ -40,12 +40,14 @@ def get_teacher(name: str, **options: object) -> Teacher:
     raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHER_NAMES)}")
 
 
-def llm_options(llm_model: str | None, cache: Path | None) -> dict[str, object]:
-    """The LLM teacher's options: model and cache from the caller, endpoint limits from the settings."""
+def llm_options(llm_model: str | None, cache: Path | None, response_format: str | None = None) -> dict[str, object]:
+    """The LLM teacher's options: model, cache and (if given) structured-output mode from the caller,
+    endpoint limits from the settings."""
     from deberta_rad.settings import get_settings
 
     settings = get_settings()
     return {
+        "response_format": response_format or settings.llm_response_format,
         "model": llm_model,
         "cache_dir": cache,
         "concurrency": settings.llm_concurrency,
@@ -59,10 +61,15 @@ def llm_options(llm_model: str | None, cache: Path | None) -> dict[str, object]:
 
 
 def label_reports(
-    teacher: str, reports: Sequence[Report], llm_model: str | None = None, cache: Path | None = None
+    teacher: str,
+    reports: Sequence[Report],
+    llm_model: str | None = None,
+    cache: Path | None = None,
+    response_format: str | None = None,
 ) -> tuple[list[LabelRecord], str | None]:
     """Label with a teacher by name; returns the records and, for the LLM, its usage and cost line."""
-    labeler = get_teacher(teacher, **(llm_options(llm_model, cache) if teacher == "llm" else {}))
+    options = llm_options(llm_model, cache, response_format) if teacher == "llm" else {}
+    labeler = get_teacher(teacher, **options)
     records = labeler.label(reports)
     last_run = getattr(labeler, "last_run", None)
     return records, None if last_run is None else last_run.describe()

@@ -1,7 +1,13 @@
 """LLM teacher: pseudo-labels reports through any OpenAI-compatible Chat Completions endpoint.
 
 One report per request, answers forced into a JSON schema and validated with pydantic; an answer
-that is not JSON or breaks the schema is asked again (bounded), never guessed. Requests run
+that is not JSON or breaks the schema is asked again (bounded), never guessed. How the schema is
+imposed depends on the server (`json_schema`, llama-cpp-python's `json_object` with `schema`, or the
+schema in the prompt): one cheap request probes it before the first run against an endpoint, and the
+mode is kept in the cache. An answer whose No Finding contradicts its other findings is asked again
+once with the contradiction named, then set by the rule. When the first reports all fail the same way
+(the server refuses the request format, the context overflows), the run stops with the server's
+message and the setting to change instead of retrying every report. Requests run
 concurrently (bounded) with retries and backoff, under an optional per-run budget, and every
 validated answer is committed to a SQLite cache at once, so reruns and resumed runs only pay for
 what is new.
@@ -21,14 +27,16 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import importlib.resources
+import json
 import logging
 import random
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import openai
@@ -38,7 +46,7 @@ from tqdm import tqdm
 
 from deberta_rad.data import text_hash
 from deberta_rad.net import is_loopback_host
-from deberta_rad.schema import FINDINGS, STATUSES, LabelRecord, Report, Status, TeacherInfo
+from deberta_rad.schema import FINDINGS, STATUSES, LabelRecord, Report, Status, TeacherInfo, apply_no_finding_rule
 from deberta_rad.settings import get_settings
 from deberta_rad.teachers.cache import CachedAnswer, LabelCache
 
@@ -50,7 +58,18 @@ NO_KEY_PLACEHOLDER = "not-needed"  # local servers ignore the key, but the SDK i
 RETRYABLE_STATUSES = frozenset({408, 409, 429})  # plus every 5xx
 CONFIGURATION_STATUSES = frozenset({401, 403, 404})  # wrong key, model or URL: every request would fail
 MAX_IDS_IN_ERROR = 20
+# Distinct reports whose first attempts failed alike, with nothing labelled yet, that stop a run: a
+# server that refuses the request format or overflows its context fails every report the same way.
+FAIL_FAST_REPORTS = 3
+MAX_SERVER_MESSAGE_CHARS = 300
+# Structured-output modes, strictest first (the probe's order): OpenAI's JSON schema (OpenAI, Azure,
+# vLLM, llama-server, Ollama >= 0.5); llama-cpp-python's json_object with a `schema`; a plain JSON
+# object with the schema stated in the prompt, which any JSON mode takes.
+ResponseMode = Literal["json_schema", "json_object", "prompt"]
+RESPONSE_MODES: tuple[ResponseMode, ...] = get_args(ResponseMode)
+PROBE_MESSAGES = [{"role": "user", "content": 'Answer with the JSON object {"ok": true}.'}]
 _PROMPT_VERSION_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+_KEY_LIKE = re.compile(r"\b(?:sk|key|token)-[A-Za-z0-9_*-]{6,}", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,6 +101,10 @@ class LabelingFailed(LLMTeacherError):
     """Some reports got no valid answer within the retries; all others were labelled and cached."""
 
 
+class SystematicFailure(LLMTeacherError):
+    """The first reports all failed the same way and none succeeded: every other report would too."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Prompt and answer schema
 # ----------------------------------------------------------------------------------------------
@@ -95,10 +118,14 @@ class Prompt:
     system: str
     user_template: str
 
-    def messages(self, report_text: str) -> list[dict[str, str]]:
-        """Chat messages for one report (str.replace, not format: reports may contain braces)."""
+    def messages(self, report_text: str, mode: ResponseMode = "json_schema") -> list[dict[str, str]]:
+        """Chat messages for one report (str.replace, not format: reports may contain braces); in mode
+        `prompt` the system message also states the JSON schema, which nothing else imposes."""
+        system = self.system
+        if mode == "prompt":
+            system += "\n\nThe answer must follow this JSON schema:\n" + json.dumps(answer_json_schema())
         return [
-            {"role": "system", "content": self.system},
+            {"role": "system", "content": system},
             {"role": "user", "content": self.user_template.replace("{report}", report_text)},
         ]
 
@@ -136,10 +163,16 @@ def answer_json_schema() -> dict[str, Any]:
     }
 
 
-RESPONSE_FORMAT: dict[str, Any] = {
-    "type": "json_schema",
-    "json_schema": {"name": "chest_xray_labels", "strict": True, "schema": answer_json_schema()},
-}
+def response_format(mode: ResponseMode) -> dict[str, Any]:
+    """The request's `response_format` for a structured-output mode."""
+    if mode == "json_schema":
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": "chest_xray_labels", "strict": True, "schema": answer_json_schema()},
+        }
+    if mode == "json_object":
+        return {"type": "json_object", "schema": answer_json_schema()}
+    return {"type": "json_object"}
 
 
 class LLMAnswer(BaseModel):
@@ -203,29 +236,118 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 
 
 class _RetryableFailure(Exception):
-    """A failed attempt worth repeating (rate limit, server error, timeout, invalid answer)."""
+    """A failed attempt worth repeating (rate limit, server error, timeout, invalid answer).
 
-    def __init__(self, reason: str, retry_after_s: float | None = None, back_off: bool = True) -> None:
+    ``hint`` names the setting that fixes it where one does; ``systematic`` failures (not rate limits or
+    answers asked again) count towards stopping a run whose first reports all fail alike."""
+
+    def __init__(
+        self,
+        reason: str,
+        retry_after_s: float | None = None,
+        back_off: bool = True,
+        hint: str = "",
+        systematic: bool = True,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after_s = retry_after_s
         self.back_off = back_off
+        self.hint = hint
+        self.systematic = systematic
 
 
 class _ReportRejected(Exception):
     """The endpoint rejects this one request (e.g. a report longer than the context): do not repeat."""
 
+    def __init__(self, reason: str, hint: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.hint = hint
 
-def _status_failure(status: int, headers: Mapping[str, str], model: str) -> Exception:
+
+def server_message(body: object, report_text: str = "", api_key: str | None = None) -> str | None:
+    """The error message a server gave (OpenAI's `error.message`, FastAPI's `detail`, a plain `message`),
+    on one line and cut short; withheld when it quotes the report, since a server may echo the request,
+    and with the API key (or anything shaped like one) masked, since a 401 may quote it."""
+    message: object = body
+    if isinstance(body, dict):
+        error = body.get("error")
+        message = (
+            (error.get("message") if isinstance(error, dict) else error) or body.get("detail") or body.get("message")
+        )
+    if isinstance(message, list):  # FastAPI's validation errors: their `msg`, never their `input`
+        message = "; ".join(str(item.get("msg", "")) if isinstance(item, dict) else str(item) for item in message)
+    if not isinstance(message, str) or not message.strip():
+        return None
+    message = " ".join(message.split())
+    if api_key:
+        message = message.replace(api_key, "***")
+    message = _KEY_LIKE.sub("***", message)[:MAX_SERVER_MESSAGE_CHARS]
+    return "(the server's message quotes the request; not shown)" if _quotes(message, report_text) else message
+
+
+def _quotes(message: str, text: str, window: int = 20) -> bool:
+    """Whether any `window` characters of the message occur in the text (both on one line, lower-case)."""
+    flat, message = " ".join(text.split()).lower(), message.lower()
+    if not flat or len(message) < window:
+        return bool(flat) and message in flat
+    return any(message[i : i + window] in flat for i in range(len(message) - window + 1))
+
+
+def endpoint_hint(status: int | None, message: str | None) -> str:
+    """The setting that fixes an error a server gives for its limits or the request format, if any."""
+    text = (message or "").lower()
+    if re.search(r"response_format|json_schema|json schema", text):
+        return (
+            "the server does not take this structured-output mode: set --llm-response-format (or "
+            "DEBERTA_RAD_LLM_RESPONSE_FORMAT) to auto to probe again, or to json_object or prompt"
+        )
+    if re.search(r"context|n_ctx|too long|too many tokens|maximum .*length", text):
+        return (
+            "the prompt and answer do not fit the context the server gives one request: start it with a "
+            "larger context (llama-server --ctx-size, shared by its --parallel slots; llama_cpp.server "
+            "--n_ctx) or lower DEBERTA_RAD_LLM_CONCURRENCY"
+        )
+    if status == 503:
+        return "the server is busy or still loading: lower DEBERTA_RAD_LLM_CONCURRENCY or wait for it"
+    return ""
+
+
+def _status_failure(err: openai.APIStatusError, model: str, report_text: str, api_key: str | None) -> Exception:
     """Classify an HTTP error answer: retry it, give up on this report, or stop the run."""
+    status = err.status_code
+    message = server_message(err.body, report_text, api_key)
+    reason = f"HTTP {status}" + (f": {message}" if message else "")
     if status in RETRYABLE_STATUSES or status >= 500:
-        return _RetryableFailure(f"HTTP {status}", retry_after_s=retry_after_seconds(headers))
+        return _RetryableFailure(
+            reason,
+            retry_after_s=retry_after_seconds(err.response.headers),
+            hint=endpoint_hint(status, message),
+            systematic=status != 429,
+        )
     if status in CONFIGURATION_STATUSES:
         return EndpointRejected(
-            f"the LLM endpoint answered HTTP {status} for model {model!r}: check OPENAI_API_KEY, "
+            f"the LLM endpoint answered {reason} for model {model!r}: check OPENAI_API_KEY, "
             "OPENAI_BASE_URL (usually ending in /v1) and the model name"
         )
-    return _ReportRejected(f"HTTP {status}")
+    return _ReportRejected(reason, endpoint_hint(status, message))
+
+
+def no_finding_contradiction(labels: Mapping[str, str]) -> str | None:
+    """What is wrong with an answer's No Finding under the rule teacher's convention (DESIGN.md: present
+    exactly when no other finding is present or uncertain, else not_mentioned), or None."""
+    expected = apply_no_finding_rule(dict(labels))["No Finding"]
+    given = labels["No Finding"]
+    if given == expected:
+        return None
+    positive = [f for f in FINDINGS if f != "No Finding" and labels[f] in ("present", "uncertain")]
+    if positive:
+        return (
+            f'"No Finding" is "{given}" while {", ".join(positive)} '
+            f'{"is" if len(positive) == 1 else "are"} present or uncertain: it must then be "not_mentioned".'
+        )
+    return f'"No Finding" is "{given}" while no other finding is present or uncertain: it must then be "present".'
 
 
 def _safe_location(loc: tuple[int | str, ...]) -> str:
@@ -256,6 +378,14 @@ def _completion_labels(completion: object) -> dict[str, str]:
         raise _RetryableFailure(_validation_reason(err), back_off=False) from None
 
 
+def _correction_messages(labels: Mapping[str, str], contradiction: str) -> list[dict[str, str]]:
+    """The previous answer (labels only) and what is wrong with it, for asking once again."""
+    return [
+        {"role": "assistant", "content": json.dumps({"labels": dict(labels)})},
+        {"role": "user", "content": f"{contradiction} Answer again with the whole corrected JSON object."},
+    ]
+
+
 # ----------------------------------------------------------------------------------------------
 # Run bookkeeping
 # ----------------------------------------------------------------------------------------------
@@ -267,6 +397,8 @@ class RunSummary:
 
     model: str
     prompt_version: str
+    response_mode: str = "json_schema"
+    response_mode_source: str = "set"  # set (by the user), cached (probed before) or probed (this run)
     reports: int = 0
     unique_texts: int = 0
     cache_hits: int = 0
@@ -276,6 +408,7 @@ class RunSummary:
     completion_tokens: int = 0
     estimated_cost_usd: float | None = None
     stopped_by_budget: bool = False
+    no_finding_repaired: int = 0
     unlabelled_ids: list[str] = field(default_factory=list)
     failed_ids: list[str] = field(default_factory=list)
 
@@ -287,14 +420,24 @@ class RunSummary:
         """One line for the end of a run: counts, tokens and cost."""
         cost = "unknown (no prices given)" if self.estimated_cost_usd is None else f"${self.estimated_cost_usd:.4f}"
         line = (
-            f"LLM teacher {self.model} (prompt {self.prompt_version}): {self.reports} reports, "
+            f"LLM teacher {self.model} (prompt {self.prompt_version}, structured output {self.response_mode}, "
+            f"{self.response_mode_source}): {self.reports} reports, "
             f"{self.unique_texts} distinct texts, {self.cache_hits} from cache, "
             f"{self.requests_sent} requests ({self.retries} retries), "
             f"tokens {self.prompt_tokens} prompt + {self.completion_tokens} completion, estimated cost {cost}"
         )
+        if self.no_finding_repaired:
+            line += f"; No Finding set by the rule in {self.no_finding_repaired} answers that contradicted it"
         if self.unlabelled_ids:
             line += f"; {len(self.unlabelled_ids)} reports unlabelled"
         return line + (" (stopped by budget)" if self.stopped_by_budget else "")
+
+
+class _PutOff:
+    """A job's attempts deferred to the back of the queue."""
+
+
+_PUT_OFF = _PutOff()
 
 
 @dataclass
@@ -304,6 +447,9 @@ class _Job:
     text_hash: str
     text: str
     report_ids: list[str]
+    correction: list[dict[str, str]] | None = None  # the last answer and its contradiction, to ask again
+    put_off: bool = False  # its retries were deferred once while nothing was labelled (see _label_job)
+    attempts: int = 0
 
     @property
     def log_id(self) -> str:
@@ -322,6 +468,8 @@ class _RunState:
     answers: dict[str, CachedAnswer]
     failed_hashes: set[str] = field(default_factory=set)
     fatal: LLMTeacherError | None = None
+    labelled: int = 0  # answers received this run
+    first_failures: dict[str, tuple[str, str]] = field(default_factory=dict)  # text hash: (reason, hint)
     resume_at: float = 0.0  # time.monotonic() before which no worker sends (server asked to wait)
 
     def pause_for(self, seconds: float) -> None:
@@ -331,6 +479,19 @@ class _RunState:
     async def wait_if_paused(self) -> None:
         while (remaining := self.resume_at - time.monotonic()) > 0:
             await asyncio.sleep(remaining)
+
+    def note_failure(self, text_hash: str, reason: str, hint: str) -> None:
+        """Stop the run when its first FAIL_FAST_REPORTS distinct reports all failed the same way and
+        nothing was labelled: every other report would fail alike, retries included."""
+        if self.labelled or self.fatal is not None:
+            return
+        self.first_failures.setdefault(text_hash, (reason, hint))
+        kinds = set(self.first_failures.values())
+        if len(self.first_failures) >= FAIL_FAST_REPORTS and len(kinds) == 1:
+            self.fatal = SystematicFailure(
+                f"the first {len(self.first_failures)} reports all failed with {reason}, and none was labelled"
+                + (f"; {hint}" if hint else "")
+            )
 
     def may_send(self) -> bool:
         """Whether another request is allowed; flags a budget stop the first time it is not."""
@@ -394,9 +555,12 @@ class LLMTeacher:
         backoff_base_s: float = 1.0,
         backoff_cap_s: float = 30.0,
         retry_after_cap_s: float = 60.0,
+        response_format: ResponseMode | Literal["auto"] = "auto",
     ) -> None:
         if concurrency < 1 or max_retries < 0 or timeout_s <= 0:
             raise ValueError("need concurrency >= 1, max_retries >= 0 and timeout_s > 0")
+        if response_format != "auto" and response_format not in RESPONSE_MODES:
+            raise ValueError(f"unknown response format {response_format!r}; choose auto or one of {RESPONSE_MODES}")
         settings = get_settings()
         self.model = model or settings.llm_model
         self.base_url = base_url or settings.openai_base_url or DEFAULT_OPENAI_BASE_URL
@@ -414,8 +578,12 @@ class LLMTeacher:
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.retry_after_cap_s = retry_after_cap_s
+        self.response_format = response_format
         self.info = TeacherInfo(name="llm", model=self.model, prompt_version=prompt_version)
         self.last_run: RunSummary | None = None
+
+    def _secret(self) -> str | None:
+        return self._api_key.get_secret_value() if self._api_key else None
 
     def label(self, reports: Sequence[Report]) -> list[LabelRecord]:
         """Label every report, in input order; raises rather than return partial labels."""
@@ -429,57 +597,130 @@ class LLMTeacher:
     async def alabel_with_usage(self, reports: Sequence[Report]) -> tuple[list[LabelRecord], RunSummary]:
         """Async core, for callers already inside an event loop.
 
-        Raises EndpointRejected, BudgetExhausted or LabelingFailed (all carrying the summary, also
-        kept in ``last_run``) when any report stays unlabelled; every answer received is cached first.
+        Raises EndpointRejected, SystematicFailure, BudgetExhausted or LabelingFailed (all carrying the
+        summary, also kept in ``last_run``) when any report stays unlabelled; every answer received is
+        cached first.
         """
         hashes = [text_hash(r.text) for r in reports]
         jobs = _group_by_text(reports, hashes)
         summary = RunSummary(self.model, self.prompt.version, reports=len(reports), unique_texts=len(jobs))
         self.last_run = summary
-        with LabelCache(self.cache_dir) as cache:
-            answers = cache.get_many(jobs, self.model, self.prompt.version)
-            summary.cache_hits = len(answers)
-            state = _RunState(summary, self.max_requests, self.max_tokens_budget, dict(answers))
-            pending = [job for text_hash, job in jobs.items() if text_hash not in answers]
-            if pending:
-                await self._label_pending(pending, state, cache, already_done=len(reports) - self._count(pending))
+        api_key = self._secret() or NO_KEY_PLACEHOLDER
+        async with openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=api_key, max_retries=0, timeout=self.timeout_s
+        ) as client:
+            with LabelCache(self.cache_dir) as cache:
+                state = await self._label_uncached(client, cache, jobs, summary)
         self._finish_summary(reports, hashes, state)
         log.info(summary.describe())
         self._raise_if_incomplete(state)
         return self._records(reports, hashes, state.answers), summary
 
+    async def _label_uncached(
+        self, client: openai.AsyncOpenAI, cache: LabelCache, jobs: dict[str, _Job], summary: RunSummary
+    ) -> _RunState:
+        """Take what the cache holds for this endpoint's structured-output mode, then ask for the rest."""
+        state = _RunState(summary, self.max_requests, self.max_tokens_budget, {})
+        if not jobs:
+            return state
+        summary.response_mode, summary.response_mode_source = await self._response_mode(client, cache)
+        answers = cache.get_many(jobs, self.model, self.prompt.version, summary.response_mode)
+        summary.cache_hits = len(answers)
+        state.answers.update(answers)
+        pending = [job for digest, job in jobs.items() if digest not in answers]
+        if pending:
+            already_done = summary.reports - self._count(pending)
+            await self._label_pending(client, pending, state, cache, already_done)
+        if isinstance(state.fatal, SystematicFailure) and summary.response_mode_source == "cached":
+            cache.put_endpoint_mode(self.base_url, self.model, None)  # the server may have changed: probe again
+        return state
+
+    async def _response_mode(self, client: openai.AsyncOpenAI, cache: LabelCache) -> tuple[ResponseMode, str]:
+        """The structured-output mode to ask in, and where it came from: the user's setting, the cache,
+        or a probe of the endpoint now (then kept in the cache)."""
+        if self.response_format != "auto":
+            return self.response_format, "set"
+        cached = cache.endpoint_mode(self.base_url, self.model)
+        if cached in RESPONSE_MODES:
+            return cached, "cached"  # type: ignore[return-value]
+        mode = await self._probe_response_mode(client)
+        cache.put_endpoint_mode(self.base_url, self.model, mode)
+        log.info(
+            "LLM endpoint %s takes structured output %s for %s (probed, kept in the cache)",
+            self.base_url,
+            mode,
+            self.model,
+        )
+        return mode, "probed"
+
+    async def _probe_response_mode(self, client: openai.AsyncOpenAI) -> ResponseMode:
+        """Ask a few tokens of a tiny JSON answer in each mode, strictest first; the first the server
+        takes wins. No report is sent."""
+        refusals = []
+        for mode in RESPONSE_MODES:
+            try:
+                await client.chat.completions.create(
+                    model=self.model,
+                    messages=PROBE_MESSAGES,  # type: ignore[arg-type]
+                    response_format=response_format(mode),  # type: ignore[arg-type]
+                    max_tokens=8,
+                    temperature=0,
+                )
+                return mode
+            except openai.APIStatusError as err:
+                failure = _status_failure(err, self.model, "", self._secret())
+                if isinstance(failure, EndpointRejected):
+                    raise failure from None
+                message = server_message(err.body, "", self._secret())
+                refusals.append(f"{mode}: HTTP {err.status_code}" + (f" ({message})" if message else ""))
+            except (openai.APITimeoutError, openai.APIConnectionError):
+                raise LLMTeacherError(
+                    f"the LLM endpoint {self.base_url} did not answer a short request within {self.timeout_s:g} s "
+                    "or refused the connection: is the server running there (OPENAI_BASE_URL, usually ending "
+                    "in /v1)? A slow server needs a larger DEBERTA_RAD_LLM_TIMEOUT_S"
+                ) from None
+        raise EndpointRejected(
+            f"the LLM endpoint {self.base_url} took none of the structured-output modes ({'; '.join(refusals)}): "
+            "check that it serves OpenAI chat completions for this model"
+        )
+
     @staticmethod
     def _count(jobs: Sequence[_Job]) -> int:
         return sum(len(job.report_ids) for job in jobs)
 
-    async def _label_pending(self, pending: list[_Job], state: _RunState, cache: LabelCache, already_done: int) -> None:
+    async def _label_pending(
+        self,
+        client: openai.AsyncOpenAI,
+        pending: list[_Job],
+        state: _RunState,
+        cache: LabelCache,
+        already_done: int,
+    ) -> None:
         """Run ``concurrency`` workers over the pending jobs, with a progress bar over reports."""
         log.info(
             "LLM teacher: %d distinct texts to request (%d from cache)",
             len(pending),
             state.summary.cache_hits,
         )
-        api_key = self._api_key.get_secret_value() if self._api_key else NO_KEY_PLACEHOLDER
-        jobs = iter(pending)  # shared by the workers: each job is taken by exactly one of them
+        jobs = deque(pending)  # shared by the workers: each job is taken by one of them at a time
         with tqdm(
             total=state.summary.reports, initial=already_done, unit="report", desc="LLM labels", disable=None
         ) as progress:
-            async with openai.AsyncOpenAI(
-                base_url=self.base_url, api_key=api_key, max_retries=0, timeout=self.timeout_s
-            ) as client:
-                workers = [self._worker(client, jobs, state, cache, progress) for _ in range(self.concurrency)]
-                await asyncio.gather(*workers)
+            workers = [self._worker(client, jobs, state, cache, progress) for _ in range(self.concurrency)]
+            await asyncio.gather(*workers)
 
     async def _worker(
         self,
         client: openai.AsyncOpenAI,
-        jobs: Iterator[_Job],
+        jobs: deque[_Job],
         state: _RunState,
         cache: LabelCache,
         progress: tqdm,
     ) -> None:
-        """Take jobs one at a time until none is left or the run must stop."""
-        for job in jobs:
+        """Take jobs one at a time until none is left or the run must stop; a job put off (see
+        _label_job) goes to the back of the queue."""
+        while jobs:
+            job = jobs.popleft()
             if not state.may_send():
                 return
             try:
@@ -487,29 +728,53 @@ class LLMTeacher:
             except EndpointRejected as err:
                 state.fatal = state.fatal or err
                 return
+            if answer is _PUT_OFF:
+                jobs.append(job)
+                continue
             if answer is None:
                 continue
             state.answers[job.text_hash] = answer
-            cache.put(job.text_hash, self.model, self.prompt.version, answer)
+            state.labelled += 1
+            cache.put(job.text_hash, self.model, self.prompt.version, state.summary.response_mode, answer)
             progress.update(len(job.report_ids))
 
-    async def _label_job(self, client: openai.AsyncOpenAI, job: _Job, state: _RunState) -> CachedAnswer | None:
-        """Ask until a valid answer arrives; None when retries, the budget or a stop end the attempts."""
+    async def _label_job(
+        self, client: openai.AsyncOpenAI, job: _Job, state: _RunState
+    ) -> CachedAnswer | _PutOff | None:
+        """Ask until a valid answer arrives; None when retries, the budget or a stop end the attempts.
+
+        While nothing is labelled yet, a report whose second attempt failed too is put off (once) rather than
+        retried on: other reports then show soon whether every report fails that way (the run stops,
+        _RunState.note_failure) or only this one (it gets its retries later)."""
         reason = "not attempted"
-        for attempt in range(self.max_retries + 1):
+        while (attempt := job.attempts) <= self.max_retries:
+            job.attempts += 1
             await state.wait_if_paused()
             if not state.may_send():
                 return None
             if attempt:
                 state.summary.retries += 1
             try:
-                return await self._request(client, job, state)
+                return await self._request(client, job, state, may_ask_again=attempt < self.max_retries)
             except _RetryableFailure as failure:
-                reason, delay = failure.reason, self._retry_delay(failure, attempt)
+                reason, delay = failure.reason + (f" ({failure.hint})" if failure.hint else ""), 0.0
+                if failure.systematic:
+                    state.note_failure(job.text_hash, failure.reason, failure.hint)
+                if state.fatal is not None:
+                    break
+                if failure.systematic and attempt and not state.labelled and not job.put_off:
+                    log.warning("report %s: %s again; trying other reports before retrying it", job.log_id, reason)
+                    job.put_off = True
+                    return _PUT_OFF
+                delay = self._retry_delay(failure, attempt)
                 if failure.retry_after_s is not None:
                     state.pause_for(delay)
             except _ReportRejected as rejection:
-                log.error("report %s: the endpoint rejected the request (%s); not retrying", job.log_id, rejection)
+                state.note_failure(job.text_hash, rejection.reason, rejection.hint)
+                hint = f" ({rejection.hint})" if rejection.hint else ""
+                log.error(
+                    "report %s: the endpoint rejected the request (%s)%s; not retrying", job.log_id, rejection, hint
+                )
                 state.failed_hashes.add(job.text_hash)
                 return None
             if attempt < self.max_retries:
@@ -522,6 +787,8 @@ class LLMTeacher:
                     delay,
                 )
                 await asyncio.sleep(delay)
+        if state.fatal is not None:
+            return None
         log.error(
             "report %s: no valid answer after %d attempts (last: %s)",
             job.log_id,
@@ -531,30 +798,50 @@ class LLMTeacher:
         state.failed_hashes.add(job.text_hash)
         return None
 
-    async def _request(self, client: openai.AsyncOpenAI, job: _Job, state: _RunState) -> CachedAnswer:
-        """Send one request; return the validated answer or raise a classified failure.
+    async def _request(
+        self, client: openai.AsyncOpenAI, job: _Job, state: _RunState, may_ask_again: bool
+    ) -> CachedAnswer:
+        """Send one request; return the validated answer or raise a classified failure. An answer whose
+        No Finding contradicts its findings is asked again once, with the contradiction named (when
+        ``may_ask_again``), and is otherwise set by the rule and counted.
 
         SDK exceptions are translated here and not chained (``from None``): their messages may quote
-        the response body, which can echo the request, and none of it belongs in logs or errors.
+        the response body, which can echo the request, and none of it belongs in logs or errors; the
+        server's own error message is quoted only when it does not quote the report.
         """
         state.summary.requests_sent += 1
+        mode = state.summary.response_mode
         try:
             completion = await client.chat.completions.create(
                 model=self.model,
-                messages=self.prompt.messages(job.text),  # type: ignore[arg-type]
-                response_format=RESPONSE_FORMAT,  # type: ignore[arg-type]
+                messages=[*self.prompt.messages(job.text, mode), *(job.correction or [])],  # type: ignore[list-item]
+                response_format=response_format(mode),  # type: ignore[arg-type]
                 temperature=0,
             )
         except openai.APITimeoutError:
-            raise _RetryableFailure(f"no answer within {self.timeout_s:g} s") from None
+            raise _RetryableFailure(
+                f"no answer within {self.timeout_s:g} s",
+                hint="raise DEBERTA_RAD_LLM_TIMEOUT_S, or lower DEBERTA_RAD_LLM_CONCURRENCY to what the server "
+                "answers at once (a local server works on a few requests at a time)",
+            ) from None
         except openai.APIConnectionError:
-            raise _RetryableFailure("connection failed or dropped") from None
+            raise _RetryableFailure(
+                "connection failed or dropped", hint=f"is the server running at {self.base_url}?"
+            ) from None
         except openai.APIStatusError as err:
-            raise _status_failure(err.status_code, err.response.headers, self.model) from None
+            raise _status_failure(err, self.model, job.text, self._secret()) from None
         except (openai.APIError, ValueError):
             raise _RetryableFailure("malformed response body") from None
         prompt_tokens, completion_tokens = state.add_usage(completion)
-        return CachedAnswer(_completion_labels(completion), prompt_tokens, completion_tokens)
+        labels = _completion_labels(completion)
+        contradiction = no_finding_contradiction(labels)
+        if contradiction is not None:
+            if job.correction is None and may_ask_again:
+                job.correction = _correction_messages(labels, contradiction)
+                raise _RetryableFailure("No Finding contradicts the other findings", back_off=False, systematic=False)
+            labels = apply_no_finding_rule(labels)
+            state.summary.no_finding_repaired += 1
+        return CachedAnswer(labels, prompt_tokens, completion_tokens)
 
     def _retry_delay(self, failure: _RetryableFailure, attempt: int) -> float:
         """Server's Retry-After (capped) when given, else jittered backoff; invalid answers retry at once."""
@@ -584,7 +871,9 @@ class LLMTeacher:
         labelled = summary.reports - len(summary.unlabelled_ids)
         progress = f"{labelled} of {summary.reports} reports are labelled and cached; a rerun resumes from there"
         if state.fatal is not None:
-            raise type(state.fatal)(f"{state.fatal} ({progress})", summary)
+            # A rerun sends only the reports left, but fails the same way until the cause is fixed.
+            cached = f"{labelled} of {summary.reports} reports are labelled and cached"
+            raise type(state.fatal)(f"{state.fatal} ({cached}; a rerun fails alike until that is fixed)", summary)
         if summary.stopped_by_budget:
             raise BudgetExhausted(
                 f"the run budget (max requests {state.max_requests}, max tokens {state.max_tokens}) ran out "
