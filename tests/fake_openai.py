@@ -38,9 +38,16 @@ FAULTS = (
 )
 # What a server says when the prompt and answer overflow a slot's context (llama-server's words).
 CONTEXT_MESSAGE = "the request exceeds the available context size, try increasing it"
-# llama-cpp-python 0.3's answer to a `json_schema` response format (its pydantic model takes text and
-# json_object only).
-FORMAT_MESSAGE = "Input should be 'text' or 'json_object' (response_format.type)"
+# llama-cpp-python 0.3.36's error message for a `json_schema` response format (its request model takes
+# text and json_object only), as it answered with HTTP 500 here, traceback included.
+FORMAT_ERROR = (
+    "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), 'msg': "
+    "\"Input should be 'text' or 'json_object'\", 'input': 'json_schema', 'ctx': {'expected': \"'text' or "
+    '\'json_object\'"}}\n\n  File "/venv/lib/python3.11/site-packages/llama_cpp/server/app.py", line 376, in '
+    "create_chat_completion\n    POST /v1/chat/completions"
+)
+# What the teacher quotes of it.
+FORMAT_MESSAGE = "response_format.type: Input should be 'text' or 'json_object'"
 PROMPT_TOKENS = 100
 COMPLETION_TOKENS = 20
 RETRY_AFTER_S = 1
@@ -242,7 +249,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _respond(self, fake: FakeOpenAI, request: RecordedRequest) -> None:
         fault = request.fault
         if _refused_format(request.body.get("response_format") or {}, fake.refuse_formats):
-            self._send_json(500, {"error": {"message": FORMAT_MESSAGE, "type": "internal_server_error"}})
+            self._send_json(500, {"error": {"message": FORMAT_ERROR, "type": "internal_server_error"}})
             return
         if fault == "drop":
             self.close_connection = True

@@ -107,7 +107,8 @@ def test_a_format_the_server_refuses_stops_the_run_with_its_message(llm_env: Pat
     result = label(llm_env, "--llm-response-format", "json_schema")
     assert result.exit_code == 2
     message = result.output
-    assert "reports all failed with HTTP" in message and "none was labelled" in message
+    assert "reports all failed with HTTP 500: response_format.type: Input should be 'text' or 'json_object'" in message
+    assert "none was labelled" in message
     assert "--llm-response-format" in message and "resumes" not in message
     assert not (llm_env / "out.jsonl").exists()
     print(json.dumps({"message": message[-600:]}))

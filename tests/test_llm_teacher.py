@@ -15,6 +15,7 @@ import pytest
 from fake_openai import (
     COMPLETION_TOKENS,
     CONTEXT_MESSAGE,
+    FORMAT_ERROR,
     FORMAT_MESSAGE,
     PROMPT_TOKENS,
     RETRY_AFTER_S,
@@ -606,6 +607,8 @@ def test_a_server_message_that_quotes_the_report_is_withheld() -> None:
     assert server_message({"detail": [{"msg": "Field required", "input": text}]}, text) == "Field required"
     assert server_message({"error": {"message": "Loading\n model"}}, text) == "Loading model"
     assert server_message("x" * 1000, text) == "x" * 300
+    assert server_message(FORMAT_ERROR, text) == FORMAT_MESSAGE  # pydantic's error, without input or traceback
+    assert server_message(f'boom\n  File "app.py", line 1, in f\n {text}', text) == "boom"
     assert server_message("Incorrect API key provided: sk-abc123def456", text) == "Incorrect API key provided: ***"
     assert server_message({"unrelated": 1}, text) is None
 

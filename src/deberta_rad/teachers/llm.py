@@ -69,6 +69,8 @@ ResponseMode = Literal["json_schema", "json_object", "prompt"]
 RESPONSE_MODES: tuple[ResponseMode, ...] = get_args(ResponseMode)
 PROBE_MESSAGES = [{"role": "user", "content": 'Answer with the JSON object {"ok": true}.'}]
 _PROMPT_VERSION_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+# One error of a pydantic ValidationError as its repr prints it: {'type': ..., 'loc': (...), 'msg': ...}
+_PYDANTIC_ERROR = re.compile(r"'loc': \((?P<loc>[^)]*)\), 'msg': (?P<q>['\"])(?P<msg>.*?)(?P=q)")
 _KEY_LIKE = re.compile(r"\b(?:sk|key|token)-[A-Za-z0-9_*-]{6,}", re.IGNORECASE)
 
 
@@ -280,11 +282,23 @@ def server_message(body: object, report_text: str = "", api_key: str | None = No
         message = "; ".join(str(item.get("msg", "")) if isinstance(item, dict) else str(item) for item in message)
     if not isinstance(message, str) or not message.strip():
         return None
-    message = " ".join(message.split())
+    message = _readable(message)
     if api_key:
         message = message.replace(api_key, "***")
     message = _KEY_LIKE.sub("***", message)[:MAX_SERVER_MESSAGE_CHARS]
     return "(the server's message quotes the request; not shown)" if _quotes(message, report_text) else message
+
+
+def _readable(message: str) -> str:
+    """A server's message on one line: pydantic's errors as `field: message` (their `input` may hold the
+    request), and without a Python traceback that a server appended (llama-cpp-python does)."""
+    errors = [
+        ".".join(part for part in re.findall(r"'([^']*)'", found["loc"]) if part != "body") + ": " + found["msg"]
+        for found in _PYDANTIC_ERROR.finditer(message)
+    ]
+    if errors:
+        return "; ".join(errors)
+    return " ".join(message.split('  File "', 1)[0].split())
 
 
 def _quotes(message: str, text: str, window: int = 20) -> bool:
