@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from fake_openai import FakeOpenAI, serve
 
 from deberta_rad.params import Params
 from deberta_rad.schema import STATUSES
+from deberta_rad.settings import get_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -140,3 +142,25 @@ def stop_server(server: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+FAKE_KEY = "sk-test-DISTINCTIVE-key-7f3a9c"
+
+
+@pytest.fixture
+def llm_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """For the LLM teacher's tests: in an empty folder, the fake key, no base URL, no opt-in, no stray .env."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    for name in ("OPENAI_BASE_URL", "DEBERTA_RAD_ALLOW_EXTERNAL_LLM", "DEBERTA_RAD_LLM_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAI]:
+    """The fault-injecting Chat Completions and Batch server (fake_openai.py)."""
+    with serve(slow_s=2.0) as server:
+        yield server

@@ -8,6 +8,7 @@ every report ends up with exactly what the server answered.
 
 from __future__ import annotations
 
+import email.policy
 import json
 import re
 import socket
@@ -17,6 +18,7 @@ from collections import defaultdict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -48,6 +50,7 @@ FORMAT_ERROR = (
 )
 # What the teacher quotes of it.
 FORMAT_MESSAGE = "response_format.type: Input should be 'text' or 'json_object'"
+NOT_FOUND = {"error": {"message": "not found", "type": "invalid_request_error"}}
 PROMPT_TOKENS = 100
 COMPLETION_TOKENS = 20
 RETRY_AFTER_S = 1
@@ -97,6 +100,7 @@ class RecordedRequest:
     body: dict[str, Any]
     fault: str | None
     received_at: float  # time.monotonic()
+    via_batch: bool = False  # a line of a batch, not a request of its own
 
 
 class FakeOpenAI:
@@ -107,6 +111,11 @@ class FakeOpenAI:
     ``latency_s`` delays every answer (error answers come at once); a ``slow`` answer waits ``slow_s``.
     ``refuse_formats`` makes it a server without some structured output: "json_schema" (as
     llama-cpp-python), "schema" (a `json_object` with a schema, as OpenAI itself).
+
+    With ``batch_api`` it also serves OpenAI's Files and Batches API (``/v1/files``, ``/v1/batches``): a
+    batch answers ``in_progress`` to its first ``batch_polls - 1`` retrievals, then runs every line through
+    the same answers and faults as a request of its own (non-200 answers go to the error file, as OpenAI
+    does); ``fail_batches`` fails every batch's validation with that message.
     """
 
     def __init__(
@@ -115,7 +124,15 @@ class FakeOpenAI:
         latency_s: float = 0.0,
         echo_key_on_401: bool = True,
         refuse_formats: tuple[str, ...] = (),
+        batch_api: bool = True,
+        batch_polls: int = 2,
     ) -> None:
+        self.batch_api = batch_api
+        self.batch_polls = batch_polls
+        self.fail_batches: str | None = None
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.batch_calls: list[str] = []  # "POST /v1/files", "GET /v1/batches/batch_1", ... in order
         self.slow_s = slow_s
         self.refuse_formats = refuse_formats  # response formats answered with HTTP 500: "json_schema", "schema"
         self.latency_s = latency_s
@@ -158,7 +175,110 @@ class FakeOpenAI:
         self._server.server_close()
         self._thread.join(timeout=5)
 
-    def _admit(self, report: str, authorization: str, body: dict[str, Any]) -> RecordedRequest:
+    def batch_call(self, method: str, path: str, raw: bytes, content_type: str) -> tuple[int, Any]:
+        """Answer a Files or Batches API call: (status, JSON payload or a file's bytes)."""
+        with self._lock:
+            self.batch_calls.append(f"{method} {path}")
+        parts = path.split("/")  # "", "v1", "files" | "batches", id, "content"
+        if method == "POST" and path == "/v1/files":
+            return 200, self._upload(raw, content_type)
+        if method == "POST" and path == "/v1/batches":
+            return 200, self._create_batch(json.loads(raw))
+        known = len(parts) > 3 and parts[3] in (self.files if parts[2] == "files" else self.batches)
+        if not known:
+            return 404, NOT_FOUND
+        if method == "GET" and parts[2] == "files" and parts[4:] == ["content"]:
+            return 200, self.files[parts[3]]
+        if method == "DELETE" and parts[2] == "files":
+            del self.files[parts[3]]
+            return 200, {"id": parts[3], "object": "file", "deleted": True}
+        if method == "GET" and parts[2] == "batches" and len(parts) == 4:
+            return 200, self._retrieve_batch(parts[3])
+        return 404, NOT_FOUND
+
+    def _upload(self, raw: bytes, content_type: str) -> dict[str, Any]:
+        """Store a multipart upload's `file` part, as POST /v1/files does."""
+        form = BytesParser(policy=email.policy.default).parsebytes(
+            f"Content-Type: {content_type}\r\n\r\n".encode() + raw
+        )
+        fields = {part.get_param("name", header="content-disposition"): part for part in form.iter_parts()}
+        data = fields["file"].get_payload(decode=True)
+        file_id = f"file-{len(self.files) + len(self.batches) + 1}-{time.monotonic_ns()}"
+        self.files[file_id] = data
+        return {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": fields["file"].get_filename(),
+            "purpose": fields["purpose"].get_content().strip(),
+            "status": "processed",
+        }
+
+    def _store(self, lines: list[dict[str, Any]]) -> str | None:
+        if not lines:
+            return None
+        file_id = f"file-out-{time.monotonic_ns()}"
+        self.files[file_id] = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        return file_id
+
+    def _create_batch(self, body: dict[str, Any]) -> dict[str, Any]:
+        lines = self.files[body["input_file_id"]].decode().splitlines()
+        batch_id = f"batch_{len(self.batches) + 1}"
+        self.batches[batch_id] = {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": body["endpoint"],
+            "input_file_id": body["input_file_id"],
+            "completion_window": body["completion_window"],
+            "status": "validating",
+            "created_at": int(time.time()),
+            "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            "metadata": body.get("metadata"),
+            "polls": 0,
+        }
+        return self._public(batch_id)
+
+    def _public(self, batch_id: str) -> dict[str, Any]:
+        return {key: value for key, value in self.batches[batch_id].items() if key != "polls"}
+
+    def _retrieve_batch(self, batch_id: str) -> dict[str, Any]:
+        """Progress on early retrievals; then the batch runs, once, and stays completed (or failed)."""
+        batch = self.batches[batch_id]
+        batch["polls"] += 1
+        if batch["status"] in ("validating", "in_progress") and batch["polls"] >= self.batch_polls:
+            self._run_batch(batch)
+        elif batch["status"] == "validating":
+            batch["status"] = "in_progress"
+        return self._public(batch_id)
+
+    def _run_batch(self, batch: dict[str, Any]) -> None:
+        if self.fail_batches is not None:
+            batch["status"] = "failed"
+            error = {"code": "invalid_request", "message": self.fail_batches, "param": None, "line": 1}
+            batch["errors"] = {"object": "list", "data": [error]}
+            return
+        outputs, errors = [], []
+        for number, text in enumerate(self.files[batch["input_file_id"]].decode().splitlines()):
+            line = json.loads(text)
+            request = self._admit(_report_of(line["body"]), "", line["body"], via_batch=True)
+            reply = _reply(self, request)
+            self._leave()
+            answer: dict[str, Any] = {"id": f"batch_req_{number}", "custom_id": line["custom_id"]}
+            if reply is None:
+                errors.append(answer | {"response": None, "error": {"code": "server_error", "message": "dropped"}})
+            else:
+                response = {"status_code": reply[0], "request_id": f"req_{number}", "body": reply[1]}
+                (outputs if reply[0] == 200 else errors).append(answer | {"response": response, "error": None})
+        batch["status"] = "completed"
+        batch["request_counts"] = {
+            "total": len(outputs) + len(errors),
+            "completed": len(outputs),
+            "failed": len(errors),
+        }
+        batch["output_file_id"], batch["error_file_id"] = self._store(outputs), self._store(errors)
+
+    def _admit(self, report: str, authorization: str, body: dict[str, Any], via_batch: bool = False) -> RecordedRequest:
         """Record a request and pick its fault (request-number faults win over report faults)."""
         with self._lock:
             number = len(self.requests) + 1
@@ -166,7 +286,7 @@ class FakeOpenAI:
             if fault is None:
                 queue = next((q for marker, q in self._faults_by_marker.items() if marker in report and q), None)
                 fault = queue.popleft() if queue else None
-            request = RecordedRequest(number, report, authorization, body, fault, time.monotonic())
+            request = RecordedRequest(number, report, authorization, body, fault, time.monotonic(), via_batch)
             self.requests.append(request)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -227,62 +347,85 @@ def _refused_format(response_format: dict[str, Any], refused: tuple[str, ...]) -
     )
 
 
+def _reply(fake: FakeOpenAI, request: RecordedRequest) -> tuple[int, dict[str, Any], dict[str, str]] | None:
+    """A chat completion's status, body and headers for a request and its fault (None: drop the connection)."""
+    fault = request.fault
+    if _refused_format(request.body.get("response_format") or {}, fake.refuse_formats):
+        return 500, {"error": {"message": FORMAT_ERROR, "type": "internal_server_error"}}, {}
+    if fault == "drop":
+        return None
+    errors: dict[str, tuple[int, str, str]] = {
+        "429": (429, "Rate limit reached", "rate_limit_error"),
+        "500": (500, "internal error", "server_error"),
+        "503": (503, "Loading model", "unavailable_error"),
+        "context": (500, CONTEXT_MESSAGE, "server_error"),
+        "400": (400, f"bad request: {request.report}", "invalid"),
+    }
+    if fault == "401":
+        key = request.authorization.removeprefix("Bearer ") if fake.echo_key_on_401 else "***"
+        errors["401"] = (401, f"Incorrect API key provided: {key}", "auth")
+    if fault in errors:
+        status, message, kind = errors[fault]
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if fault == "429" else {}
+        return status, {"error": {"message": message, "type": kind}}, headers
+    time.sleep(fake.slow_s if fault == "slow" else fake.latency_s)
+    return 200, _completion(request.body.get("model", "fake"), _answer_content(request.report, fault)), {}
+
+
+def _report_of(body: dict[str, Any]) -> str:
+    """The report is the first user message; a correction asked after an answer comes later."""
+    return next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
 
     def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            self._send_json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
-            return
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         fake: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
-        # The report is the first user message; a correction asked after an answer comes later.
-        report = next((m["content"] for m in body.get("messages", []) if m.get("role") == "user"), "")
-        request = fake._admit(report, self.headers.get("Authorization", ""), body)
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            self._batch_api_call("POST", raw)
+            return
+        body = json.loads(raw or b"{}")
+        request = fake._admit(_report_of(body), self.headers.get("Authorization", ""), body)
         try:
-            self._respond(fake, request)
+            self._respond(request, _reply(fake, request))
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up first (timeout): nothing to answer
         finally:
             fake._leave()
 
-    def _respond(self, fake: FakeOpenAI, request: RecordedRequest) -> None:
-        fault = request.fault
-        if _refused_format(request.body.get("response_format") or {}, fake.refuse_formats):
-            self._send_json(500, {"error": {"message": FORMAT_ERROR, "type": "internal_server_error"}})
+    def do_GET(self) -> None:
+        self._batch_api_call("GET")
+
+    def do_DELETE(self) -> None:
+        self._batch_api_call("DELETE")
+
+    def _batch_api_call(self, method: str, raw: bytes = b"") -> None:
+        """The Files and Batches API, or 404 as a server without them answers."""
+        fake: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
+        if not fake.batch_api:
+            self._send_json(404, NOT_FOUND)
             return
-        if fault == "drop":
+        status, payload = fake.batch_call(method, self.path.rstrip("/"), raw, self.headers.get("Content-Type", ""))
+        if isinstance(payload, bytes):  # a file's content
+            self._send_bytes(status, payload, "application/octet-stream")
+        else:
+            self._send_json(status, payload)
+
+    def _respond(self, request: RecordedRequest, reply: tuple[int, dict[str, Any], dict[str, str]] | None) -> None:
+        if reply is None:
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
             return
-        if fault == "429":
-            error = {"error": {"message": "Rate limit reached", "type": "rate_limit_error"}}
-            self._send_json(429, error, {"Retry-After": str(RETRY_AFTER_S)})
-            return
-        if fault == "500":
-            self._send_json(500, {"error": {"message": "internal error", "type": "server_error"}})
-            return
-        if fault == "503":
-            self._send_json(503, {"error": {"message": "Loading model", "type": "unavailable_error"}})
-            return
-        if fault == "context":
-            self._send_json(500, {"error": {"code": 500, "message": CONTEXT_MESSAGE, "type": "server_error"}})
-            return
-        if fault == "400":
-            self._send_json(400, {"error": {"message": f"bad request: {request.report}", "type": "invalid"}})
-            return
-        if fault == "401":
-            key = request.authorization.removeprefix("Bearer ") if fake.echo_key_on_401 else "***"
-            self._send_json(401, {"error": {"message": f"Incorrect API key provided: {key}", "type": "auth"}})
-            return
-        time.sleep(fake.slow_s if fault == "slow" else fake.latency_s)
-        content = _answer_content(request.report, fault)
-        self._send_json(200, _completion(request.body.get("model", "fake"), content))
+        self._send_json(*reply)
 
-    def _send_json(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
+    def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        self._send_bytes(status, json.dumps(payload).encode(), "application/json", headers)
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)

@@ -114,6 +114,18 @@ def test_a_format_the_server_refuses_stops_the_run_with_its_message(llm_env: Pat
     print(json.dumps({"message": message[-600:]}))
 
 
+def test_a_batch_run_against_a_server_without_the_batch_api_says_so(llm_env: Path, llama_log: Path) -> None:
+    """llama-cpp-python has no /v1/files: a --batch run is told that, not retried or reported as failing."""
+    write_jsonl(llm_env / "in.jsonl", REPORTS)
+    served = completions_served(llama_log)
+    result = label(llm_env, "--batch", "--llm-response-format", "json_object")
+    assert result.exit_code == 2
+    assert "has no Batch API (POST /files answered HTTP 404 (Not Found))" in result.output
+    assert "label without --batch (params.yaml pseudo_label.batch: false)" in result.output
+    assert completions_served(llama_log) == served and not (llm_env / "out.jsonl").exists()
+    print(json.dumps({"message": result.output[-400:]}))
+
+
 def test_the_pipelines_pseudo_label_stage_runs_through_the_server(
     llama_url: str, llama_log: Path, tmp_path: Path
 ) -> None:

@@ -8,10 +8,10 @@ import logging
 import sqlite3
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import FAKE_KEY
 from fake_openai import (
     COMPLETION_TOKENS,
     CONTEXT_MESSAGE,
@@ -40,8 +40,8 @@ from deberta_rad.teachers.llm import (
     LabelingFailed,
     LLMAnswer,
     LLMTeacher,
+    RetryableFailure,
     SystematicFailure,
-    _RetryableFailure,
     _validation_reason,
     backoff_delay,
     ensure_endpoint_allowed,
@@ -52,7 +52,7 @@ from deberta_rad.teachers.llm import (
     server_message,
 )
 
-FAKE_KEY = "sk-test-DISTINCTIVE-key-7f3a9c"
+pytestmark = pytest.mark.usefixtures("llm_env")
 SECRET_PHRASE = "zebra-marker-9931"  # a piece of report text that must never reach logs or errors
 
 REPORTS = [
@@ -64,24 +64,6 @@ REPORTS = [
     Report(report_id="r6", text="No acute cardiopulmonary process."),  # same text as r3: one request
 ]
 DISTINCT_TEXTS = 5
-
-
-@pytest.fixture(autouse=True)
-def llm_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """A known environment: the fake key, no base URL, no opt-in, and no stray .env file."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
-    for name in ("OPENAI_BASE_URL", "DEBERTA_RAD_ALLOW_EXTERNAL_LLM", "DEBERTA_RAD_LLM_MODEL"):
-        monkeypatch.delenv(name, raising=False)
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeOpenAI]:
-    with serve(slow_s=2.0) as server:
-        yield server
 
 
 def make_teacher(server: FakeOpenAI, tmp_path: Path, **options: object) -> LLMTeacher:
@@ -444,8 +426,8 @@ def test_retry_after_holds_back_every_worker(tmp_path: Path) -> None:
 
 def test_retry_after_is_capped(fake: FakeOpenAI, tmp_path: Path) -> None:
     teacher = make_teacher(fake, tmp_path, retry_after_cap_s=0.1)
-    assert teacher._retry_delay(_RetryableFailure("429", retry_after_s=RETRY_AFTER_S), attempt=1) == 0.1
-    assert teacher._retry_delay(_RetryableFailure("invalid answer", back_off=False), attempt=1) == 0.0
+    assert teacher._retry_delay(RetryableFailure("429", retry_after_s=RETRY_AFTER_S), attempt=1) == 0.1
+    assert teacher._retry_delay(RetryableFailure("invalid answer", back_off=False), attempt=1) == 0.0
 
 
 def test_unknown_prompt_version_is_refused() -> None:

@@ -165,7 +165,14 @@ def ingest(
 def label(
     input: InputOption,
     output: OutputOption,
-    teacher: Annotated[str, typer.Option(help="rules | keyword | llm")] = "rules",
+    params: Annotated[
+        Path | None,
+        typer.Option(
+            help="Take the teacher, model, cache and batch setting from this params file's pseudo_label (as dvc "
+            "repro does); the options below override them."
+        ),
+    ] = None,
+    teacher: Annotated[str | None, typer.Option(help="rules | keyword | llm  [default: rules]")] = None,
     llm_model: Annotated[str | None, typer.Option(help="Model name for --teacher llm.")] = None,
     cache: Annotated[Path | None, typer.Option(help="LLM answer cache folder.")] = None,
     llm_response_format: Annotated[
@@ -175,12 +182,27 @@ def label(
             "probe the endpoint once and keep the result in the cache)."
         ),
     ] = None,
+    batch: Annotated[
+        bool | None,
+        typer.Option(
+            "--batch/--no-batch",
+            help="With --teacher llm: send the reports through the OpenAI Batch API (half the price, answered "
+            "within 24 h); an interrupted run's batch is collected by the next run.  [default: no-batch]",
+        ),
+    ] = None,
 ) -> None:
     """Pseudo-label reports with a teacher."""
     from deberta_rad.teachers import label_reports
 
+    pipeline = load_params(params).pseudo_label if params else None
+    teacher = teacher or (pipeline.teacher if pipeline else "rules")
+    if batch and teacher != "llm":
+        raise typer.BadParameter(f"only the llm teacher labels by batch, not {teacher!r}", param_hint="'--batch'")
+    llm_model = llm_model or (pipeline.llm_model if pipeline else None)
+    cache = cache or (Path(pipeline.cache) if pipeline and pipeline.cache else None)
+    batch = batch if batch is not None else bool(pipeline and pipeline.batch)
     reports = _input_reports(input)
-    records, usage = label_reports(teacher, reports, llm_model, cache, llm_response_format)
+    records, usage = label_reports(teacher, reports, llm_model, cache, llm_response_format, batch)
     data.write_jsonl(output, records)
     if usage:
         typer.echo(usage)
@@ -523,7 +545,9 @@ def relabel(
             _write_json(summary_out, asdict(unchanged) | {"drift_detected": False})
         return
     cache = Path(config.pseudo_label.cache) if config.pseudo_label.cache else None
-    options = llm_options(config.pseudo_label.llm_model, cache) if teacher == "llm" else {}
+    options = (
+        llm_options(config.pseudo_label.llm_model, cache, batch=config.pseudo_label.batch) if teacher == "llm" else {}
+    )
     try:
         summary = relabel_files(
             reports,

@@ -55,6 +55,7 @@ class PseudoLabelParams(Section):
     teacher: Literal["rules", "keyword", "llm"] = "rules"
     llm_model: str = "gpt-4o-mini"
     cache: str | None = ".cache/llm"
+    batch: bool = False
 
 
 class Fractions(Section):

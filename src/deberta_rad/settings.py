@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     llm_price_per_1k_output: float | None = Field(default=None, ge=0)
     # How the answer schema is imposed: auto probes the endpoint once (README "LLM servers").
     llm_response_format: Literal["auto", "json_schema", "json_object", "prompt"] = "auto"
+    # How often a Batch API run (`label --batch`, params pseudo_label.batch) asks whether its batch is done.
+    llm_batch_poll_s: float = Field(default=30.0, gt=0)
 
     # Where models resolved from MLflow URIs are downloaded to (and the engine's ONNX exports go).
     model_cache: Path = Path(".cache/models")

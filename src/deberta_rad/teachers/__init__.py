@@ -40,9 +40,11 @@ def get_teacher(name: str, **options: object) -> Teacher:
     raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHER_NAMES)}")
 
 
-def llm_options(llm_model: str | None, cache: Path | None, response_format: str | None = None) -> dict[str, object]:
-    """The LLM teacher's options: model, cache and (if given) structured-output mode from the caller,
-    endpoint limits from the settings."""
+def llm_options(
+    llm_model: str | None, cache: Path | None, response_format: str | None = None, batch: bool = False
+) -> dict[str, object]:
+    """The LLM teacher's options: model, cache, Batch API and (if given) structured-output mode from the
+    caller, endpoint limits from the settings."""
     from deberta_rad.settings import get_settings
 
     settings = get_settings()
@@ -50,6 +52,8 @@ def llm_options(llm_model: str | None, cache: Path | None, response_format: str 
         "response_format": response_format or settings.llm_response_format,
         "model": llm_model,
         "cache_dir": cache,
+        "batch": batch,
+        "batch_poll_s": settings.llm_batch_poll_s,
         "concurrency": settings.llm_concurrency,
         "timeout_s": settings.llm_timeout_s,
         "max_retries": settings.llm_max_retries,
@@ -66,9 +70,10 @@ def label_reports(
     llm_model: str | None = None,
     cache: Path | None = None,
     response_format: str | None = None,
+    batch: bool = False,
 ) -> tuple[list[LabelRecord], str | None]:
     """Label with a teacher by name; returns the records and, for the LLM, its usage and cost line."""
-    options = llm_options(llm_model, cache, response_format) if teacher == "llm" else {}
+    options = llm_options(llm_model, cache, response_format, batch) if teacher == "llm" else {}
     labeler = get_teacher(teacher, **options)
     records = labeler.label(reports)
     last_run = getattr(labeler, "last_run", None)
@@ -80,4 +85,4 @@ def label_with_pipeline_teacher(
 ) -> tuple[list[LabelRecord], str | None]:
     """Label with the teacher params.yaml `pseudo_label` names (the stages that label new text)."""
     cache = Path(pseudo_label.cache) if pseudo_label.cache else None
-    return label_reports(pseudo_label.teacher, reports, pseudo_label.llm_model, cache)
+    return label_reports(pseudo_label.teacher, reports, pseudo_label.llm_model, cache, batch=pseudo_label.batch)

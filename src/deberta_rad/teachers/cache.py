@@ -4,7 +4,8 @@ SQLite in WAL mode with one committed transaction per answer: a crash (or Ctrl-C
 requests in flight, never a half-written row. Rows are keyed by (sha256 of the report text, model,
 prompt version, structured-output mode); report text itself is never stored, because reports are PHI
 and the hash suffices. The structured-output mode each endpoint took is kept beside the answers, so a
-rerun probes nothing.
+rerun probes nothing, and so are the ids of Batch API batches in flight, so an interrupted run's
+batch is collected by the next run rather than paid for twice.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ CREATE TABLE IF NOT EXISTS endpoints (
     response_mode TEXT NOT NULL,
     probed_at TEXT NOT NULL,
     PRIMARY KEY (base_url, model)
+);
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    base_url TEXT NOT NULL,
+    model TEXT NOT NULL,
+    prompt_version TEXT NOT NULL,
+    response_mode TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    created_at TEXT NOT NULL
 );
 """
 # Caches written before the structured-output mode was part of the key hold `labels`, all asked with a
@@ -129,6 +139,39 @@ class LabelCache:
                 "INSERT OR REPLACE INTO endpoints VALUES (?, ?, ?, ?)",
                 (base_url, model, response_mode, datetime.now(UTC).isoformat(timespec="seconds")),
             )
+
+    def batches_in_flight(self, base_url: str, model: str, prompt_version: str, response_mode: str) -> list[str]:
+        """Ids of the Batch API batches submitted for this endpoint and answer key whose answers are not in
+        yet, oldest first (an interrupted run left them; the next run collects them)."""
+        rows = self._conn.execute(
+            "SELECT batch_id FROM batches WHERE base_url = ? AND model = ? AND prompt_version = ? "
+            "AND response_mode = ? ORDER BY created_at, rowid",
+            (base_url, model, prompt_version, response_mode),
+        )
+        return [str(row[0]) for row in rows]
+
+    def put_batch(
+        self, batch_id: str, base_url: str, model: str, prompt_version: str, response_mode: str, requests: int
+    ) -> None:
+        """Remember a batch the moment it exists, so an interruption never makes a rerun pay for it twice."""
+        with self._conn:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    batch_id,
+                    base_url,
+                    model,
+                    prompt_version,
+                    response_mode,
+                    requests,
+                    datetime.now(UTC).isoformat(timespec="seconds"),
+                ),
+            )
+
+    def forget_batch(self, batch_id: str) -> None:
+        """The batch's answers are in (or it ended without any): nothing to collect any more."""
+        with self._conn:
+            self._conn.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
 
     def __len__(self) -> int:
         return int(self._conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0])

@@ -67,6 +67,8 @@ MAX_SERVER_MESSAGE_CHARS = 300
 # object with the schema stated in the prompt, which any JSON mode takes.
 ResponseMode = Literal["json_schema", "json_object", "prompt"]
 RESPONSE_MODES: tuple[ResponseMode, ...] = get_args(ResponseMode)
+# What the Batch API charges per token, against a request of its own (OpenAI and Azure OpenAI: half).
+BATCH_PRICE_FACTOR = 0.5
 PROBE_MESSAGES = [{"role": "user", "content": 'Answer with the JSON object {"ok": true}.'}]
 _PROMPT_VERSION_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 # One error of a pydantic ValidationError as its repr prints it: {'type': ..., 'loc': (...), 'msg': ...}
@@ -237,7 +239,7 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
         return None if parsed is None else max(0.0, email.utils.mktime_tz(parsed) - time.time())
 
 
-class _RetryableFailure(Exception):
+class RetryableFailure(Exception):
     """A failed attempt worth repeating (rate limit, server error, timeout, invalid answer).
 
     ``hint`` names the setting that fixes it where one does; ``systematic`` failures (not rate limits or
@@ -259,7 +261,7 @@ class _RetryableFailure(Exception):
         self.systematic = systematic
 
 
-class _ReportRejected(Exception):
+class ReportRejected(Exception):
     """The endpoint rejects this one request (e.g. a report longer than the context): do not repeat."""
 
     def __init__(self, reason: str, hint: str = "") -> None:
@@ -330,13 +332,24 @@ def endpoint_hint(status: int | None, message: str | None) -> str:
 
 def _status_failure(err: openai.APIStatusError, model: str, report_text: str, api_key: str | None) -> Exception:
     """Classify an HTTP error answer: retry it, give up on this report, or stop the run."""
-    status = err.status_code
-    message = server_message(err.body, report_text, api_key)
+    return status_failure(err.status_code, err.body, model, report_text, api_key, err.response.headers)
+
+
+def status_failure(
+    status: int,
+    body: object,
+    model: str,
+    report_text: str,
+    api_key: str | None,
+    headers: Mapping[str, str] | None = None,
+) -> Exception:
+    """Classify an error status and body, answered to a request or to a line of a batch."""
+    message = server_message(body, report_text, api_key)
     reason = f"HTTP {status}" + (f": {message}" if message else "")
     if status in RETRYABLE_STATUSES or status >= 500:
-        return _RetryableFailure(
+        return RetryableFailure(
             reason,
-            retry_after_s=retry_after_seconds(err.response.headers),
+            retry_after_s=retry_after_seconds(headers or {}),
             hint=endpoint_hint(status, message),
             systematic=status != 429,
         )
@@ -345,7 +358,7 @@ def _status_failure(err: openai.APIStatusError, model: str, report_text: str, ap
             f"the LLM endpoint answered {reason} for model {model!r}: check OPENAI_API_KEY, "
             "OPENAI_BASE_URL (usually ending in /v1) and the model name"
         )
-    return _ReportRejected(reason, endpoint_hint(status, message))
+    return ReportRejected(reason, endpoint_hint(status, message))
 
 
 def no_finding_contradiction(labels: Mapping[str, str]) -> str | None:
@@ -379,17 +392,17 @@ def _validation_reason(err: ValidationError) -> str:
 def _completion_labels(completion: object) -> dict[str, str]:
     """Validated labels of a completion, or a retryable failure saying what was wrong with it."""
     if not isinstance(completion, ChatCompletion) or not completion.choices:
-        raise _RetryableFailure("malformed completion", back_off=False)
+        raise RetryableFailure("malformed completion", back_off=False)
     choice = completion.choices[0]
     if choice.finish_reason == "length":
-        raise _RetryableFailure("answer cut off at the token limit", back_off=False)
+        raise RetryableFailure("answer cut off at the token limit", back_off=False)
     content = choice.message.content if choice.message else None
     if not content:
-        raise _RetryableFailure("empty answer or refusal", back_off=False)
+        raise RetryableFailure("empty answer or refusal", back_off=False)
     try:
         return dict(LLMAnswer.model_validate_json(content).labels)
     except ValidationError as err:
-        raise _RetryableFailure(_validation_reason(err), back_off=False) from None
+        raise RetryableFailure(_validation_reason(err), back_off=False) from None
 
 
 def _correction_messages(labels: Mapping[str, str], contradiction: str) -> list[dict[str, str]]:
@@ -423,6 +436,9 @@ class RunSummary:
     estimated_cost_usd: float | None = None
     stopped_by_budget: bool = False
     no_finding_repaired: int = 0
+    batch_ids: list[str] = field(default_factory=list)  # Batch API batches whose answers this run took in
+    batch_prompt_tokens: int = 0  # the part of the tokens answered by batch, at BATCH_PRICE_FACTOR
+    batch_completion_tokens: int = 0
     unlabelled_ids: list[str] = field(default_factory=list)
     failed_ids: list[str] = field(default_factory=list)
 
@@ -440,6 +456,8 @@ class RunSummary:
             f"{self.requests_sent} requests ({self.retries} retries), "
             f"tokens {self.prompt_tokens} prompt + {self.completion_tokens} completion, estimated cost {cost}"
         )
+        if self.batch_ids:
+            line += f"; by batch {', '.join(self.batch_ids)}"
         if self.no_finding_repaired:
             line += f"; No Finding set by the rule in {self.no_finding_repaired} answers that contradicted it"
         if self.unlabelled_ids:
@@ -455,7 +473,7 @@ _PUT_OFF = _PutOff()
 
 
 @dataclass
-class _Job:
+class LabelJob:
     """One distinct report text to label, and every report id that carries it."""
 
     text_hash: str
@@ -473,7 +491,7 @@ class _Job:
 
 
 @dataclass
-class _RunState:
+class RunState:
     """Mutable state the workers share; one event loop, so no locks are needed."""
 
     summary: RunSummary
@@ -518,24 +536,28 @@ class _RunState:
             return False
         return True
 
-    def add_usage(self, completion: object) -> tuple[int, int]:
-        """Count a response's tokens (billed even when the answer is then rejected)."""
+    def add_usage(self, completion: object, batch: bool = False) -> tuple[int, int]:
+        """Count a response's tokens (billed even when the answer is then rejected; at the batch price
+        when it came from a batch)."""
         usage = getattr(completion, "usage", None)
         prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
         self.summary.prompt_tokens += prompt
         self.summary.completion_tokens += completion_tokens
+        if batch:
+            self.summary.batch_prompt_tokens += prompt
+            self.summary.batch_completion_tokens += completion_tokens
         return prompt, completion_tokens
 
 
-def _group_by_text(reports: Sequence[Report], hashes: Sequence[str]) -> dict[str, _Job]:
+def _group_by_text(reports: Sequence[Report], hashes: Sequence[str]) -> dict[str, LabelJob]:
     """One job per distinct text: identical reports (frequent "normal" reports) cost one request."""
-    jobs: dict[str, _Job] = {}
+    jobs: dict[str, LabelJob] = {}
     for report, digest in zip(reports, hashes, strict=True):
         if digest in jobs:
             jobs[digest].report_ids.append(report.report_id)
         else:
-            jobs[digest] = _Job(digest, report.text, [report.report_id])
+            jobs[digest] = LabelJob(digest, report.text, [report.report_id])
     return jobs
 
 
@@ -570,9 +592,11 @@ class LLMTeacher:
         backoff_cap_s: float = 30.0,
         retry_after_cap_s: float = 60.0,
         response_format: ResponseMode | Literal["auto"] = "auto",
+        batch: bool = False,
+        batch_poll_s: float = 30.0,
     ) -> None:
-        if concurrency < 1 or max_retries < 0 or timeout_s <= 0:
-            raise ValueError("need concurrency >= 1, max_retries >= 0 and timeout_s > 0")
+        if concurrency < 1 or max_retries < 0 or timeout_s <= 0 or batch_poll_s <= 0:
+            raise ValueError("need concurrency >= 1, max_retries >= 0, timeout_s > 0 and batch_poll_s > 0")
         if response_format != "auto" and response_format not in RESPONSE_MODES:
             raise ValueError(f"unknown response format {response_format!r}; choose auto or one of {RESPONSE_MODES}")
         settings = get_settings()
@@ -593,10 +617,12 @@ class LLMTeacher:
         self.backoff_cap_s = backoff_cap_s
         self.retry_after_cap_s = retry_after_cap_s
         self.response_format = response_format
+        self.batch = batch
+        self.batch_poll_s = batch_poll_s
         self.info = TeacherInfo(name="llm", model=self.model, prompt_version=prompt_version)
         self.last_run: RunSummary | None = None
 
-    def _secret(self) -> str | None:
+    def secret(self) -> str | None:
         return self._api_key.get_secret_value() if self._api_key else None
 
     def label(self, reports: Sequence[Report]) -> list[LabelRecord]:
@@ -619,7 +645,7 @@ class LLMTeacher:
         jobs = _group_by_text(reports, hashes)
         summary = RunSummary(self.model, self.prompt.version, reports=len(reports), unique_texts=len(jobs))
         self.last_run = summary
-        api_key = self._secret() or NO_KEY_PLACEHOLDER
+        api_key = self.secret() or NO_KEY_PLACEHOLDER
         async with openai.AsyncOpenAI(
             base_url=self.base_url, api_key=api_key, max_retries=0, timeout=self.timeout_s
         ) as client:
@@ -631,10 +657,10 @@ class LLMTeacher:
         return self._records(reports, hashes, state.answers), summary
 
     async def _label_uncached(
-        self, client: openai.AsyncOpenAI, cache: LabelCache, jobs: dict[str, _Job], summary: RunSummary
-    ) -> _RunState:
+        self, client: openai.AsyncOpenAI, cache: LabelCache, jobs: dict[str, LabelJob], summary: RunSummary
+    ) -> RunState:
         """Take what the cache holds for this endpoint's structured-output mode, then ask for the rest."""
-        state = _RunState(summary, self.max_requests, self.max_tokens_budget, {})
+        state = RunState(summary, self.max_requests, self.max_tokens_budget, {})
         if not jobs:
             return state
         summary.response_mode, summary.response_mode_source = await self._response_mode(client, cache)
@@ -642,7 +668,11 @@ class LLMTeacher:
         summary.cache_hits = len(answers)
         state.answers.update(answers)
         pending = [job for digest, job in jobs.items() if digest not in answers]
-        if pending:
+        if pending and self.batch:
+            from deberta_rad.teachers.batch import label_by_batch
+
+            await label_by_batch(self, client, cache, pending, state)
+        elif pending:
             already_done = summary.reports - self._count(pending)
             await self._label_pending(client, pending, state, cache, already_done)
         if isinstance(state.fatal, SystematicFailure) and summary.response_mode_source == "cached":
@@ -682,10 +712,10 @@ class LLMTeacher:
                 )
                 return mode
             except openai.APIStatusError as err:
-                failure = _status_failure(err, self.model, "", self._secret())
+                failure = _status_failure(err, self.model, "", self.secret())
                 if isinstance(failure, EndpointRejected):
                     raise failure from None
-                message = server_message(err.body, "", self._secret())
+                message = server_message(err.body, "", self.secret())
                 refusals.append(f"{mode}: HTTP {err.status_code}" + (f" ({message})" if message else ""))
             except (openai.APITimeoutError, openai.APIConnectionError):
                 raise LLMTeacherError(
@@ -699,14 +729,14 @@ class LLMTeacher:
         )
 
     @staticmethod
-    def _count(jobs: Sequence[_Job]) -> int:
+    def _count(jobs: Sequence[LabelJob]) -> int:
         return sum(len(job.report_ids) for job in jobs)
 
     async def _label_pending(
         self,
         client: openai.AsyncOpenAI,
-        pending: list[_Job],
-        state: _RunState,
+        pending: list[LabelJob],
+        state: RunState,
         cache: LabelCache,
         already_done: int,
     ) -> None:
@@ -726,8 +756,8 @@ class LLMTeacher:
     async def _worker(
         self,
         client: openai.AsyncOpenAI,
-        jobs: deque[_Job],
-        state: _RunState,
+        jobs: deque[LabelJob],
+        state: RunState,
         cache: LabelCache,
         progress: tqdm,
     ) -> None:
@@ -753,13 +783,13 @@ class LLMTeacher:
             progress.update(len(job.report_ids))
 
     async def _label_job(
-        self, client: openai.AsyncOpenAI, job: _Job, state: _RunState
+        self, client: openai.AsyncOpenAI, job: LabelJob, state: RunState
     ) -> CachedAnswer | _PutOff | None:
         """Ask until a valid answer arrives; None when retries, the budget or a stop end the attempts.
 
         While nothing is labelled yet, a report whose second attempt failed too is put off (once) rather than
         retried on: other reports then show soon whether every report fails that way (the run stops,
-        _RunState.note_failure) or only this one (it gets its retries later)."""
+        RunState.note_failure) or only this one (it gets its retries later)."""
         reason = "not attempted"
         while (attempt := job.attempts) <= self.max_retries:
             job.attempts += 1
@@ -770,7 +800,7 @@ class LLMTeacher:
                 state.summary.retries += 1
             try:
                 return await self._request(client, job, state, may_ask_again=attempt < self.max_retries)
-            except _RetryableFailure as failure:
+            except RetryableFailure as failure:
                 reason, delay = failure.reason + (f" ({failure.hint})" if failure.hint else ""), 0.0
                 if failure.systematic:
                     state.note_failure(job.text_hash, failure.reason, failure.hint)
@@ -783,7 +813,7 @@ class LLMTeacher:
                 delay = self._retry_delay(failure, attempt)
                 if failure.retry_after_s is not None:
                     state.pause_for(delay)
-            except _ReportRejected as rejection:
+            except ReportRejected as rejection:
                 state.note_failure(job.text_hash, rejection.reason, rejection.hint)
                 hint = f" ({rejection.hint})" if rejection.hint else ""
                 log.error(
@@ -813,7 +843,7 @@ class LLMTeacher:
         return None
 
     async def _request(
-        self, client: openai.AsyncOpenAI, job: _Job, state: _RunState, may_ask_again: bool
+        self, client: openai.AsyncOpenAI, job: LabelJob, state: RunState, may_ask_again: bool
     ) -> CachedAnswer:
         """Send one request; return the validated answer or raise a classified failure. An answer whose
         No Finding contradicts its findings is asked again once, with the contradiction named (when
@@ -824,40 +854,52 @@ class LLMTeacher:
         server's own error message is quoted only when it does not quote the report.
         """
         state.summary.requests_sent += 1
-        mode = state.summary.response_mode
         try:
-            completion = await client.chat.completions.create(
-                model=self.model,
-                messages=[*self.prompt.messages(job.text, mode), *(job.correction or [])],  # type: ignore[list-item]
-                response_format=response_format(mode),  # type: ignore[arg-type]
-                temperature=0,
-            )
+            completion = await client.chat.completions.create(**self.request_body(job, state.summary.response_mode))
         except openai.APITimeoutError:
-            raise _RetryableFailure(
+            raise RetryableFailure(
                 f"no answer within {self.timeout_s:g} s",
                 hint="raise DEBERTA_RAD_LLM_TIMEOUT_S, or lower DEBERTA_RAD_LLM_CONCURRENCY to what the server "
                 "answers at once (a local server works on a few requests at a time)",
             ) from None
         except openai.APIConnectionError:
-            raise _RetryableFailure(
+            raise RetryableFailure(
                 "connection failed or dropped", hint=f"is the server running at {self.base_url}?"
             ) from None
         except openai.APIStatusError as err:
-            raise _status_failure(err, self.model, job.text, self._secret()) from None
+            raise _status_failure(err, self.model, job.text, self.secret()) from None
         except (openai.APIError, ValueError):
-            raise _RetryableFailure("malformed response body") from None
-        prompt_tokens, completion_tokens = state.add_usage(completion)
+            raise RetryableFailure("malformed response body") from None
+        return self.answer(completion, job, state, may_ask_again)
+
+    def request_body(self, job: LabelJob, mode: ResponseMode) -> dict[str, Any]:
+        """One report's Chat Completions request (with the correction asked after a contradiction)."""
+        return {
+            "model": self.model,
+            "messages": [*self.prompt.messages(job.text, mode), *(job.correction or [])],
+            "response_format": response_format(mode),
+            "temperature": 0,
+        }
+
+    @staticmethod
+    def answer(
+        completion: object, job: LabelJob, state: RunState, may_ask_again: bool, batch: bool = False
+    ) -> CachedAnswer:
+        """The validated answer of a completion, or a retryable failure; an answer whose No Finding
+        contradicts its findings is asked again once with the contradiction named (``may_ask_again``),
+        else set by the rule and counted."""
+        prompt_tokens, completion_tokens = state.add_usage(completion, batch)
         labels = _completion_labels(completion)
         contradiction = no_finding_contradiction(labels)
         if contradiction is not None:
             if job.correction is None and may_ask_again:
                 job.correction = _correction_messages(labels, contradiction)
-                raise _RetryableFailure("No Finding contradicts the other findings", back_off=False, systematic=False)
+                raise RetryableFailure("No Finding contradicts the other findings", back_off=False, systematic=False)
             labels = apply_no_finding_rule(labels)
             state.summary.no_finding_repaired += 1
         return CachedAnswer(labels, prompt_tokens, completion_tokens)
 
-    def _retry_delay(self, failure: _RetryableFailure, attempt: int) -> float:
+    def _retry_delay(self, failure: RetryableFailure, attempt: int) -> float:
         """Server's Retry-After (capped) when given, else jittered backoff; invalid answers retry at once."""
         if failure.retry_after_s is not None:
             return min(failure.retry_after_s, self.retry_after_cap_s)
@@ -865,19 +907,22 @@ class LLMTeacher:
             return 0.0
         return backoff_delay(attempt, self.backoff_base_s, self.backoff_cap_s)
 
-    def _finish_summary(self, reports: Sequence[Report], hashes: Sequence[str], state: _RunState) -> None:
+    def _finish_summary(self, reports: Sequence[Report], hashes: Sequence[str], state: RunState) -> None:
         """Fill in cost and the ids left without labels."""
         summary = state.summary
         if self.price_per_1k_input is not None and self.price_per_1k_output is not None:
+            discount = 1 - BATCH_PRICE_FACTOR
+            prompt_tokens = summary.prompt_tokens - discount * summary.batch_prompt_tokens
+            completion_tokens = summary.completion_tokens - discount * summary.batch_completion_tokens
             summary.estimated_cost_usd = (
-                summary.prompt_tokens * self.price_per_1k_input + summary.completion_tokens * self.price_per_1k_output
+                prompt_tokens * self.price_per_1k_input + completion_tokens * self.price_per_1k_output
             ) / 1000
         pairs = list(zip(reports, hashes, strict=True))
         summary.unlabelled_ids = [r.report_id for r, h in pairs if h not in state.answers]
         summary.failed_ids = [r.report_id for r, h in pairs if h in state.failed_hashes]
 
     @staticmethod
-    def _raise_if_incomplete(state: _RunState) -> None:
+    def _raise_if_incomplete(state: RunState) -> None:
         """Nothing is dropped silently: any unlabelled report ends the run with a clear error."""
         summary = state.summary
         if not summary.unlabelled_ids:
