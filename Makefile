@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test lint ui clean llm-server
+.PHONY: install demo test lint ui clean llm-server platform system-packages
 
 install: $(STAMP)
 
@@ -29,9 +29,20 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/dvc repro
 
-test: install llm-server
+test: install llm-server system-packages
 	$(BIN)/ruff check src tests serving monitoring benchmarks
 	$(BIN)/python -m pytest
+
+# Real components that are not Python packages, from Debian's packages where missing (CI runs as root):
+# PostgreSQL for the team platform.
+system-packages:
+	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; \
+	fi
+
+# The team platform (README "Team setup"): PostgreSQL and an MLflow server with accounts, on loopback.
+platform: install system-packages
+	$(BIN)/deberta-rad platform up
 
 # A real LLM server for the LLM teacher's tests and for trying the teacher offline (README "LLM servers"):
 # llama-cpp-python's OpenAI-compatible server in its own environment (its web stack must not constrain the

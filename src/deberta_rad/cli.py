@@ -27,6 +27,7 @@ from deberta_rad.schema import LabelRecord, Report
 EXPECTED_ELSEWHERE = {
     "mlflow.exceptions": ("MlflowException",),
     "deberta_rad.model": ("BackboneUnavailableError",),
+    "deberta_rad.platform_stack": ("PlatformError",),
     "deberta_rad.promote": ("PromotionError",),
     "deberta_rad.tracking": ("RegistryUnavailableError",),
     "deberta_rad.teachers.llm": ("LLMTeacherError",),
@@ -140,6 +141,45 @@ def params_check(params: ParamsOption = Path("params.yaml")) -> None:
     loaded = load_params(params)
     typer.echo(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False).rstrip())
     typer.echo(f"\n{params}: every key is valid")
+
+
+platform_app = typer.Typer(
+    help="The team platform on this machine: PostgreSQL and an MLflow server with accounts (README 'Team setup').",
+    no_args_is_help=True,
+)
+app.add_typer(platform_app, name="platform")
+PlatformFolder = Annotated[Path, typer.Option("--folder", help="Where the platform keeps its data and secrets.")]
+
+
+@platform_app.command("up")
+def platform_up(folder: PlatformFolder = Path(".platform")) -> None:
+    """Start PostgreSQL and an MLflow server on it with basic-auth accounts (or find them running)."""
+    from deberta_rad.platform_stack import PlatformPaths, up
+    from deberta_rad.settings import get_settings
+
+    paths = PlatformPaths(folder)
+    state = up(paths, get_settings().registered_model)
+    typer.echo(f"MLflow: {state.tracking_uri} (PostgreSQL store, artifacts proxied to {paths.artifacts})")
+    typer.echo(f"accounts admin, promoter (may move champion), reader; passwords in {paths.secrets}")
+    typer.echo(f"export MLFLOW_TRACKING_URI={state.tracking_uri}")
+    typer.echo("export MLFLOW_TRACKING_USERNAME=promoter MLFLOW_TRACKING_PASSWORD=<PROMOTER_PASSWORD from that file>")
+
+
+@platform_app.command("down")
+def platform_down(folder: PlatformFolder = Path(".platform")) -> None:
+    """Stop what `platform up` started; the data, artifacts and accounts stay."""
+    from deberta_rad.platform_stack import PlatformPaths, down
+
+    stopped = down(PlatformPaths(folder))
+    typer.echo("stopped " + ", ".join(stopped) if stopped else "nothing was running")
+
+
+@platform_app.command("status")
+def platform_status(folder: PlatformFolder = Path(".platform")) -> None:
+    """What of the platform runs, with PIDs and ports."""
+    from deberta_rad.platform_stack import PlatformPaths, status
+
+    typer.echo("\n".join(status(PlatformPaths(folder))))
 
 
 @app.command()

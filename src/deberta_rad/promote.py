@@ -182,6 +182,9 @@ def promotion_candidates(version: int | None) -> tuple[ModelVersion, ModelVersio
 
 
 def _user() -> str:
+    """Who promotes: the tracking server's account where it has accounts (the platform), else the login."""
+    if account := get_settings().mlflow_tracking_username:
+        return account
     try:
         return getpass.getuser()
     except (KeyError, OSError):

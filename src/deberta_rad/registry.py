@@ -187,4 +187,4 @@ def register_model(model_dir: Path, metrics: Mapping) -> dict:
         for alias in (CHALLENGER, CHAMPION)
         if (found := alias_version(alias)) and found.version == version.version
     ]
-    return {"name": version.name, "version": version.version, "run_id": run.info.run_id, "aliases": aliases}
+    return {"name": version.name, "version": int(version.version), "run_id": run.info.run_id, "aliases": aliases}

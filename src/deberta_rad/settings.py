@@ -17,6 +17,10 @@ class Settings(BaseSettings):
 
     # MLflow: the embedded default is a SQLite file in the repo; MLFLOW_TRACKING_URI overrides it.
     mlflow_tracking_uri: str = Field(default="sqlite:///mlflow.db", validation_alias="MLFLOW_TRACKING_URI")
+    # A tracking server with accounts (`deberta-rad platform up`): MLflow's own variables, also read from
+    # .env, never from params or logs.
+    mlflow_tracking_username: str | None = Field(default=None, validation_alias="MLFLOW_TRACKING_USERNAME")
+    mlflow_tracking_password: SecretStr | None = Field(default=None, validation_alias="MLFLOW_TRACKING_PASSWORD")
     mlflow_experiment: str = "deberta-rad"
     registered_model: str = "deberta-rad"
 

@@ -4,6 +4,7 @@ data version a run trained on, read from DVC's dvc.lock."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -47,10 +48,21 @@ def require_registry(timeout_s: float = 5.0) -> None:
 def configure_mlflow() -> str:
     """Point MLflow at the configured store (embedded SQLite by default) and the project experiment."""
     settings = get_settings()
+    export_credentials()
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     mlflow.set_registry_uri(settings.mlflow_tracking_uri)
     experiment = mlflow.set_experiment(settings.mlflow_experiment)
     return experiment.experiment_id
+
+
+def export_credentials() -> None:
+    """MLflow's client reads a tracking server's credentials from the environment only: put those the
+    settings found (in a .env file) there, without overriding what the environment already says."""
+    settings = get_settings()
+    if settings.mlflow_tracking_username:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", settings.mlflow_tracking_username)
+    if settings.mlflow_tracking_password:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", settings.mlflow_tracking_password.get_secret_value())
 
 
 def data_version_tags(lock_path: Path = Path("dvc.lock")) -> dict[str, str]:

@@ -1,0 +1,448 @@
+"""The team platform on one machine: PostgreSQL, and an MLflow server on it with accounts.
+
+`deberta-rad platform up` starts, under `.platform/` and on loopback only:
+- PostgreSQL (Debian's `postgresql`): its own data folder, a free port, TCP only, a generated password;
+- `mlflow server` with PostgreSQL as its backend store, a proxied artifact store (`--artifacts-destination`:
+  clients log to `mlflow-artifacts:` through the server and need no access to the folder), and MLflow's
+  basic-auth app, whose users live in a second PostgreSQL database;
+- three accounts: MLflow's `admin`, a `promoter` (MANAGE on the registered model: who moves `champion`)
+  and a `reader` (the default permission, READ).
+
+Passwords are generated once and kept in `.platform/secrets.env` (mode 600; `.platform/` is git-ignored).
+They reach PostgreSQL and MLflow through the environment, never a command line (`ps` shows those). `down`
+stops what `up` started, by the PIDs it recorded; `status` says what runs. The data, the artifacts and
+the accounts stay for the next `up`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+PLATFORM_DIR = Path(".platform")
+DB_USER = "mlflow"
+DATABASES = ("mlflow", "mlflow_auth")  # the tracking and registry store; the basic-auth app's users
+ACCOUNTS = ("admin", "promoter", "reader")
+PROMOTER_PERMISSION = "MANAGE"
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+# What runs PostgreSQL when the platform is started as root (CI runs as root; PostgreSQL refuses it):
+# Debian's `postgresql` package creates this account.
+POSTGRES_ACCOUNT = "postgres"
+
+
+class PlatformError(RuntimeError):
+    """The platform cannot start or stop as asked: a missing component, a folder, a server that failed."""
+
+
+@dataclass(frozen=True)
+class PlatformPaths:
+    """Where the platform keeps its state; everything lives under one folder."""
+
+    root: Path
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "secrets.env"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def postgres(self) -> Path:
+        """PostgreSQL's folder (its data and log); owned by the account that runs it."""
+        return self.root / "postgres"
+
+    @property
+    def pgdata(self) -> Path:
+        return self.postgres / "data"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def auth_config(self) -> Path:
+        return self.root / "basic_auth.ini"
+
+    @property
+    def mlflow_log(self) -> Path:
+        return self.root / "mlflow.log"
+
+
+@dataclass(frozen=True)
+class PlatformState:
+    """What `up` started: PIDs and ports, for `status` and `down`."""
+
+    postgres_pid: int
+    postgres_port: int
+    mlflow_pid: int
+    mlflow_port: int
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def is_running(pid: int) -> bool:
+    """Whether a process with this PID exists (a zombie of ours counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, run by another account (PostgreSQL's, when started as root)
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Secrets and state
+# ----------------------------------------------------------------------------------------------
+
+
+def load_secrets(paths: PlatformPaths) -> dict[str, str]:
+    """The platform's passwords, generated on first use and kept (mode 600) for every later `up`."""
+    names = ["postgres", *ACCOUNTS, "flask_secret_key"]
+    known: dict[str, str] = {}
+    if paths.secrets.is_file():
+        for line in paths.secrets.read_text().splitlines():
+            name, _, value = line.partition("=")
+            if value:
+                known[name.strip().lower().removesuffix("_password")] = value.strip()
+    missing = [name for name in names if name not in known]
+    if missing:
+        known |= {name: secrets.token_urlsafe(24) for name in missing}
+        paths.root.mkdir(parents=True, exist_ok=True)
+        lines = [f"{name.upper()}{'' if name == 'flask_secret_key' else '_PASSWORD'}={known[name]}" for name in names]
+        paths.secrets.touch(mode=0o600)
+        paths.secrets.chmod(0o600)
+        paths.secrets.write_text("\n".join(lines) + "\n")
+    return known
+
+
+def read_state(paths: PlatformPaths) -> PlatformState | None:
+    if not paths.state.is_file():
+        return None
+    return PlatformState(**json.loads(paths.state.read_text()))
+
+
+def _write_state(paths: PlatformPaths, state: PlatformState) -> None:
+    paths.state.write_text(json.dumps(state.__dict__, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# PostgreSQL
+# ----------------------------------------------------------------------------------------------
+
+
+def postgres_bindir() -> Path:
+    """PostgreSQL's server programs: on PATH, or where Debian's package puts them (not on PATH)."""
+    if initdb := shutil.which("initdb"):
+        return Path(initdb).resolve().parent
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    if not found:
+        raise PlatformError(
+            "PostgreSQL is not installed: `make platform` installs Debian's postgresql package, or run "
+            "apt-get install postgresql"
+        )
+    return Path(found[-1]).parent
+
+
+def _postgres_command(program: str, *arguments: str) -> list[str]:
+    """A PostgreSQL program's command line, run as the postgres account when we are root."""
+    command = [str(postgres_bindir() / program), *arguments]
+    return ["runuser", "-u", POSTGRES_ACCOUNT, "--", *command] if os.geteuid() == 0 else command
+
+
+def _run_postgres(program: str, *arguments: str) -> None:
+    result = subprocess.run(
+        _postgres_command(program, *arguments), capture_output=True, text=True, timeout=START_TIMEOUT_S
+    )
+    if result.returncode != 0:
+        raise PlatformError(f"PostgreSQL's {program} failed: {(result.stderr or result.stdout).strip()[-800:]}")
+
+
+def _give_to_postgres(path: Path) -> None:
+    """Hand PostgreSQL's folder to the account that runs it (only when we are root), and check that the
+    account can reach it: a repository under a private home folder cannot host the platform as root."""
+    if os.geteuid() != 0:
+        return
+    shutil.chown(path, POSTGRES_ACCOUNT, POSTGRES_ACCOUNT)
+    for child in path.rglob("*"):
+        shutil.chown(child, POSTGRES_ACCOUNT, POSTGRES_ACCOUNT)
+    probe = subprocess.run(["runuser", "-u", POSTGRES_ACCOUNT, "--", "test", "-w", str(path.resolve())])
+    if probe.returncode != 0:
+        raise PlatformError(
+            f"{path}: the {POSTGRES_ACCOUNT} account that runs PostgreSQL cannot write here (a parent folder "
+            "is private); put the repository, or the platform folder (--folder), where it can"
+        )
+
+
+def _init_postgres(paths: PlatformPaths, password: str) -> None:
+    """Create the database cluster once: superuser `mlflow` with the generated password, TCP on loopback only."""
+    paths.postgres.mkdir(parents=True, exist_ok=True)
+    password_file = paths.postgres / "initial-password"
+    password_file.write_text(password + "\n")
+    password_file.chmod(0o600)
+    _give_to_postgres(paths.postgres)
+    try:
+        _run_postgres(
+            "initdb",
+            "--pgdata",
+            str(paths.pgdata.resolve()),
+            "--username",
+            DB_USER,
+            "--pwfile",
+            str(password_file.resolve()),
+            "--auth",
+            "scram-sha-256",
+            "--encoding",
+            "UTF8",
+            "--no-locale",
+        )
+    finally:
+        password_file.unlink(missing_ok=True)
+
+
+def _start_postgres(paths: PlatformPaths, port: int) -> int:
+    """Start the cluster on a loopback port, without a Unix socket; returns the postmaster's PID."""
+    _give_to_postgres(paths.postgres)
+    options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
+    log = paths.postgres / "server.log"
+    _run_postgres(
+        "pg_ctl", "start", "--pgdata", str(paths.pgdata.resolve()), "--log", str(log.resolve()), "--wait", "-o", options
+    )
+    return int((paths.pgdata / "postmaster.pid").read_text().split()[0])
+
+
+def _create_databases(port: int, password: str) -> None:
+    """The tracking store's and the auth app's databases, where missing."""
+    import psycopg2
+
+    connection = psycopg2.connect(host="127.0.0.1", port=port, user=DB_USER, password=password, dbname="postgres")
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            for name in DATABASES:
+                cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                if cursor.fetchone() is None:
+                    cursor.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        connection.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# MLflow
+# ----------------------------------------------------------------------------------------------
+
+
+def _database_uri(port: int, database: str) -> str:
+    """A PostgreSQL URI without the password: libpq takes it from PGPASSWORD."""
+    return f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{port}/{database}"
+
+
+def _write_auth_config(paths: PlatformPaths, postgres_port: int) -> None:
+    """MLflow's basic-auth settings: users in PostgreSQL, READ for everyone unless granted more."""
+    paths.auth_config.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = {_database_uri(postgres_port, 'mlflow_auth')}\n"
+        "admin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # A checked password is trusted for a minute: without it every request pays a PBKDF2 hash, and
+        # logging a model fetches each run metric's history in a request of its own (hundreds per run).
+        "auth_cache_ttl_seconds = 60\n"
+    )
+
+
+def _start_mlflow(paths: PlatformPaths, postgres_port: int, port: int, known: dict[str, str]) -> int:
+    """Start `mlflow server` with the auth app, in its own process group; returns its PID once /health answers."""
+    paths.artifacts.mkdir(parents=True, exist_ok=True)
+    _write_auth_config(paths, postgres_port)
+    env = os.environ | {
+        "PGPASSWORD": known["postgres"],
+        "MLFLOW_AUTH_CONFIG_PATH": str(paths.auth_config.resolve()),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": known["admin"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": known["flask_secret_key"],
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",  # the service it notifies runs on this machine
+    }
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(name, None)
+    command = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--backend-store-uri",
+        _database_uri(postgres_port, "mlflow"),
+        "--artifacts-destination",
+        str(paths.artifacts.resolve()),
+        "--serve-artifacts",
+        "--app-name",
+        "basic-auth",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with paths.mlflow_log.open("ab") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    _wait_for_health(f"http://127.0.0.1:{port}", server, paths.mlflow_log)
+    return server.pid
+
+
+def _wait_for_health(uri: str, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise PlatformError(f"mlflow server exited with {server.returncode}; its log, {log}, ends:\n{_tail(log)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{uri}/health", timeout=5).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise PlatformError(f"mlflow server at {uri} did not answer within {START_TIMEOUT_S:g} s; see {log}")
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def as_user(username: str, password: str) -> Iterator[None]:
+    """MLflow's client reads its credentials from these variables; set them for a block only."""
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = username, password
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _create_accounts(tracking_uri: str, known: dict[str, str], model_name: str) -> None:
+    """The promoter and the reader, and the registered model the promoter manages (created empty if the
+    pipeline has not registered a version yet)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    with as_user("admin", known["admin"]):
+        users = AuthServiceClient(tracking_uri)
+        for account in ("promoter", "reader"):
+            try:
+                users.get_user(account)
+            except MlflowException:
+                users.create_user(account, known[account])
+        registry = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        try:
+            registry.get_registered_model(model_name)
+        except MlflowException:
+            registry.create_registered_model(model_name, description="Chest X-ray report labeler (deberta-rad)")
+        users.grant_user_permission("promoter", "registered_model", model_name, PROMOTER_PERMISSION)
+
+
+# ----------------------------------------------------------------------------------------------
+# up, down, status
+# ----------------------------------------------------------------------------------------------
+
+
+def up(paths: PlatformPaths, model_name: str) -> PlatformState:
+    """Start PostgreSQL and the MLflow server (or find them running), and make sure the accounts exist."""
+    running = read_state(paths)
+    if running is not None and is_running(running.postgres_pid) and is_running(running.mlflow_pid):
+        return running
+    if running is not None:
+        down(paths)
+    known = load_secrets(paths)
+    if not (paths.pgdata / "PG_VERSION").is_file():
+        _init_postgres(paths, known["postgres"])
+    postgres_port = free_port()
+    postgres_pid = _start_postgres(paths, postgres_port)
+    try:
+        _create_databases(postgres_port, known["postgres"])
+        mlflow_port = free_port()
+        mlflow_pid = _start_mlflow(paths, postgres_port, mlflow_port, known)
+    except BaseException:
+        _stop(postgres_pid, signal.SIGINT)
+        raise
+    state = PlatformState(postgres_pid, postgres_port, mlflow_pid, mlflow_port)
+    _write_state(paths, state)
+    _create_accounts(state.tracking_uri, known, model_name)
+    return state
+
+
+def down(paths: PlatformPaths) -> list[str]:
+    """Stop what `up` started (MLflow first, then PostgreSQL with a fast shutdown); what was stopped."""
+    state = read_state(paths)
+    if state is None:
+        return []
+    stopped = []
+    if _stop(state.mlflow_pid, signal.SIGTERM, group=True):
+        stopped.append(f"mlflow server (pid {state.mlflow_pid})")
+    if _stop(state.postgres_pid, signal.SIGINT):
+        stopped.append(f"PostgreSQL (pid {state.postgres_pid})")
+    paths.state.unlink()
+    return stopped
+
+
+def _stop(pid: int, sig: signal.Signals, group: bool = False) -> bool:
+    """Signal a process (or its group) and wait for it to end; False if it was not running."""
+    if not is_running(pid):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig) if group else os.kill(pid, sig)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while is_running(pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL) if group else os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+        time.sleep(0.2)
+    return True
+
+
+def status(paths: PlatformPaths) -> list[str]:
+    """One line per component: running or not, its PID and port."""
+    state = read_state(paths)
+    if state is None:
+        return [f"the platform in {paths.root} is not running (deberta-rad platform up starts it)"]
+    health = "answers" if _healthy(state.tracking_uri) else "does not answer"
+    return [
+        f"PostgreSQL: {'running' if is_running(state.postgres_pid) else 'stopped'} "
+        f"(pid {state.postgres_pid}, 127.0.0.1:{state.postgres_port})",
+        f"mlflow server: {'running' if is_running(state.mlflow_pid) else 'stopped'} "
+        f"(pid {state.mlflow_pid}, {state.tracking_uri}, /health {health})",
+    ]
+
+
+def _healthy(uri: str) -> bool:
+    try:
+        return httpx.get(f"{uri}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
