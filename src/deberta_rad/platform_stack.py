@@ -364,7 +364,9 @@ def _create_accounts(tracking_uri: str, known: dict[str, str], model_name: str) 
             registry.get_registered_model(model_name)
         except MlflowException:
             registry.create_registered_model(model_name, description="Chest X-ray report labeler (deberta-rad)")
-        users.grant_user_permission("promoter", "registered_model", model_name, PROMOTER_PERMISSION)
+        granted = users.get_user_permission("promoter", "registered_model", model_name)
+        if getattr(granted, "permission", None) != PROMOTER_PERMISSION:
+            users.grant_user_permission("promoter", "registered_model", model_name, PROMOTER_PERMISSION)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,16 +386,19 @@ def up(paths: PlatformPaths, model_name: str) -> PlatformState:
         _init_postgres(paths, known["postgres"])
     postgres_port = free_port()
     postgres_pid = _start_postgres(paths, postgres_port)
+    mlflow_pid = None
     try:
         _create_databases(postgres_port, known["postgres"])
         mlflow_port = free_port()
         mlflow_pid = _start_mlflow(paths, postgres_port, mlflow_port, known)
-    except BaseException:
+        state = PlatformState(postgres_pid, postgres_port, mlflow_pid, mlflow_port)
+        _create_accounts(state.tracking_uri, known, model_name)
+    except BaseException:  # half a platform is none: stop what started, so the next `up` starts afresh
+        if mlflow_pid is not None:
+            _stop(mlflow_pid, signal.SIGTERM, group=True)
         _stop(postgres_pid, signal.SIGINT)
         raise
-    state = PlatformState(postgres_pid, postgres_port, mlflow_pid, mlflow_port)
     _write_state(paths, state)
-    _create_accounts(state.tracking_uri, known, model_name)
     return state
 
 

@@ -8,9 +8,9 @@ mode is kept in the cache. An answer whose No Finding contradicts its other find
 once with the contradiction named, then set by the rule. When the first reports all fail the same way
 (the server refuses the request format, the context overflows), the run stops with the server's
 message and the setting to change instead of retrying every report. Requests run
-concurrently (bounded) with retries and backoff, under an optional per-run budget, and every
-validated answer is committed to a SQLite cache at once, so reruns and resumed runs only pay for
-what is new.
+concurrently (bounded) with retries and backoff, under an optional per-run budget, or, with
+``batch=True``, through the OpenAI Batch API at half the price (teachers/batch.py); every validated
+answer is committed to a SQLite cache at once, so reruns and resumed runs only pay for what is new.
 
 Privacy: reports are PHI. Logs and errors carry report ids, counts and HTTP statuses, never report
 text, model output or the API key, and reports leave the machine only with an explicit opt-in.
@@ -623,6 +623,7 @@ class LLMTeacher:
         self.last_run: RunSummary | None = None
 
     def secret(self) -> str | None:
+        """The API key's value, to mask it wherever a server's message might quote it."""
         return self._api_key.get_secret_value() if self._api_key else None
 
     def label(self, reports: Sequence[Report]) -> list[LabelRecord]:
