@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,13 +26,8 @@ import numpy as np
 import requests
 
 from deberta_rad.data import read_reports
+from deberta_rad.net import free_port
 from deberta_rad.synthetic import generate_corpus
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_server(model: str, log: Path) -> tuple[subprocess.Popen, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ import requests
 import yaml
 from fake_openai import FakeOpenAI, serve
 
+from deberta_rad.net import free_port as free_port  # the tests' servers take their ports here
 from deberta_rad.params import Params
 from deberta_rad.schema import STATUSES
 from deberta_rad.settings import get_settings
@@ -97,13 +97,6 @@ def merged(base: dict, overrides: dict) -> dict:
             for key, value in overrides.items()
         },
     }
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def noisy_copy(rng: np.random.Generator, labels: dict, error_rate: float) -> dict[str, dict[str, str]]:

@@ -1,9 +1,11 @@
-"""Network address checks shared by the service (an API key off loopback) and the LLM teacher (reports
-go only to an endpoint on this machine unless the user opts in)."""
+"""Network helpers: the loopback check shared by the service (an API key off loopback) and the LLM teacher
+(reports go only to an endpoint on this machine unless the user opts in), and a free loopback port for the
+servers the platform, the tests and the benchmarks start."""
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -18,3 +20,10 @@ def is_loopback_host(host: str | None) -> bool:
         return ipaddress.ip_address(name.removeprefix("[").removesuffix("]")).is_loopback
     except ValueError:
         return False
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

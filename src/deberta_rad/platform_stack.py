@@ -23,7 +23,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from deberta_rad.net import free_port
 
 PLATFORM_DIR = Path(".platform")
 DB_USER = "mlflow"
@@ -97,13 +98,6 @@ class PlatformState:
     @property
     def tracking_uri(self) -> str:
         return f"http://127.0.0.1:{self.mlflow_port}"
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def is_running(pid: int) -> bool:
@@ -188,13 +182,19 @@ def _run_postgres(program: str, *arguments: str) -> None:
 
 
 def _give_to_postgres(path: Path) -> None:
-    """Hand PostgreSQL's folder to the account that runs it (only when we are root), and check that the
-    account can reach it: a repository under a private home folder cannot host the platform as root."""
+    """Hand PostgreSQL's new folder to the account that runs it (only when we are root; initdb creates
+    everything inside as that account), and check that the account can reach it."""
     if os.geteuid() != 0:
         return
-    shutil.chown(path, POSTGRES_ACCOUNT, POSTGRES_ACCOUNT)
-    for child in path.rglob("*"):
-        shutil.chown(child, POSTGRES_ACCOUNT, POSTGRES_ACCOUNT)
+    for owned in (path, *path.iterdir()):
+        shutil.chown(owned, POSTGRES_ACCOUNT, POSTGRES_ACCOUNT)
+    _check_postgres_reaches(path)
+
+
+def _check_postgres_reaches(path: Path) -> None:
+    """As root, PostgreSQL runs as its own account, which a repository under a private home folder locks out."""
+    if os.geteuid() != 0:
+        return
     probe = subprocess.run(["runuser", "-u", POSTGRES_ACCOUNT, "--", "test", "-w", str(path.resolve())])
     if probe.returncode != 0:
         raise PlatformError(
@@ -231,7 +231,7 @@ def _init_postgres(paths: PlatformPaths, password: str) -> None:
 
 def _start_postgres(paths: PlatformPaths, port: int) -> int:
     """Start the cluster on a loopback port, without a Unix socket; returns the postmaster's PID."""
-    _give_to_postgres(paths.postgres)
+    _check_postgres_reaches(paths.postgres)
     options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
     log = paths.postgres / "server.log"
     _run_postgres(
@@ -319,9 +319,8 @@ def _wait_for_health(uri: str, server: subprocess.Popen, log: Path) -> None:
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise PlatformError(f"mlflow server exited with {server.returncode}; its log, {log}, ends:\n{_tail(log)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{uri}/health", timeout=5).status_code == 200:
-                return
+        if _healthy(uri):
+            return
         time.sleep(0.5)
     raise PlatformError(f"mlflow server at {uri} did not answer within {START_TIMEOUT_S:g} s; see {log}")
 

@@ -215,7 +215,7 @@ async def _collect(
     for line in lines:
         job = jobs.get(str(line.get("custom_id")))
         if job is None or job.text_hash in failed or job.text_hash in state.answers:
-            continue  # asked by an earlier run for a text this run does not label
+            continue  # a text this run does not label (an earlier run asked it), or a line seen already
         if (failure := _take_line(teacher, cache, line, job, state)) is not None:
             failed[job.text_hash] = failure
     for job in submitted:  # a request the batch did not answer at all counts as a failed attempt
