@@ -34,10 +34,14 @@ test: install llm-server system-packages
 	$(BIN)/python -m pytest
 
 # Real components that are not Python packages, from Debian's packages where missing (CI runs as root):
-# PostgreSQL for the team platform.
+# PostgreSQL for the team platform; Chromium and its WebDriver for the MLflow UI promotion test.
 system-packages:
-	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql; \
+	@missing=""; \
+	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+	if [ -n "$$missing" ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
 	fi
 
 # The team platform (README "Team setup"): PostgreSQL and an MLflow server with accounts, on loopback.

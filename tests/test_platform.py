@@ -4,18 +4,24 @@ promoter may move `champion`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import requests
+from conftest import REPO, free_port, mlflow_store, stop_server, wait_for_http
 from test_pipeline import BIN, clean_env, copy_of_repo, run
+from test_webhooks import AlertSink, evaluated
 
 from deberta_rad.platform_stack import PlatformPaths, as_user, load_secrets, postgres_bindir, read_state
+from deberta_rad.promote import OTHER_ROUTE
 
 pytestmark = pytest.mark.slow
 
@@ -134,3 +140,135 @@ def test_the_pipeline_and_promote_run_unchanged_against_the_platform(platform: P
     assert (champion.tags["promotion.gate"], champion.tags["promotion.by"]) == ("passed", "promoter")
     assert not any(secret in logged for secret in load_secrets(platform).values())
     assert os.environ.get("MLFLOW_TRACKING_URI") != reader["MLFLOW_TRACKING_URI"]  # nothing leaked into the tests
+
+
+# ----------------------------------------------------------------------------------------------
+# A promotion in the MLflow UI, in headless Chromium, reaching the running service through the webhook
+# ----------------------------------------------------------------------------------------------
+
+# Kept after the run (git ignores it): the UI after "Save aliases", and the measured times.
+ARTIFACTS = REPO / "test-artifacts"
+SERVICE_WAIT_S = 240
+
+
+def register_three_versions(paths: PlatformPaths, root: Path) -> list[str]:
+    """A tiny student registered once by the promoter, and two more versions of it: the champion (A), one
+    that scores better (B) and one that scores worse (C) on the same test split."""
+    import mlflow
+    from mlflow import MlflowClient
+    from tiny_backbones import tiny_deberta_backbone
+
+    from deberta_rad.model import student_from_backbone
+    from deberta_rad.registry import register_model
+
+    account = as_account(paths, "promoter")
+    student_from_backbone(str(tiny_deberta_backbone(root / "tiny")), max_length=32).save(root / "student")
+    with mlflow_store(root, account["MLFLOW_TRACKING_URI"]), as_user("promoter", account["MLFLOW_TRACKING_PASSWORD"]):
+        client = MlflowClient()
+        first = client.get_model_version("deberta-rad", str(register_model(root / "student", {})["version"]))
+        versions = [str(first.version)]
+        for _ in range(2):
+            versions.append(str(mlflow.register_model(first.source, "deberta-rad").version))
+        for version, score in zip(versions, (0.80, 0.85, 0.60), strict=True):
+            for key, value in evaluated(score, score).items():
+                client.set_model_version_tag("deberta-rad", version, key, value)
+        client.set_registered_model_alias("deberta-rad", "champion", versions[0])
+    return versions
+
+
+@contextlib.contextmanager
+def label_service(paths: PlatformPaths, root: Path, port: int, alert_url: str) -> Iterator[str]:
+    """`deberta-rad serve` of the champion as the README runs it on the platform, in strict mode, with
+    polling off: only the webhook can make it follow a promotion."""
+    env = as_account(paths, "promoter") | {
+        "DEBERTA_RAD_SERVE_WEBHOOK_SECRET": load_secrets(paths)["webhook_secret"],
+        "DEBERTA_RAD_SERVE_POLL_S": "0",
+        "DEBERTA_RAD_PROMOTION_STRICT": "true",
+        "DEBERTA_RAD_PROMOTION_ALERT_URL": alert_url,
+        "BENTOML_HOME": str(root / "bentoml"),
+        "DEBERTA_RAD_MODEL_CACHE": str(root / "cache"),
+    }
+    command = [str(BIN / "deberta-rad"), "serve", "--model", "models:/deberta-rad@champion", "--port", str(port)]
+    log = root / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=root, stdout=out, stderr=subprocess.STDOUT, env=clean_env(env), start_new_session=True
+        )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/readyz", process, log, SERVICE_WAIT_S)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_server(process)
+
+
+def served_version(url: str) -> str:
+    body = {"reports": [{"report_id": "probe", "text": "Heart size normal. No effusion."}]}
+    return requests.post(f"{url}/label", json=body, timeout=60).json()["model_version"]
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 120) -> float:
+    """Poll ``check`` until it holds; the time.time() when it first did."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return time.time()
+        time.sleep(0.2)
+    pytest.fail(f"{what}: not within {timeout_s} s")
+
+
+@pytest.mark.timeout(1200)
+def test_a_ui_promotion_reaches_the_service_at_once_with_its_gate_verdict(platform: PlatformPaths) -> None:
+    from mlflow import MlflowClient
+    from mlflow_ui import add_alias_in_ui, chromium
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (make test installs them)")
+    root = Path(tempfile.mkdtemp(prefix="deberta-rad-ui-"))
+    port, alerts = free_port(), AlertSink()
+    hooked = platform_command(platform.root, "up", "--service-url", f"http://127.0.0.1:{port}")
+    assert f"http://127.0.0.1:{port}/webhooks/mlflow" in hooked.stdout
+    champion, better, worse = register_three_versions(platform, root)
+    state, secrets = read_state(platform), load_secrets(platform)
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        with label_service(platform, root, port, alerts.url) as service:
+            assert served_version(service) == f"deberta-rad/{champion}"
+            admin = as_account(platform, "admin") | {"DEBERTA_RAD_SERVE_WEBHOOK_SECRET": secrets["webhook_secret"]}
+            checked = run(
+                [str(BIN / "deberta-rad"), "webhook", "install", "--url", service, "--check"], root, extra_env=admin
+            )
+            assert "updated webhook" in checked.stdout and "test delivery was answered" in checked.stdout
+            with chromium("promoter", secrets["promoter"]) as browser:
+                saved_at = add_alias_in_ui(
+                    browser, state.tracking_uri, "deberta-rad", better, "champion", ARTIFACTS / "ui-promotion.png"
+                )
+            answered_at = wait_for(
+                "the service answering with the promoted version",
+                lambda: served_version(service) == f"deberta-rad/{better}",
+            )
+            with as_user("promoter", secrets["promoter"]):
+                client = MlflowClient(tracking_uri=state.tracking_uri, registry_uri=state.tracking_uri)
+                tags = client.get_model_version("deberta-rad", better).tags
+            assert (tags["promotion.gate"], tags["promotion.route"]) == ("passed", OTHER_ROUTE)
+            metrics = requests.get(f"{service}/metrics", timeout=30).text
+            assert f'model_version="deberta-rad/{better}",promotion_gate="passed"}} 1.0' in metrics
+
+            with chromium("reader", secrets["reader"]) as browser, pytest.raises(AssertionError, match="refused"):
+                add_alias_in_ui(browser, state.tracking_uri, "deberta-rad", worse, "champion", root / "reader.png")
+
+            with as_user("promoter", secrets["promoter"]):  # through the API: the gate refuses, strict reverts
+                client.set_registered_model_alias("deberta-rad", "champion", worse)
+                wait_for(
+                    "champion moved back",
+                    lambda: str(client.get_model_version_by_alias("deberta-rad", "champion").version) == better,
+                )
+                tags = client.get_model_version("deberta-rad", worse).tags
+            assert tags["promotion.gate"] == "refused" and "moved back" in tags["promotion.reverted"]
+            wait_for("the alert", lambda: bool(alerts.received))
+            assert alerts.received[0]["version"] == worse and alerts.received[0]["reverted"] is True
+            assert served_version(service) == f"deberta-rad/{better}"
+    finally:
+        alerts.server.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    timing = {"save_to_first_answer_s": round(answered_at - saved_at, 2)}
+    (ARTIFACTS / "ui-promotion.json").write_text(json.dumps(timing, indent=2) + "\n")

@@ -117,6 +117,42 @@ def main(
     )
 
 
+webhook_app = typer.Typer(help="MLflow's webhook to the label service (README 'Promotion').", no_args_is_help=True)
+app.add_typer(webhook_app, name="webhook")
+
+
+@webhook_app.command("install")
+def webhook_install(
+    url: Annotated[str, typer.Option("--url", help="The label service's address, e.g. http://127.0.0.1:3000.")],
+    check: Annotated[bool, typer.Option(help="Have MLflow send a test delivery to the service now.")] = False,
+) -> None:
+    """Register an MLflow webhook (model_version_alias.created) pointing at the service, signed with
+    DEBERTA_RAD_SERVE_WEBHOOK_SECRET, so a promotion reaches it at once. Needs MLflow >= 3.3 on a SQL
+    store and an account that may manage webhooks."""
+    from deberta_rad import webhooks
+    from deberta_rad.settings import get_settings
+    from deberta_rad.tracking import configure_mlflow, require_registry
+
+    settings = get_settings()
+    if settings.serve_webhook_secret is None:
+        _fail("set DEBERTA_RAD_SERVE_WEBHOOK_SECRET first: MLflow signs deliveries with it, the service checks them")
+    if not settings.mlflow_tracking_uri.startswith(("http://", "https://")):
+        _fail(
+            f"MLFLOW_TRACKING_URI is {settings.mlflow_tracking_uri}: only an MLflow tracking server delivers "
+            "webhooks (e.g. `deberta-rad platform up`); on an embedded store the service polls instead"
+        )
+    require_registry()
+    configure_mlflow()
+    target = webhooks.webhook_url(url)
+    webhook_id, created = webhooks.install_webhook(target, settings.serve_webhook_secret.get_secret_value())
+    typer.echo(f"{'created' if created else 'updated'} webhook {webhook_id}: alias moves are sent to {target}")
+    if check:
+        failure = webhooks.check_delivery(webhook_id)
+        if failure:
+            _fail(f"MLflow's test delivery to {target} failed: {failure}")
+        typer.echo("MLflow's test delivery was answered")
+
+
 @app.command()
 def generate(
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o")],
@@ -151,18 +187,26 @@ app.add_typer(platform_app, name="platform")
 PlatformFolder = Annotated[Path, typer.Option("--folder", help="Where the platform keeps its data and secrets.")]
 
 
+ServiceUrl = Annotated[
+    str, typer.Option("--service-url", help="The label service's address; MLflow's webhook reaches it there.")
+]
+
+
 @platform_app.command("up")
-def platform_up(folder: PlatformFolder = Path(".platform")) -> None:
-    """Start PostgreSQL and an MLflow server on it with basic-auth accounts (or find them running)."""
+def platform_up(folder: PlatformFolder = Path(".platform"), service_url: ServiceUrl = "http://127.0.0.1:3000") -> None:
+    """Start PostgreSQL and an MLflow server on it with basic-auth accounts (or find them running), with a
+    webhook that tells the service at --service-url when an alias moves."""
     from deberta_rad.platform_stack import PlatformPaths, up
     from deberta_rad.settings import get_settings
 
     paths = PlatformPaths(folder)
-    state = up(paths, get_settings().registered_model)
+    state = up(paths, get_settings().registered_model, service_url)
     typer.echo(f"MLflow: {state.tracking_uri} (PostgreSQL store, artifacts proxied to {paths.artifacts})")
-    typer.echo(f"accounts admin, promoter (may move champion), reader; passwords in {paths.secrets}")
+    typer.echo(f"accounts admin, promoter (may move champion), reader; passwords and keys in {paths.secrets}")
+    typer.echo(f"alias moves are sent to {state.webhook_url}, signed with WEBHOOK_SECRET from that file")
     typer.echo(f"export MLFLOW_TRACKING_URI={state.tracking_uri}")
     typer.echo("export MLFLOW_TRACKING_USERNAME=promoter MLFLOW_TRACKING_PASSWORD=<PROMOTER_PASSWORD from that file>")
+    typer.echo("export DEBERTA_RAD_SERVE_WEBHOOK_SECRET=<WEBHOOK_SECRET from that file>   # for deberta-rad serve")
 
 
 @platform_app.command("down")

@@ -22,10 +22,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pandas as pd
 
+from deberta_rad.net import post_alert
 from deberta_rad.params import MonitoringParams
 from deberta_rad.schema import FINDINGS, LabelRecord
 
@@ -197,17 +197,6 @@ def alert_payload(result: Mapping, **context: str) -> dict:
     """What a webhook receives: the verdict, counts and scores; never a report or its text."""
     keys = ("status", "drift_detected", "share_drifted", "drifted_findings", "n_reference", "n_current", "checked_at")
     return {"source": "deberta-rad", **context, **{k: result.get(k) for k in keys}}
-
-
-def post_alert(url: str, payload: Mapping, timeout_s: float = 10.0) -> str | None:
-    """POST the alert as JSON; None when delivered, else why not."""
-    try:
-        response = httpx.post(url, json=dict(payload), timeout=timeout_s)
-    except httpx.HTTPError as error:
-        return f"{url}: {type(error).__name__}: {error}"
-    if response.status_code >= 400:
-        return f"{url}: HTTP {response.status_code}"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------

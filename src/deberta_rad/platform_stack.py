@@ -27,17 +27,21 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
 
 from deberta_rad.net import free_port
+from deberta_rad.webhooks import install_webhook, webhook_url
 
 PLATFORM_DIR = Path(".platform")
 DB_USER = "mlflow"
 DATABASES = ("mlflow", "mlflow_auth")  # the tracking and registry store; the basic-auth app's users
 ACCOUNTS = ("admin", "promoter", "reader")
+# Keys rather than passwords: the web app's session key, the secret MLflow signs webhook deliveries with,
+# and the key it encrypts that secret with in PostgreSQL.
+KEYS = ("flask_secret_key", "webhook_secret", "webhook_encryption_key")
 PROMOTER_PERMISSION = "MANAGE"
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
@@ -94,6 +98,7 @@ class PlatformState:
     postgres_port: int
     mlflow_pid: int
     mlflow_port: int
+    webhook_url: str = ""  # where MLflow tells the service that an alias moved
 
     @property
     def tracking_uri(self) -> str:
@@ -119,9 +124,21 @@ def is_running(pid: int) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+def _new_secret(name: str) -> str:
+    if name == "webhook_encryption_key":  # MLflow encrypts webhook secrets in its store with this Fernet key
+        from cryptography.fernet import Fernet
+
+        return Fernet.generate_key().decode()
+    return secrets.token_urlsafe(24)
+
+
+def _secret_line_name(name: str) -> str:
+    return name.upper() if name in KEYS else f"{name.upper()}_PASSWORD"
+
+
 def load_secrets(paths: PlatformPaths) -> dict[str, str]:
-    """The platform's passwords, generated on first use and kept (mode 600) for every later `up`."""
-    names = ["postgres", *ACCOUNTS, "flask_secret_key"]
+    """The platform's passwords and keys, generated on first use and kept (mode 600) for every later `up`."""
+    names = ["postgres", *ACCOUNTS, *KEYS]
     known: dict[str, str] = {}
     if paths.secrets.is_file():
         for line in paths.secrets.read_text().splitlines():
@@ -130,12 +147,11 @@ def load_secrets(paths: PlatformPaths) -> dict[str, str]:
                 known[name.strip().lower().removesuffix("_password")] = value.strip()
     missing = [name for name in names if name not in known]
     if missing:
-        known |= {name: secrets.token_urlsafe(24) for name in missing}
+        known |= {name: _new_secret(name) for name in missing}
         paths.root.mkdir(parents=True, exist_ok=True)
-        lines = [f"{name.upper()}{'' if name == 'flask_secret_key' else '_PASSWORD'}={known[name]}" for name in names]
         paths.secrets.touch(mode=0o600)
         paths.secrets.chmod(0o600)
-        paths.secrets.write_text("\n".join(lines) + "\n")
+        paths.secrets.write_text("".join(f"{_secret_line_name(name)}={known[name]}\n" for name in names))
     return known
 
 
@@ -289,7 +305,12 @@ def _start_mlflow(paths: PlatformPaths, postgres_port: int, port: int, known: di
         "MLFLOW_AUTH_CONFIG_PATH": str(paths.auth_config.resolve()),
         "MLFLOW_AUTH_ADMIN_PASSWORD": known["admin"],
         "MLFLOW_FLASK_SERVER_SECRET_KEY": known["flask_secret_key"],
-        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",  # the service it notifies runs on this machine
+        # Webhooks to the service on this machine: a loopback address over plain HTTP, and a new webhook
+        # seen within seconds (MLflow caches the webhook list for a minute by default).
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_CACHE_TTL": "5",
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": known["webhook_encryption_key"],
     }
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(name, None)
@@ -368,15 +389,28 @@ def _create_accounts(tracking_uri: str, known: dict[str, str], model_name: str) 
             users.grant_user_permission("promoter", "registered_model", model_name, PROMOTER_PERMISSION)
 
 
+def _install_webhook(tracking_uri: str, known: dict[str, str], service_url: str) -> str:
+    """As admin, point the service's webhook (alias set) at ``service_url``; returns the webhook's URL."""
+    url = webhook_url(service_url)
+    with as_user("admin", known["admin"]):
+        install_webhook(url, known["webhook_secret"], tracking_uri=tracking_uri)
+    return url
+
+
 # ----------------------------------------------------------------------------------------------
 # up, down, status
 # ----------------------------------------------------------------------------------------------
 
 
-def up(paths: PlatformPaths, model_name: str) -> PlatformState:
-    """Start PostgreSQL and the MLflow server (or find them running), and make sure the accounts exist."""
+def up(paths: PlatformPaths, model_name: str, service_url: str) -> PlatformState:
+    """Start PostgreSQL and the MLflow server (or find them running), and make sure the accounts exist and
+    the webhook points at the service."""
     running = read_state(paths)
     if running is not None and is_running(running.postgres_pid) and is_running(running.mlflow_pid):
+        if running.webhook_url != webhook_url(service_url):
+            hook = _install_webhook(running.tracking_uri, load_secrets(paths), service_url)
+            running = replace(running, webhook_url=hook)
+            _write_state(paths, running)
         return running
     if running is not None:
         down(paths)
@@ -390,8 +424,10 @@ def up(paths: PlatformPaths, model_name: str) -> PlatformState:
         _create_databases(postgres_port, known["postgres"])
         mlflow_port = free_port()
         mlflow_pid = _start_mlflow(paths, postgres_port, mlflow_port, known)
-        state = PlatformState(postgres_pid, postgres_port, mlflow_pid, mlflow_port)
-        _create_accounts(state.tracking_uri, known, model_name)
+        tracking_uri = f"http://127.0.0.1:{mlflow_port}"
+        _create_accounts(tracking_uri, known, model_name)
+        hook = _install_webhook(tracking_uri, known, service_url)
+        state = PlatformState(postgres_pid, postgres_port, mlflow_pid, mlflow_port, hook)
     except BaseException:  # half a platform is none: stop what started, so the next `up` starts afresh
         if mlflow_pid is not None:
             _stop(mlflow_pid, signal.SIGTERM, group=True)
@@ -442,6 +478,7 @@ def status(paths: PlatformPaths) -> list[str]:
         f"(pid {state.postgres_pid}, 127.0.0.1:{state.postgres_port})",
         f"mlflow server: {'running' if is_running(state.mlflow_pid) else 'stopped'} "
         f"(pid {state.mlflow_pid}, {state.tracking_uri}, /health {health})",
+        f"webhook: alias moves are sent to {state.webhook_url or 'nowhere'}",
     ]
 
 

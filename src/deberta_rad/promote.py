@@ -14,6 +14,8 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from deberta_rad.net import post_alert
+from deberta_rad.params import PromoteParams
 from deberta_rad.registry import CHALLENGER, CHAMPION, alias_version, finding_f1_tag
 from deberta_rad.schema import FINDINGS
 from deberta_rad.settings import get_settings
@@ -23,6 +25,23 @@ logger = logging.getLogger(__name__)
 # The test split (reports, teacher labels, gold) a version was evaluated on, as dvc.lock names it.
 EVALUATION_DATA_TAG = "data.data/splits.md5"
 MACRO_F1 = "Macro F1"
+# How a version became champion (tag `promotion.route`) and the tags a promotion writes.
+CLI_ROUTE = "deberta-rad promote"
+OTHER_ROUTE = "MLflow UI or API"
+PROMOTION_TAGS = (
+    "promotion.by",
+    "promotion.at",
+    "promotion.previous_champion",
+    "promotion.gate",
+    "promotion.route",
+    "promotion.forced_reason",
+    "promotion.gate_detail",
+    "promotion.reverted",
+)
+# How long after `deberta-rad promote` tags a version the service takes the alias move as that command's.
+CLI_CLAIM_S = 600
+UNKNOWN_USER = "unknown (set outside deberta-rad promote; MLflow does not record who sets an alias)"
+MAX_TAG_CHARS = 4000
 
 
 class PromotionError(Exception):
@@ -191,26 +210,140 @@ def _user() -> str:
         return "unknown"
 
 
+def _record_promotion(candidate: ModelVersion, tags: Mapping[str, str]) -> None:
+    """Write a promotion's tags on the version and drop those an earlier promotion of it left (a forced
+    reason, a revert) that this one does not set."""
+    client = MlflowClient()
+    for key in PROMOTION_TAGS:
+        if key in candidate.tags and key not in tags:
+            client.delete_model_version_tag(candidate.name, candidate.version, key)
+    for key, value in tags.items():
+        client.set_model_version_tag(candidate.name, candidate.version, key, value)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
 def promote_version(
     candidate: ModelVersion, previous: ModelVersion | None, gate: GateResult | None, forced_reason: str | None
 ) -> None:
     """Move `champion` to ``candidate`` and record on it who promoted it, when, over which version and
     how (`promotion.gate`: passed, forced or no champion). The tags are written before the alias moves,
     so a forced promotion never happens without its reason on record."""
-    name = get_settings().registered_model
-    client = MlflowClient()
     outcome = "no champion" if gate is None else "passed" if gate.passed else "forced"
     tags = {
         "promotion.by": _user(),
-        "promotion.at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "promotion.previous_champion": previous.version if previous else "none",
+        "promotion.at": _now(),
+        "promotion.previous_champion": str(previous.version) if previous else "none",
         "promotion.gate": outcome,
+        "promotion.route": CLI_ROUTE,
     }
     if outcome == "forced":
         tags["promotion.forced_reason"] = forced_reason or ""
-    elif "promotion.forced_reason" in candidate.tags:  # from an earlier forced promotion of this version
-        client.delete_model_version_tag(name, candidate.version, "promotion.forced_reason")
-    for key, value in tags.items():
-        client.set_model_version_tag(name, candidate.version, key, value)
-    client.set_registered_model_alias(name, CHAMPION, candidate.version)
-    logger.info("version %s of %s is now %s (gate: %s)", candidate.version, name, CHAMPION, outcome)
+    _record_promotion(candidate, tags)
+    MlflowClient().set_registered_model_alias(candidate.name, CHAMPION, candidate.version)
+    logger.info("version %s of %s is now %s (gate: %s)", candidate.version, candidate.name, CHAMPION, outcome)
+
+
+# ----------------------------------------------------------------------------------------------
+# Promotions by any other route (the MLflow UI, the API): reviewed by the service that follows `champion`
+# ----------------------------------------------------------------------------------------------
+
+
+def promoted_by_cli(candidate: ModelVersion, previous: ModelVersion | None) -> bool:
+    """Whether `deberta-rad promote` made this move: it tags the version, over this previous champion,
+    just before it moves the alias. A tag from an older promotion of the same version does not count:
+    moving `champion` back to it in the UI is a new promotion."""
+    tags = candidate.tags
+    if tags.get("promotion.route") != CLI_ROUTE:
+        return False
+    if tags.get("promotion.previous_champion") != (str(previous.version) if previous else "none"):
+        return False
+    try:
+        tagged_at = datetime.fromisoformat(tags["promotion.at"])
+    except (KeyError, ValueError):
+        return False
+    return (datetime.now(UTC) - tagged_at).total_seconds() <= CLI_CLAIM_S
+
+
+@dataclass(frozen=True)
+class Review:
+    """The gate's verdict on a promotion made outside `deberta-rad promote`, and what was done about it."""
+
+    candidate: str
+    previous: str | None
+    verdict: str  # passed | refused | not comparable | no champion
+    detail: str
+    reverted: bool
+    alert_failure: str | None
+
+    def describe(self) -> str:
+        over = f"over version {self.previous}" if self.previous else "with no champion before it"
+        text = f"version {self.candidate} was made {CHAMPION} {over} outside deberta-rad promote; gate: {self.verdict}"
+        text += f" ({self.detail})" if self.detail else ""
+        if self.reverted:
+            text += f"; {CHAMPION} moved back to version {self.previous} (DEBERTA_RAD_PROMOTION_STRICT)"
+        return text
+
+
+def _verdict(gate: GateResult | None) -> tuple[str, str]:
+    if gate is None:
+        return "no champion", ""
+    if gate.problems:
+        return "not comparable", "; ".join(gate.problems)
+    if gate.failures:
+        return "refused", f"F1 down on {', '.join(gate.failures)}"
+    return "passed", ""
+
+
+def review_promotion(
+    candidate: ModelVersion, previous: ModelVersion | None, config: PromoteParams, strict: bool, alert_url: str | None
+) -> Review:
+    """Run `deberta-rad promote`'s gate on a promotion made elsewhere and record the verdict on the version
+    (`promotion.gate`, `promotion.route`; `promotion.by` is unknown: MLflow does not record who set an
+    alias). A refused one is reported to ``alert_url``; with ``strict`` `champion` goes back to ``previous``."""
+    gate = None
+    if previous is not None:
+        gate = promotion_gate(
+            previous, candidate, gate_reference(config.reference, previous, candidate), config.max_finding_drop
+        )
+    verdict, detail = _verdict(gate)
+    refused = verdict == "refused"
+    reverted = strict and refused and previous is not None
+    tags = {
+        "promotion.by": UNKNOWN_USER,
+        "promotion.at": _now(),
+        "promotion.previous_champion": str(previous.version) if previous else "none",
+        "promotion.gate": verdict,
+        "promotion.route": OTHER_ROUTE,
+    }
+    if detail:
+        tags["promotion.gate_detail"] = detail[:MAX_TAG_CHARS]
+    if reverted:
+        tags["promotion.reverted"] = f"{CHAMPION} moved back to version {previous.version}"
+    _record_promotion(candidate, tags)
+    if reverted:
+        MlflowClient().set_registered_model_alias(candidate.name, CHAMPION, previous.version)
+    alert_failure = None
+    if refused and alert_url:
+        alert_failure = post_alert(alert_url, promotion_alert(candidate, previous, gate, reverted))
+    previous_version = str(previous.version) if previous else None
+    return Review(str(candidate.version), previous_version, verdict, detail, reverted, alert_failure)
+
+
+def promotion_alert(
+    candidate: ModelVersion, previous: ModelVersion | None, gate: GateResult | None, reverted: bool
+) -> dict:
+    """What the alert webhook receives about a refused promotion: versions, the failing findings, the gate."""
+    return {
+        "source": "deberta-rad",
+        "event": "promotion refused by the gate",
+        "model": candidate.name,
+        "version": str(candidate.version),
+        "previous_champion": str(previous.version) if previous else None,
+        "route": OTHER_ROUTE,
+        "failures": gate.failures if gate else [],
+        "reverted": reverted,
+        "gate": format_gate_table(gate) if gate else "",
+    }

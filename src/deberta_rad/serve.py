@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from deberta_rad.net import is_loopback_host
 from deberta_rad.predict import status_probabilities
 from deberta_rad.schema import FINDING_INDEX, FINDINGS, STATUSES, LabelRecord, Status
+from deberta_rad.webhooks import WEBHOOK_PATH, DeliveryVerifier, WebhookRejected
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ PACKED_MODEL = "deberta-rad-student"
 PACKED_MODEL_ARG = "packed_model"
 API_KEY_HEADER = "x-api-key"
 GUARDED_PATHS = ("/label", "/reload")
+# MLflow's webhook deliveries: signed with the webhook's secret instead of the API key (MLflow sends none).
+MAX_WEBHOOK_BYTES = 65536
 
 
 class ReportIn(BaseModel):
@@ -161,17 +164,24 @@ class RequestGuard:
     """ASGI middleware for the label service: API key, body size, JSON, schema and limits, answered
     with 4xx JSON before BentoML sees the request. Other paths (/readyz, /livez, /metrics) pass through.
     A /label request that passes is replayed unchanged to the app; /reload takes no input, so the app gets
-    an empty body (BentoML would log a traceback with the content of a body it cannot parse)."""
+    an empty body (BentoML would log a traceback with the content of a body it cannot parse). MLflow's
+    webhook deliveries pass only when signed with the webhook's secret, fresh and new."""
 
-    def __init__(self, app: Any, api_key: str | None, max_reports: int, max_chars: int) -> None:
+    def __init__(
+        self, app: Any, api_key: str | None, max_reports: int, max_chars: int, webhook_secret: str | None = None
+    ) -> None:
         self.app = app
         self.api_key = api_key
         self.max_reports = max_reports
         self.max_chars = max_chars
         # Room for JSON quoting and escapes around the longest allowed payload.
         self.max_body_bytes = max_reports * (max_chars * 6 + 1024) + 65536
+        self.deliveries = DeliveryVerifier(webhook_secret) if webhook_secret else None
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == WEBHOOK_PATH:
+            await self.check_delivery(scope, receive, send)
+            return
         if scope["type"] != "http" or scope["path"] not in GUARDED_PATHS:
             await self.app(scope, receive, send)
             return
@@ -187,9 +197,27 @@ class RequestGuard:
             return
         await self.app(scope, _replay(body if label else b""), send)
 
+    async def check_delivery(self, scope: dict, receive: Receive, send: Send) -> None:
+        """Pass an MLflow webhook delivery to the app only when it is verified; answer 401 otherwise
+        (MLflow does not retry a 4xx)."""
+        if self.deliveries is None:
+            await _send_json(send, 503, {"error": "no webhook secret: set DEBERTA_RAD_SERVE_WEBHOOK_SECRET"})
+            return
+        body = await _read_body(receive, MAX_WEBHOOK_BYTES)
+        if body is None:
+            await _send_json(send, 413, {"error": f"webhook body over {MAX_WEBHOOK_BYTES} bytes"})
+            return
+        try:
+            self.deliveries.verify(_headers(scope), body)
+        except WebhookRejected as rejected:
+            logger.warning("refused a webhook delivery: %s", rejected)
+            await _send_json(send, 401, {"error": str(rejected)})
+            return
+        await self.app(scope, _replay(body), send)
+
     def check_access(self, scope: dict) -> tuple[int, dict] | None:
         """Off loopback a key is required; with a key set, every caller must send it."""
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        headers = _headers(scope)
         server_host = (scope.get("server") or ("127.0.0.1", 0))[0]
         if self.api_key is None:
             if is_loopback_host(server_host):
@@ -228,6 +256,10 @@ class RequestGuard:
         if not isinstance(payload, dict):
             return 422, {"error": "/reload takes no input: send no body or a JSON object"}
         return None
+
+
+def _headers(scope: dict) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
 
 
 def _json_payload(body: bytes) -> tuple[Any, tuple[int, dict] | None]:
@@ -297,6 +329,7 @@ def run_server(model: str, host: str, port: int, api_key: str | None) -> int:
     """Start `bentoml serve` in the foreground with the model and store resolved from here."""
     from deberta_rad.registry import check_model_ref
     from deberta_rad.settings import get_settings
+    from deberta_rad.tracking import export_credentials
 
     if not is_loopback_host(host) and not api_key:
         raise ValueError(f"--host {host} is not loopback: set DEBERTA_RAD_SERVE_API_KEY (or --api-key) first")
@@ -304,10 +337,12 @@ def run_server(model: str, host: str, port: int, api_key: str | None) -> int:
     if Path(model).is_dir():
         model = str(Path(model).resolve())
     settings = get_settings()
+    export_credentials()  # the service reads the registry (and records gate verdicts) as this account
     env = os.environ | {
         "DEBERTA_RAD_SERVE_MODEL": model,
         "DEBERTA_RAD_MODEL_CACHE": str(Path(settings.model_cache).resolve()),
         "MLFLOW_TRACKING_URI": absolute_tracking_uri(settings.mlflow_tracking_uri, Path.cwd()),
+        "DEBERTA_RAD_PROMOTION_PARAMS": str(settings.promotion_params.resolve()),
     }
     if api_key:
         env["DEBERTA_RAD_SERVE_API_KEY"] = api_key

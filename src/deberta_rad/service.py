@@ -7,8 +7,13 @@ The split is BentoML's adaptive-batching pattern for composed services: `Labeler
 so texts from concurrent /label calls are merged into one batch by BentoML's dispatcher, and the
 engine (deberta_rad.predict) sorts each batch by token length before it runs the model.
 
+The labeler follows a registry alias: at once when MLflow's webhook says it moved (`POST
+/webhooks/mlflow`, verified by the guard), every `serve_poll_s` as the fallback, and on `POST /reload`. A
+`champion` moved outside `deberta-rad promote` goes through the promotion gate before it is served.
+
 Configuration is the environment (deberta_rad.settings, prefix DEBERTA_RAD_): `deberta-rad serve`
-sets the model; the limits, batching and API key are `DEBERTA_RAD_SERVE_*`.
+sets the model; the limits, batching, API key and webhook secret are `DEBERTA_RAD_SERVE_*`, the gate's
+alert and strict mode `DEBERTA_RAD_PROMOTION_*`.
 """
 
 from __future__ import annotations
@@ -22,8 +27,13 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 
+from deberta_rad.params import PromoteParams, load_params
 from deberta_rad.predict import LabelingEngine, load_engine, prediction_record
+from deberta_rad.promote import promoted_by_cli, review_promotion
+from deberta_rad.registry import CHAMPION
 from deberta_rad.schema import TeacherInfo
 from deberta_rad.serve import (
     PACKED_MODEL_ARG,
@@ -36,6 +46,7 @@ from deberta_rad.serve import (
     label_result,
 )
 from deberta_rad.settings import get_settings
+from deberta_rad.webhooks import WEBHOOK_PATH, alias_event
 
 # A child of BentoML's logger, so lines go where BentoML's own go, in its format.
 logger = logging.getLogger("bentoml.deberta_rad")
@@ -81,21 +92,54 @@ class ModelHolder:
     def follows_alias(self) -> bool:
         return self.ref.startswith("models:/") and "@" in self.ref
 
-    def alias_version(self) -> str:
-        """The registered version the alias points at now, e.g. `deberta-rad/3`."""
-        from mlflow import MlflowClient
-
+    def followed(self) -> tuple[str, str]:
+        """The registered model and the alias followed, e.g. (`deberta-rad`, `champion`)."""
         name, alias = self.ref.removeprefix("models:/").split("@", 1)
-        return f"{name}/{MlflowClient().get_model_version_by_alias(name, alias).version}"
+        return name, alias
 
     def refresh(self) -> bool:
-        """Load the model again if its alias moved (or always, for a directory); True when swapped."""
-        if self.follows_alias() and self.alias_version() == self.current[1]:
-            return False
+        """Load the alias's version if it moved (always, for a directory); True when swapped. A move of
+        `champion` made outside `deberta-rad promote` is put through the gate first; when the gate refuses
+        it in strict mode, `champion` goes back and the served model stays."""
+        if self.follows_alias():
+            name, alias = self.followed()
+            client = MlflowClient()
+            target = client.get_model_version_by_alias(name, alias)
+            if f"{name}/{target.version}" == self.current[1]:
+                return False
+            if alias == CHAMPION and self._held_back_by_gate(client, target):
+                return False
         previous = self.current[1]
         self.current = self._load()
         logger.info("swapped model %s for %s", previous, self.current[1])
         return True
+
+    def _held_back_by_gate(self, client: MlflowClient, target: ModelVersion) -> bool:
+        """Review a new champion against the served one, unless `deberta-rad promote` moved it (its gate
+        ran there). True when the served model must stay: strict mode refused the new one (and moved
+        `champion` back), or could not review it."""
+        name, served = self.current[1].split("/", 1)
+        try:
+            previous = client.get_model_version(name, served)
+            if promoted_by_cli(target, previous):
+                return False
+            params = SETTINGS.promotion_params
+            config = load_params(params).promote if params.is_file() else PromoteParams()
+            review = review_promotion(target, previous, config, SETTINGS.promotion_strict, SETTINGS.promotion_alert_url)
+        except Exception:  # e.g. an account that may not tag versions: say so, and follow unless strict
+            logger.exception("the gate could not review version %s as %s", target.version, CHAMPION)
+            return SETTINGS.promotion_strict
+        (logger.info if review.verdict == "passed" else logger.warning)("%s", review.describe())
+        if review.alert_failure:
+            logger.error("the promotion alert was not delivered: %s", review.alert_failure)
+        return review.reverted
+
+    def gate_verdict(self) -> str:
+        """The served version's `promotion.gate` tag (`not registered` for a directory or a packed model)."""
+        if not self.follows_alias():
+            return "not registered"
+        name, version = self.current[1].split("/", 1)
+        return MlflowClient().get_model_version(name, version).tags.get("promotion.gate", "not recorded")
 
 
 # BentoML 1.4.40 renews the caller's connection session every 100 requests and closes the old one with
@@ -109,8 +153,19 @@ class Labeler:
     """Holds the student; scores batches; follows the registry alias."""
 
     def __init__(self) -> None:
+        # prometheus_client must be imported after BentoML has set its multiprocess directory.
+        from prometheus_client import Gauge
+
+        self.served = Gauge(
+            "deberta_rad_served_model",
+            "1 for the model version served now and the promotion gate's verdict on it, 0 for earlier ones.",
+            ["model_version", "promotion_gate"],
+            multiprocess_mode="livemostrecent",
+        )
+        self.published: tuple[str, str] | None = None
         self.holder = ModelHolder(model_reference(), SETTINGS.serve_engine_batch_size)
         self.reload_lock = threading.Lock()
+        self._publish()
         if SETTINGS.serve_poll_s > 0 and self.holder.follows_alias():
             threading.Thread(target=self._poll_alias, name="alias-poller", daemon=True).start()
 
@@ -124,7 +179,22 @@ class Labeler:
 
     def _refresh(self) -> bool:
         with self.reload_lock:
-            return self.holder.refresh()
+            swapped = self.holder.refresh()
+            if swapped:
+                self._publish()
+            return swapped
+
+    def _publish(self) -> None:
+        """Show the served version and its gate verdict in /metrics (the earlier one drops to 0)."""
+        try:
+            verdict = self.holder.gate_verdict()
+        except Exception:  # the registry is unreachable: the model serves all the same
+            logger.exception("reading the gate verdict of %s failed", self.holder.current[1])
+            verdict = "unknown"
+        if self.published:
+            self.served.labels(*self.published).set(0)
+        self.published = (self.holder.current[1], verdict)
+        self.served.labels(*self.published).set(1)
 
     @bentoml.api(
         batchable=True, max_batch_size=SETTINGS.serve_max_batch_size, max_latency_ms=SETTINGS.serve_max_latency_ms
@@ -144,7 +214,7 @@ class Labeler:
 
 @bentoml.service(name="deberta-rad", traffic={"timeout": 600, "max_concurrency": 256})
 class LabelService:
-    """The public API: /label, /reload, plus BentoML's /readyz, /livez and /metrics."""
+    """The public API: /label, /reload, /webhooks/mlflow, plus BentoML's /readyz, /livez and /metrics."""
 
     labeler = bentoml.depends(Labeler)
 
@@ -159,6 +229,7 @@ class LabelService:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
         )
         self.reports = Counter("deberta_rad_reports_labelled", "Reports labelled by model version.", ["model_version"])
+        self.following: set[asyncio.Task] = set()  # webhook-triggered swaps in flight
 
     @bentoml.api(route="/label")
     async def label(
@@ -211,10 +282,32 @@ class LabelService:
         """Check the registry now instead of waiting for the next poll."""
         return await self.labeler.to_async.reload()
 
+    @bentoml.api(route=WEBHOOK_PATH)
+    async def mlflow_webhook(self, entity: str = "", action: str = "", data: dict | None = None) -> dict:
+        """MLflow's webhook (its signature, age and id checked by RequestGuard): when the followed alias
+        moves, follow it now. Answered at once; the swap runs in the background, so MLflow's delivery
+        never waits for a model download."""
+        event = alias_event({"entity": entity, "action": action, "data": data})
+        followed = model_reference().removeprefix("models:/").partition("@")
+        if event is None or (event.name, event.alias) != (followed[0], followed[2]):
+            return {"accepted": False, "reason": f"not a move of {model_reference()}"}
+        logger.info("webhook: %s of %s moved to version %s", event.alias, event.name, event.version)
+        task = asyncio.create_task(self.labeler.to_async.reload())
+        self.following.add(task)
+        task.add_done_callback(self._followed)
+        return {"accepted": True, "version": event.version}
+
+    def _followed(self, task: asyncio.Task) -> None:
+        self.following.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        logger.error("following the webhook's alias move failed: %s", task.exception())
+
 
 LabelService.add_asgi_middleware(
     RequestGuard,
     api_key=SETTINGS.serve_api_key.get_secret_value() if SETTINGS.serve_api_key else None,
     max_reports=SETTINGS.serve_max_reports,
     max_chars=SETTINGS.serve_max_chars,
+    webhook_secret=SETTINGS.serve_webhook_secret.get_secret_value() if SETTINGS.serve_webhook_secret else None,
 )

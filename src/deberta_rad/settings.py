@@ -65,9 +65,19 @@ class Settings(BaseSettings):
     serve_engine_batch_size: int = Field(default=64, ge=1)
     # How often to check the registry alias for a new champion (0: only on POST /reload).
     serve_poll_s: float = Field(default=30.0, ge=0)
+    # The secret MLflow signs its webhook deliveries with (`platform up` / `deberta-rad webhook install`):
+    # with it set, POST /webhooks/mlflow makes the service follow a promotion at once, not at the next poll.
+    serve_webhook_secret: SecretStr | None = None
     # Opt-in: append every answer (ids, labels, probabilities; never text) to <dir>/<date>.jsonl, the
     # current window for `deberta-rad monitor`.
     serve_capture_dir: Path | None = None
+
+    # A promotion made outside `deberta-rad promote` (the MLflow UI, the API) is checked by the service
+    # that follows `champion`, with the gate in params.yaml `promote`: where a refusal is reported, and
+    # whether `champion` then moves back (DEBERTA_RAD_PROMOTION_STRICT=true).
+    promotion_alert_url: str | None = None
+    promotion_strict: bool = False
+    promotion_params: Path = Path("params.yaml")
 
 
 @lru_cache
