@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -151,9 +152,9 @@ ARTIFACTS = REPO / "test-artifacts"
 SERVICE_WAIT_S = 240
 
 
-def register_three_versions(paths: PlatformPaths, root: Path) -> list[str]:
-    """A tiny student registered once by the promoter, and two more versions of it: the champion (A), one
-    that scores better (B) and one that scores worse (C) on the same test split."""
+def register_versions(paths: PlatformPaths, root: Path, scores: tuple[float, ...]) -> list[str]:
+    """A tiny student registered by the promoter, once per score: the versions share its weights and
+    carry evaluation tags with that F1 on the same test split. The first one is made champion."""
     import mlflow
     from mlflow import MlflowClient
     from tiny_backbones import tiny_deberta_backbone
@@ -167,22 +168,27 @@ def register_three_versions(paths: PlatformPaths, root: Path) -> list[str]:
         client = MlflowClient()
         first = client.get_model_version("deberta-rad", str(register_model(root / "student", {})["version"]))
         versions = [str(first.version)]
-        for _ in range(2):
+        for _ in scores[1:]:
             versions.append(str(mlflow.register_model(first.source, "deberta-rad").version))
-        for version, score in zip(versions, (0.80, 0.85, 0.60), strict=True):
+        for version, score in zip(versions, scores, strict=True):
             for key, value in evaluated(score, score).items():
                 client.set_model_version_tag("deberta-rad", version, key, value)
         client.set_registered_model_alias("deberta-rad", "champion", versions[0])
     return versions
 
 
+@dataclass
+class Service:
+    url: str
+    log: Path
+
+
 @contextlib.contextmanager
-def label_service(paths: PlatformPaths, root: Path, port: int, alert_url: str) -> Iterator[str]:
-    """`deberta-rad serve` of the champion as the README runs it on the platform, in strict mode, with
-    polling off: only the webhook can make it follow a promotion."""
+def label_service(paths: PlatformPaths, root: Path, port: int, alert_url: str) -> Iterator[Service]:
+    """`deberta-rad serve` of the champion as the README runs it on the platform (polling at its default
+    interval), in strict mode, with a promotion alert webhook."""
     env = as_account(paths, "promoter") | {
         "DEBERTA_RAD_SERVE_WEBHOOK_SECRET": load_secrets(paths)["webhook_secret"],
-        "DEBERTA_RAD_SERVE_POLL_S": "0",
         "DEBERTA_RAD_PROMOTION_STRICT": "true",
         "DEBERTA_RAD_PROMOTION_ALERT_URL": alert_url,
         "BENTOML_HOME": str(root / "bentoml"),
@@ -196,14 +202,14 @@ def label_service(paths: PlatformPaths, root: Path, port: int, alert_url: str) -
         )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/readyz", process, log, SERVICE_WAIT_S)
-        yield f"http://127.0.0.1:{port}"
+        yield Service(f"http://127.0.0.1:{port}", log)
     finally:
         stop_server(process)
 
 
-def served_version(url: str) -> str:
+def served_version(service: Service) -> str:
     body = {"reports": [{"report_id": "probe", "text": "Heart size normal. No effusion."}]}
-    return requests.post(f"{url}/label", json=body, timeout=60).json()["model_version"]
+    return requests.post(f"{service.url}/label", json=body, timeout=60).json()["model_version"]
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 120) -> float:
@@ -216,8 +222,24 @@ def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 120) -> fl
     pytest.fail(f"{what}: not within {timeout_s} s")
 
 
+def promote_in_ui(platform: PlatformPaths, service: Service, version: str, screenshot: Path) -> float:
+    """As the promoter, make ``version`` champion in the MLflow UI; seconds from "Save aliases" to the
+    service's first answer from that version."""
+    from mlflow_ui import add_alias_in_ui, chromium
+
+    state = read_state(platform)
+    with chromium("promoter", load_secrets(platform)["promoter"]) as browser:
+        saved_at = add_alias_in_ui(browser, state.tracking_uri, "deberta-rad", version, "champion", screenshot)
+    answered_at = wait_for(
+        f"the service answering with version {version}", lambda: served_version(service) == f"deberta-rad/{version}"
+    )
+    return round(answered_at - saved_at, 2)
+
+
 @pytest.mark.timeout(1200)
 def test_a_ui_promotion_reaches_the_service_at_once_with_its_gate_verdict(platform: PlatformPaths) -> None:
+    """The same UI promotion twice: first with the platform's webhook pointing elsewhere (the service
+    learns of it by polling: the baseline), then with the webhook pointing at the service."""
     from mlflow import MlflowClient
     from mlflow_ui import add_alias_in_ui, chromium
 
@@ -225,33 +247,28 @@ def test_a_ui_promotion_reaches_the_service_at_once_with_its_gate_verdict(platfo
         pytest.skip("Debian's chromium and chromium-driver are not installed (make test installs them)")
     root = Path(tempfile.mkdtemp(prefix="deberta-rad-ui-"))
     port, alerts = free_port(), AlertSink()
-    hooked = platform_command(platform.root, "up", "--service-url", f"http://127.0.0.1:{port}")
-    assert f"http://127.0.0.1:{port}/webhooks/mlflow" in hooked.stdout
-    champion, better, worse = register_three_versions(platform, root)
+    champion, polled, hooked, worse = register_versions(platform, root, (0.80, 0.85, 0.90, 0.60))
     state, secrets = read_state(platform), load_secrets(platform)
     ARTIFACTS.mkdir(exist_ok=True)
     try:
         with label_service(platform, root, port, alerts.url) as service:
             assert served_version(service) == f"deberta-rad/{champion}"
+            by_polling = promote_in_ui(platform, service, polled, root / "polled.png")
+
+            pointed = platform_command(platform.root, "up", "--service-url", service.url)
+            assert f"{service.url}/webhooks/mlflow" in pointed.stdout
             admin = as_account(platform, "admin") | {"DEBERTA_RAD_SERVE_WEBHOOK_SECRET": secrets["webhook_secret"]}
-            checked = run(
-                [str(BIN / "deberta-rad"), "webhook", "install", "--url", service, "--check"], root, extra_env=admin
-            )
+            install = [str(BIN / "deberta-rad"), "webhook", "install", "--url", service.url, "--check"]
+            checked = run(install, root, extra_env=admin)
             assert "updated webhook" in checked.stdout and "test delivery was answered" in checked.stdout
-            with chromium("promoter", secrets["promoter"]) as browser:
-                saved_at = add_alias_in_ui(
-                    browser, state.tracking_uri, "deberta-rad", better, "champion", ARTIFACTS / "ui-promotion.png"
-                )
-            answered_at = wait_for(
-                "the service answering with the promoted version",
-                lambda: served_version(service) == f"deberta-rad/{better}",
-            )
+            by_webhook = promote_in_ui(platform, service, hooked, ARTIFACTS / "ui-promotion.png")
+            assert f"webhook: champion of deberta-rad moved to version {hooked}" in service.log.read_text()
             with as_user("promoter", secrets["promoter"]):
                 client = MlflowClient(tracking_uri=state.tracking_uri, registry_uri=state.tracking_uri)
-                tags = client.get_model_version("deberta-rad", better).tags
+                tags = client.get_model_version("deberta-rad", hooked).tags
             assert (tags["promotion.gate"], tags["promotion.route"]) == ("passed", OTHER_ROUTE)
-            metrics = requests.get(f"{service}/metrics", timeout=30).text
-            assert f'model_version="deberta-rad/{better}",promotion_gate="passed"}} 1.0' in metrics
+            metrics = requests.get(f"{service.url}/metrics", timeout=30).text
+            assert f'model_version="deberta-rad/{hooked}",promotion_gate="passed"}} 1.0' in metrics
 
             with chromium("reader", secrets["reader"]) as browser, pytest.raises(AssertionError, match="refused"):
                 add_alias_in_ui(browser, state.tracking_uri, "deberta-rad", worse, "champion", root / "reader.png")
@@ -260,15 +277,15 @@ def test_a_ui_promotion_reaches_the_service_at_once_with_its_gate_verdict(platfo
                 client.set_registered_model_alias("deberta-rad", "champion", worse)
                 wait_for(
                     "champion moved back",
-                    lambda: str(client.get_model_version_by_alias("deberta-rad", "champion").version) == better,
+                    lambda: str(client.get_model_version_by_alias("deberta-rad", "champion").version) == hooked,
                 )
                 tags = client.get_model_version("deberta-rad", worse).tags
             assert tags["promotion.gate"] == "refused" and "moved back" in tags["promotion.reverted"]
             wait_for("the alert", lambda: bool(alerts.received))
             assert alerts.received[0]["version"] == worse and alerts.received[0]["reverted"] is True
-            assert served_version(service) == f"deberta-rad/{better}"
+            assert served_version(service) == f"deberta-rad/{hooked}"
     finally:
         alerts.server.shutdown()
         shutil.rmtree(root, ignore_errors=True)
-    timing = {"save_to_first_answer_s": round(answered_at - saved_at, 2)}
+    timing = {"save_to_first_answer_s": {"webhook": by_webhook, "polling every 30 s (no webhook)": by_polling}}
     (ARTIFACTS / "ui-promotion.json").write_text(json.dumps(timing, indent=2) + "\n")

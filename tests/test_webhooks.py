@@ -62,9 +62,11 @@ ALIAS_SET = {
 def test_a_delivery_signed_by_mlflow_passes_once() -> None:
     verifier = DeliveryVerifier(SECRET)
     headers, body = delivery(ALIAS_SET)
-    assert verifier.verify(headers, body) == ALIAS_SET
+    assert verifier.verify(headers, body) == (headers["x-mlflow-delivery-id"], ALIAS_SET)
     with pytest.raises(WebhookRejected, match="replayed"):
         verifier.verify(headers, body)
+    verifier.release(headers["x-mlflow-delivery-id"])  # the service failed on it: MLflow's retry is taken
+    assert verifier.verify(headers, body)[1] == ALIAS_SET
 
 
 @pytest.mark.parametrize(
@@ -99,8 +101,14 @@ def test_alias_events_are_read_and_other_events_ignored() -> None:
     assert webhook_url("http://127.0.0.1:3000" + WEBHOOK_PATH) == "http://127.0.0.1:3000" + WEBHOOK_PATH
 
 
-def guarded_webhook(secret: str | None) -> TestClient:
+def guarded_webhook(secret: str | None, failures: int = 0) -> TestClient:
+    """The guard in front of an app that echoes the delivery, after answering 500 ``failures`` times."""
+    left = [failures]
+
     async def echo(request):
+        if left[0]:
+            left[0] -= 1
+            return JSONResponse({"error": "not now"}, status_code=500)
         return JSONResponse(await request.json())
 
     inner = Starlette(routes=[Route(WEBHOOK_PATH, echo, methods=["POST"])])
@@ -116,7 +124,14 @@ def test_the_guard_passes_signed_deliveries_without_the_api_key_and_refuses_the_
     assert again.status_code == 401 and "replayed" in again.json()["error"]
     assert client.post(WEBHOOK_PATH, json=ALIAS_SET).status_code == 401
     unset = guarded_webhook(None).post(WEBHOOK_PATH, content=body, headers=headers)
-    assert unset.status_code == 503 and "DEBERTA_RAD_SERVE_WEBHOOK_SECRET" in unset.json()["error"]
+    assert unset.status_code == 404 and "DEBERTA_RAD_SERVE_WEBHOOK_SECRET" in unset.json()["error"]
+
+
+def test_a_delivery_the_service_failed_on_is_taken_when_mlflow_retries_it() -> None:
+    client = guarded_webhook(SECRET, failures=1)
+    headers, body = delivery(ALIAS_SET)
+    assert client.post(WEBHOOK_PATH, content=body, headers=headers).status_code == 500
+    assert client.post(WEBHOOK_PATH, content=body, headers=headers).status_code == 200
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,8 +209,8 @@ def test_a_worse_version_is_refused_alerted_and_in_strict_mode_moved_back(
     assert tags["promotion.reverted"] == f"{CHAMPION} moved back to version 1"
     assert str(registry.get_model_version_by_alias(NAME, CHAMPION).version) == "1"
     [alert] = alerts.received
-    assert (alert["event"], alert["version"], alert["previous_champion"], alert["reverted"]) == (
-        "promotion refused by the gate",
+    assert (alert["verdict"], alert["version"], alert["previous_champion"], alert["reverted"]) == (
+        "refused",
         "3",
         "1",
         True,
@@ -212,20 +227,24 @@ def test_without_strict_a_refused_version_stays_champion_and_an_unreachable_aler
     assert "moved back" not in result.describe() and "gate: refused" in result.describe()
 
 
-def test_a_version_without_evaluation_is_not_comparable(registry: MlflowClient) -> None:
-    result = review(registry, "4", strict=True, alert_url=None)
-    assert (result.verdict, result.reverted) == ("not comparable", False)
+def test_a_version_without_evaluation_is_not_comparable_and_treated_as_promote_treats_it(
+    registry: MlflowClient, alerts: AlertSink
+) -> None:
+    result = review(registry, "4", strict=True, alert_url=alerts.url)
+    assert (result.verdict, result.reverted) == ("not comparable", True)  # promote refuses it without --force
     assert "no evaluation" in registry.get_model_version(NAME, "4").tags["promotion.gate_detail"]
+    assert [alert["verdict"] for alert in alerts.received] == ["not comparable"]
 
 
-def test_a_cli_promotion_is_recognised_but_an_old_one_moved_back_in_the_ui_is_not(registry: MlflowClient) -> None:
+def test_a_fresh_cli_promotion_is_recognised_but_an_old_one_moved_back_in_the_ui_is_not(
+    registry: MlflowClient,
+) -> None:
     candidate, champion = promotion_candidates(2)
     promote_version(candidate, champion, None, None)
     promoted = registry.get_model_version(NAME, "2")
-    assert promoted.tags["promotion.route"] == CLI_ROUTE and promoted_by_cli(promoted, champion)
-    # Later, champion goes to 3 and back to 2 in the UI: 2's tags still say deberta-rad promote, over 1.
-    three = registry.get_model_version(NAME, "3")
-    assert not promoted_by_cli(promoted, three)
+    assert promoted.tags["promotion.route"] == CLI_ROUTE and promoted_by_cli(promoted)
+    registry.set_model_version_tag(NAME, "2", "promotion.at", "2026-01-01T00:00:00+00:00")  # long ago
+    assert not promoted_by_cli(registry.get_model_version(NAME, "2"))
 
 
 def test_review_tags_replace_those_of_an_earlier_forced_promotion(registry: MlflowClient) -> None:
@@ -247,3 +266,93 @@ def test_webhook_install_names_what_is_missing(isolated_mlflow: str, monkeypatch
     embedded = CliRunner().invoke(app, ["webhook", "install", "--url", "http://127.0.0.1:3000"])
     assert embedded.exit_code == 2 and "only an MLflow tracking server delivers webhooks" in embedded.output
     assert "Traceback" not in embedded.output
+
+
+# ----------------------------------------------------------------------------------------------
+# The service's model holder following `champion` on that registry (the model itself stubbed out)
+# ----------------------------------------------------------------------------------------------
+
+
+class StubEngine:
+    """Stands in for the labelling engine: what is under test is which version gets loaded."""
+
+    def describe(self) -> dict:
+        return {}
+
+
+@pytest.fixture
+def holder(registry: MlflowClient, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A strict-mode holder of `models:/deberta-rad@champion`; ``holder.loaded`` lists the refs it loaded."""
+    from deberta_rad import service
+
+    loaded: list[str] = []
+
+    def resolve(ref: str) -> tuple[Path, str]:
+        loaded.append(ref)
+        if ref.endswith(f"@{CHAMPION}"):
+            return tmp_path, f"{NAME}/{registry.get_model_version_by_alias(NAME, CHAMPION).version}"
+        return tmp_path, ref
+
+    monkeypatch.setattr(service, "resolve_served_model", resolve)
+    monkeypatch.setattr(service, "load_engine", lambda model_dir, batch_size: StubEngine())
+    monkeypatch.setattr(service.SETTINGS, "promotion_strict", True)
+    monkeypatch.setattr(service.SETTINGS, "promotion_alert_url", None)
+    monkeypatch.setattr(service.SETTINGS, "promotion_params", tmp_path / "no-params.yaml")
+    followed = service.ModelHolder(f"models:/{NAME}@{CHAMPION}", batch_size=4)
+    followed.loaded = loaded
+    return followed
+
+
+def champion_now(registry: MlflowClient) -> str:
+    return str(registry.get_model_version_by_alias(NAME, CHAMPION).version)
+
+
+def test_strict_mode_keeps_serving_and_moves_champion_back_from_a_worse_version(holder, registry: MlflowClient) -> None:
+    registry.set_registered_model_alias(NAME, CHAMPION, "3")
+    assert not holder.refresh()
+    assert holder.current[1] == f"{NAME}/1" and champion_now(registry) == "1"
+    registry.set_registered_model_alias(NAME, CHAMPION, "2")
+    assert holder.refresh() and holder.current[1] == f"{NAME}/2"
+    assert holder.loaded[-1] == f"models:/{NAME}/2"  # the version the gate checked, pinned
+
+
+def test_the_version_loaded_is_the_one_checked_when_champion_moves_again_meanwhile(
+    holder, registry: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deberta_rad import service
+
+    resolve = service.resolve_served_model
+
+    def moved_during_download(ref: str) -> tuple[Path, str]:
+        if ref == f"models:/{NAME}/2":
+            registry.set_registered_model_alias(NAME, CHAMPION, "3")  # someone moves it again in the UI
+        return resolve(ref)
+
+    monkeypatch.setattr(service, "resolve_served_model", moved_during_download)
+    registry.set_registered_model_alias(NAME, CHAMPION, "2")
+    assert holder.refresh() and holder.current[1] == f"{NAME}/2"
+    assert not holder.refresh()  # the second move gets the gate too: 3 is refused, champion back on 2
+    assert holder.current[1] == f"{NAME}/2" and champion_now(registry) == "2"
+
+
+def test_a_champion_that_cannot_be_reviewed_is_held_back_once_not_retried_on_every_poll(
+    holder, registry: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from deberta_rad import service
+
+    calls = []
+
+    def refused_by_the_store(*args: object) -> None:
+        calls.append(args)
+        raise MlflowException("Permission denied")
+
+    monkeypatch.setattr(service, "review_promotion", refused_by_the_store)
+    registry.set_registered_model_alias(NAME, CHAMPION, "2")
+    assert not holder.refresh() and not holder.refresh()
+    assert holder.current[1] == f"{NAME}/1" and len(calls) == 1
+    registry.set_registered_model_alias(NAME, CHAMPION, "1")  # back on the served version: a later move is new
+    assert not holder.refresh()
+    registry.set_registered_model_alias(NAME, CHAMPION, "2")
+    assert not holder.refresh() and len(calls) == 2

@@ -147,7 +147,7 @@ def webhook_install(
     webhook_id, created = webhooks.install_webhook(target, settings.serve_webhook_secret.get_secret_value())
     typer.echo(f"{'created' if created else 'updated'} webhook {webhook_id}: alias moves are sent to {target}")
     if check:
-        failure = webhooks.check_delivery(webhook_id)
+        failure = webhooks.send_test_delivery(webhook_id)
         if failure:
             _fail(f"MLflow's test delivery to {target} failed: {failure}")
         typer.echo("MLflow's test delivery was answered")
@@ -188,12 +188,17 @@ PlatformFolder = Annotated[Path, typer.Option("--folder", help="Where the platfo
 
 
 ServiceUrl = Annotated[
-    str, typer.Option("--service-url", help="The label service's address; MLflow's webhook reaches it there.")
+    str | None,
+    typer.Option(
+        "--service-url",
+        help="The label service's address, where MLflow's webhook tells it of promotions "
+        "[default: where the webhook points now; http://127.0.0.1:3000 for a new one].",
+    ),
 ]
 
 
 @platform_app.command("up")
-def platform_up(folder: PlatformFolder = Path(".platform"), service_url: ServiceUrl = "http://127.0.0.1:3000") -> None:
+def platform_up(folder: PlatformFolder = Path(".platform"), service_url: ServiceUrl = None) -> None:
     """Start PostgreSQL and an MLflow server on it with basic-auth accounts (or find them running), with a
     webhook that tells the service at --service-url when an alias moves."""
     from deberta_rad.platform_stack import PlatformPaths, up
@@ -551,6 +556,7 @@ def drift(
     """Compare the status distribution per finding (Evidently). Exit 0 no drift, 1 drift, 2 error,
     3 window too small to judge, 4 drift found but the webhook alert failed."""
     from deberta_rad import monitor
+    from deberta_rad.net import post_alert
 
     settings = load_params(params).monitoring
     result, snapshot = monitor.run_drift(data.read_label_records(reference), data.read_label_records(current), settings)
@@ -559,7 +565,7 @@ def drift(
     typer.echo(f"wrote {written} and {output / 'report.html'}")
     code = monitor.exit_code([result])
     if webhook and result["drift_detected"]:
-        failure = monitor.post_alert(webhook, monitor.alert_payload(result, current=str(current)))
+        failure = post_alert(webhook, monitor.alert_payload(result, current=str(current)))
         if failure:
             typer.secho(f"alert not delivered: {failure}", fg=typer.colors.RED, err=True)
             code = monitor.EXIT_ALERT_FAILED

@@ -37,7 +37,7 @@ def post_alert(url: str, payload: Mapping, timeout_s: float = 10.0) -> str | Non
     """POST the alert as JSON; None when delivered, else why not."""
     try:
         response = httpx.post(url, json=dict(payload), timeout=timeout_s)
-    except httpx.HTTPError as error:
+    except (httpx.HTTPError, httpx.InvalidURL) as error:
         return f"{url}: {type(error).__name__}: {error}"
     if response.status_code >= 400:
         return f"{url}: HTTP {response.status_code}"

@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 
 from deberta_rad.net import free_port
-from deberta_rad.webhooks import install_webhook, webhook_url
+from deberta_rad.webhooks import find_webhook, install_webhook, webhook_url
 
 PLATFORM_DIR = Path(".platform")
 DB_USER = "mlflow"
@@ -44,6 +44,8 @@ ACCOUNTS = ("admin", "promoter", "reader")
 KEYS = ("flask_secret_key", "webhook_secret", "webhook_encryption_key")
 PROMOTER_PERMISSION = "MANAGE"
 START_TIMEOUT_S = 120.0
+# Where the webhook tells the label service of a promotion unless told otherwise: `deberta-rad serve`'s default.
+DEFAULT_SERVICE_URL = "http://127.0.0.1:3000"
 STOP_TIMEOUT_S = 30.0
 # What runs PostgreSQL when the platform is started as root (CI runs as root; PostgreSQL refuses it):
 # Debian's `postgresql` package creates this account.
@@ -389,10 +391,17 @@ def _create_accounts(tracking_uri: str, known: dict[str, str], model_name: str) 
             users.grant_user_permission("promoter", "registered_model", model_name, PROMOTER_PERMISSION)
 
 
-def _install_webhook(tracking_uri: str, known: dict[str, str], service_url: str) -> str:
-    """As admin, point the service's webhook (alias set) at ``service_url``; returns the webhook's URL."""
-    url = webhook_url(service_url)
+def _point_webhook(tracking_uri: str, known: dict[str, str], service_url: str | None) -> str:
+    """As admin, point the service's webhook (alias set) at ``service_url``, or where it already points
+    when None (DEFAULT_SERVICE_URL for a new one), with the platform's secret; returns its URL."""
+    from mlflow import MlflowClient
+
     with as_user("admin", known["admin"]):
+        existing = find_webhook(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
+        if service_url is None and existing is not None:
+            url = existing.url
+        else:
+            url = webhook_url(service_url or DEFAULT_SERVICE_URL)
         install_webhook(url, known["webhook_secret"], tracking_uri=tracking_uri)
     return url
 
@@ -402,13 +411,13 @@ def _install_webhook(tracking_uri: str, known: dict[str, str], service_url: str)
 # ----------------------------------------------------------------------------------------------
 
 
-def up(paths: PlatformPaths, model_name: str, service_url: str) -> PlatformState:
+def up(paths: PlatformPaths, model_name: str, service_url: str | None = None) -> PlatformState:
     """Start PostgreSQL and the MLflow server (or find them running), and make sure the accounts exist and
-    the webhook points at the service."""
+    the webhook points at the service (at ``service_url`` when given)."""
     running = read_state(paths)
     if running is not None and is_running(running.postgres_pid) and is_running(running.mlflow_pid):
-        if running.webhook_url != webhook_url(service_url):
-            hook = _install_webhook(running.tracking_uri, load_secrets(paths), service_url)
+        if service_url is not None and running.webhook_url != webhook_url(service_url):
+            hook = _point_webhook(running.tracking_uri, load_secrets(paths), service_url)
             running = replace(running, webhook_url=hook)
             _write_state(paths, running)
         return running
@@ -426,7 +435,7 @@ def up(paths: PlatformPaths, model_name: str, service_url: str) -> PlatformState
         mlflow_pid = _start_mlflow(paths, postgres_port, mlflow_port, known)
         tracking_uri = f"http://127.0.0.1:{mlflow_port}"
         _create_accounts(tracking_uri, known, model_name)
-        hook = _install_webhook(tracking_uri, known, service_url)
+        hook = _point_webhook(tracking_uri, known, service_url)
         state = PlatformState(postgres_pid, postgres_port, mlflow_pid, mlflow_port, hook)
     except BaseException:  # half a platform is none: stop what started, so the next `up` starts afresh
         if mlflow_pid is not None:

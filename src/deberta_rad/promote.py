@@ -40,6 +40,9 @@ PROMOTION_TAGS = (
 )
 # How long after `deberta-rad promote` tags a version the service takes the alias move as that command's.
 CLI_CLAIM_S = 600
+# Verdicts `deberta-rad promote` refuses without --force: a UI promotion with one is alerted (and reverted
+# in strict mode).
+REFUSED = ("refused", "not comparable")
 UNKNOWN_USER = "unknown (set outside deberta-rad promote; MLflow does not record who sets an alias)"
 MAX_TAG_CHARS = 4000
 
@@ -251,14 +254,12 @@ def promote_version(
 # ----------------------------------------------------------------------------------------------
 
 
-def promoted_by_cli(candidate: ModelVersion, previous: ModelVersion | None) -> bool:
-    """Whether `deberta-rad promote` made this move: it tags the version, over this previous champion,
-    just before it moves the alias. A tag from an older promotion of the same version does not count:
-    moving `champion` back to it in the UI is a new promotion."""
+def promoted_by_cli(candidate: ModelVersion) -> bool:
+    """Whether `deberta-rad promote` made this move: it tags the version just before it moves the alias
+    (so its gate already ran, and a forced promotion carries its reason). Only a fresh tag counts: moving
+    `champion` back to an old promotion's version later, in the UI, is a new promotion."""
     tags = candidate.tags
     if tags.get("promotion.route") != CLI_ROUTE:
-        return False
-    if tags.get("promotion.previous_champion") != (str(previous.version) if previous else "none"):
         return False
     try:
         tagged_at = datetime.fromisoformat(tags["promotion.at"])
@@ -302,14 +303,15 @@ def review_promotion(
 ) -> Review:
     """Run `deberta-rad promote`'s gate on a promotion made elsewhere and record the verdict on the version
     (`promotion.gate`, `promotion.route`; `promotion.by` is unknown: MLflow does not record who set an
-    alias). A refused one is reported to ``alert_url``; with ``strict`` `champion` goes back to ``previous``."""
+    alias). One that `promote` would refuse (refused, not comparable) is reported to ``alert_url``; with
+    ``strict`` `champion` goes back to ``previous``."""
     gate = None
     if previous is not None:
         gate = promotion_gate(
             previous, candidate, gate_reference(config.reference, previous, candidate), config.max_finding_drop
         )
     verdict, detail = _verdict(gate)
-    refused = verdict == "refused"
+    refused = verdict in REFUSED
     reverted = strict and refused and previous is not None
     tags = {
         "promotion.by": UNKNOWN_USER,
@@ -327,23 +329,25 @@ def review_promotion(
         MlflowClient().set_registered_model_alias(candidate.name, CHAMPION, previous.version)
     alert_failure = None
     if refused and alert_url:
-        alert_failure = post_alert(alert_url, promotion_alert(candidate, previous, gate, reverted))
+        alert_failure = post_alert(alert_url, promotion_alert(candidate, previous, gate, verdict, reverted))
     previous_version = str(previous.version) if previous else None
     return Review(str(candidate.version), previous_version, verdict, detail, reverted, alert_failure)
 
 
 def promotion_alert(
-    candidate: ModelVersion, previous: ModelVersion | None, gate: GateResult | None, reverted: bool
+    candidate: ModelVersion, previous: ModelVersion | None, gate: GateResult | None, verdict: str, reverted: bool
 ) -> dict:
     """What the alert webhook receives about a refused promotion: versions, the failing findings, the gate."""
     return {
         "source": "deberta-rad",
-        "event": "promotion refused by the gate",
+        "event": "a promotion outside deberta-rad promote did not pass the gate",
+        "verdict": verdict,
         "model": candidate.name,
         "version": str(candidate.version),
         "previous_champion": str(previous.version) if previous else None,
         "route": OTHER_ROUTE,
         "failures": gate.failures if gate else [],
+        "problems": gate.problems if gate else [],
         "reverted": reverted,
         "gate": format_gate_table(gate) if gate else "",
     }

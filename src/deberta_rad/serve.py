@@ -42,7 +42,7 @@ PACKED_MODEL = "deberta-rad-student"
 PACKED_MODEL_ARG = "packed_model"
 API_KEY_HEADER = "x-api-key"
 GUARDED_PATHS = ("/label", "/reload")
-# MLflow's webhook deliveries: signed with the webhook's secret instead of the API key (MLflow sends none).
+# The largest MLflow webhook delivery taken (an alias event is a few hundred bytes).
 MAX_WEBHOOK_BYTES = 65536
 
 
@@ -165,7 +165,7 @@ class RequestGuard:
     with 4xx JSON before BentoML sees the request. Other paths (/readyz, /livez, /metrics) pass through.
     A /label request that passes is replayed unchanged to the app; /reload takes no input, so the app gets
     an empty body (BentoML would log a traceback with the content of a body it cannot parse). MLflow's
-    webhook deliveries pass only when signed with the webhook's secret, fresh and new."""
+    webhook deliveries carry no API key: they pass only when signed with the webhook's secret, fresh and new."""
 
     def __init__(
         self, app: Any, api_key: str | None, max_reports: int, max_chars: int, webhook_secret: str | None = None
@@ -180,7 +180,7 @@ class RequestGuard:
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == WEBHOOK_PATH:
-            await self.check_delivery(scope, receive, send)
+            await self.handle_delivery(scope, receive, send)
             return
         if scope["type"] != "http" or scope["path"] not in GUARDED_PATHS:
             await self.app(scope, receive, send)
@@ -197,23 +197,36 @@ class RequestGuard:
             return
         await self.app(scope, _replay(body if label else b""), send)
 
-    async def check_delivery(self, scope: dict, receive: Receive, send: Send) -> None:
-        """Pass an MLflow webhook delivery to the app only when it is verified; answer 401 otherwise
-        (MLflow does not retry a 4xx)."""
+    async def handle_delivery(self, scope: dict, receive: Receive, send: Send) -> None:
+        """Pass an MLflow webhook delivery to the app only when it is verified; answer 401 otherwise, and
+        404 when the service has no webhook secret (MLflow retries neither; it retries 429 and 5xx, so a
+        delivery the app failed on with a 5xx is released for that retry)."""
         if self.deliveries is None:
-            await _send_json(send, 503, {"error": "no webhook secret: set DEBERTA_RAD_SERVE_WEBHOOK_SECRET"})
+            await _send_json(send, 404, {"error": "no webhook here: DEBERTA_RAD_SERVE_WEBHOOK_SECRET is not set"})
             return
         body = await _read_body(receive, MAX_WEBHOOK_BYTES)
         if body is None:
             await _send_json(send, 413, {"error": f"webhook body over {MAX_WEBHOOK_BYTES} bytes"})
             return
         try:
-            self.deliveries.verify(_headers(scope), body)
+            delivery_id, _ = self.deliveries.verify(_headers(scope), body)
         except WebhookRejected as rejected:
             logger.warning("refused a webhook delivery: %s", rejected)
             await _send_json(send, 401, {"error": str(rejected)})
             return
-        await self.app(scope, _replay(body), send)
+        status = 500
+
+        async def send_and_note_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, _replay(body), send_and_note_status)
+        finally:
+            if status >= 500:
+                self.deliveries.release(delivery_id)
 
     def check_access(self, scope: dict) -> tuple[int, dict] | None:
         """Off loopback a key is required; with a key set, every caller must send it."""

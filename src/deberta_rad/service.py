@@ -75,42 +75,57 @@ def resolve_served_model(ref: str) -> tuple[Path, str]:
     return resolve_model(ref)
 
 
+def followed_alias(ref: str) -> tuple[str, str] | None:
+    """The registered model and alias a reference follows (`models:/deberta-rad@champion`), else None."""
+    if not ref.startswith("models:/") or "@" not in ref:
+        return None
+    name, alias = ref.removeprefix("models:/").split("@", 1)
+    return name, alias
+
+
 class ModelHolder:
     """The engine and the version it serves, swapped as one pair so a batch never mixes them."""
 
     def __init__(self, ref: str, batch_size: int) -> None:
         self.ref = ref
         self.batch_size = batch_size
-        self.current = self._load()
+        self.current = self._load(ref)
+        self.held_back: str | None = None  # a champion strict mode would not serve, until the alias moves
 
-    def _load(self) -> tuple[LabelingEngine, str]:
-        model_dir, version = resolve_served_model(self.ref)
+    def _load(self, ref: str) -> tuple[LabelingEngine, str]:
+        model_dir, version = resolve_served_model(ref)
         engine = load_engine(model_dir, batch_size=self.batch_size)
         logger.info("serving model %s (%s)", version, engine.describe())
         return engine, version
 
     def follows_alias(self) -> bool:
-        return self.ref.startswith("models:/") and "@" in self.ref
-
-    def followed(self) -> tuple[str, str]:
-        """The registered model and the alias followed, e.g. (`deberta-rad`, `champion`)."""
-        name, alias = self.ref.removeprefix("models:/").split("@", 1)
-        return name, alias
+        return followed_alias(self.ref) is not None
 
     def refresh(self) -> bool:
         """Load the alias's version if it moved (always, for a directory); True when swapped. A move of
         `champion` made outside `deberta-rad promote` is put through the gate first; when the gate refuses
-        it in strict mode, `champion` goes back and the served model stays."""
-        if self.follows_alias():
-            name, alias = self.followed()
-            client = MlflowClient()
-            target = client.get_model_version_by_alias(name, alias)
-            if f"{name}/{target.version}" == self.current[1]:
-                return False
-            if alias == CHAMPION and self._held_back_by_gate(client, target):
-                return False
-        previous = self.current[1]
-        self.current = self._load()
+        it in strict mode, `champion` goes back and the served model stays. The version loaded is the one
+        checked, even if the alias moves again meanwhile (the next refresh takes that move)."""
+        followed = followed_alias(self.ref)
+        if followed is None:
+            return self._swap(self._load(self.ref))
+        name, alias = followed
+        client = MlflowClient()
+        target = client.get_model_version_by_alias(name, alias)
+        label = f"{name}/{target.version}"
+        if label == self.current[1]:
+            self.held_back = None  # champion is back on the served version: a later move is a new promotion
+            return False
+        if label == self.held_back:
+            return False
+        if alias == CHAMPION and self._held_back_by_gate(client, target):
+            self.held_back = label
+            return False
+        engine, _ = self._load(f"models:/{name}/{target.version}")
+        return self._swap((engine, label))
+
+    def _swap(self, loaded: tuple[LabelingEngine, str]) -> bool:
+        previous, self.current, self.held_back = self.current[1], loaded, None
         logger.info("swapped model %s for %s", previous, self.current[1])
         return True
 
@@ -118,16 +133,18 @@ class ModelHolder:
         """Review a new champion against the served one, unless `deberta-rad promote` moved it (its gate
         ran there). True when the served model must stay: strict mode refused the new one (and moved
         `champion` back), or could not review it."""
+        if promoted_by_cli(target):
+            return False
         name, served = self.current[1].split("/", 1)
         try:
             previous = client.get_model_version(name, served)
-            if promoted_by_cli(target, previous):
-                return False
             params = SETTINGS.promotion_params
             config = load_params(params).promote if params.is_file() else PromoteParams()
             review = review_promotion(target, previous, config, SETTINGS.promotion_strict, SETTINGS.promotion_alert_url)
         except Exception:  # e.g. an account that may not tag versions: say so, and follow unless strict
             logger.exception("the gate could not review version %s as %s", target.version, CHAMPION)
+            if SETTINGS.promotion_strict:
+                logger.error("strict mode: serving %s until %s moves again", self.current[1], CHAMPION)
             return SETTINGS.promotion_strict
         (logger.info if review.verdict == "passed" else logger.warning)("%s", review.describe())
         if review.alert_failure:
@@ -288,8 +305,7 @@ class LabelService:
         moves, follow it now. Answered at once; the swap runs in the background, so MLflow's delivery
         never waits for a model download."""
         event = alias_event({"entity": entity, "action": action, "data": data})
-        followed = model_reference().removeprefix("models:/").partition("@")
-        if event is None or (event.name, event.alias) != (followed[0], followed[2]):
+        if event is None or (event.name, event.alias) != followed_alias(model_reference()):
             return {"accepted": False, "reason": f"not a move of {model_reference()}"}
         logger.info("webhook: %s of %s moved to version %s", event.alias, event.name, event.version)
         task = asyncio.create_task(self.labeler.to_async.reload())

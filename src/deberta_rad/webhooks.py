@@ -17,6 +17,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from mlflow import MlflowClient
+from mlflow.entities.webhook import Webhook
 from mlflow.webhooks.constants import (
     WEBHOOK_DELIVERY_ID_HEADER,
     WEBHOOK_SIGNATURE_HEADER,
@@ -57,12 +59,13 @@ class DeliveryVerifier:
     def __init__(self, secret: str, max_age_s: float = MAX_AGE_S) -> None:
         self.secret = secret
         self.max_age_s = max_age_s
-        self.seen: dict[str, float] = {}
+        self.seen: dict[str, float] = {}  # delivery id -> when its timestamp stops being accepted
         self.lock = threading.Lock()
 
-    def verify(self, headers: dict[str, str], body: bytes, now: float | None = None) -> dict:
-        """The delivery's JSON payload when it is signed with the secret, fresh and new; else WebhookRejected.
-        ``headers`` have lower-case names."""
+    def verify(self, headers: dict[str, str], body: bytes, now: float | None = None) -> tuple[str, dict]:
+        """The delivery's id and JSON payload when it is signed with the secret, fresh and new; else
+        WebhookRejected. The id counts as seen from now on (`release` it when the delivery was not handled,
+        so MLflow's retry of it is taken). ``headers`` have lower-case names."""
         now = time.time() if now is None else now
         delivery_id = headers.get(WEBHOOK_DELIVERY_ID_HEADER.lower(), "")
         timestamp = headers.get(WEBHOOK_TIMESTAMP_HEADER.lower(), "")
@@ -76,20 +79,26 @@ class DeliveryVerifier:
         if not any(hmac.compare_digest(expected.encode(), s.encode()) for s in sent.split()):
             raise WebhookRejected(f"wrong signature in {WEBHOOK_SIGNATURE_HEADER} (is the webhook's secret this one?)")
         try:
-            age = now - int(timestamp)
+            sent_at = int(timestamp)
         except ValueError:
             raise WebhookRejected(f"{WEBHOOK_TIMESTAMP_HEADER} {timestamp!r} is not a Unix time") from None
-        if abs(age) > self.max_age_s:
-            raise WebhookRejected(f"stale delivery: sent {age:.0f} s ago, more than {self.max_age_s:g} s")
-        with self.lock:
-            self.seen = {seen: at for seen, at in self.seen.items() if now - at <= self.max_age_s}
-            if delivery_id in self.seen:
-                raise WebhookRejected(f"replayed delivery {delivery_id}")
-            self.seen[delivery_id] = now
+        if abs(now - sent_at) > self.max_age_s:
+            raise WebhookRejected(f"stale delivery: sent {now - sent_at:.0f} s ago, more than {self.max_age_s:g} s")
         try:
-            return json.loads(body)
+            payload = json.loads(body)
         except ValueError:
             raise WebhookRejected("the body is not JSON") from None
+        with self.lock:
+            self.seen = {seen: until for seen, until in self.seen.items() if until >= now}
+            if delivery_id in self.seen:
+                raise WebhookRejected(f"replayed delivery {delivery_id}")
+            self.seen[delivery_id] = sent_at + self.max_age_s
+        return delivery_id, payload
+
+    def release(self, delivery_id: str) -> None:
+        """Forget a delivery the service failed to handle: MLflow retries it with the same id."""
+        with self.lock:
+            self.seen.pop(delivery_id, None)
 
 
 def alias_event(payload: dict) -> AliasEvent | None:
@@ -108,27 +117,38 @@ def webhook_url(service_url: str) -> str:
     return base if base.endswith(WEBHOOK_PATH) else base + WEBHOOK_PATH
 
 
+def find_webhook(client: MlflowClient, name: str = WEBHOOK_NAME) -> Webhook | None:
+    """The webhook of that name on the server, if there is one (every page of the listing is read)."""
+    page_token = None
+    while True:
+        page = client.list_webhooks(max_results=100, page_token=page_token)
+        for hook in page:
+            if hook.name == name:
+                return hook
+        if not page.token:
+            return None
+        page_token = page.token
+
+
 def install_webhook(url: str, secret: str, tracking_uri: str | None = None) -> tuple[str, bool]:
     """Register (or point again) the webhook that tells the service an alias was set; returns its id and
     whether it was created. Needs an account that may manage webhooks (the platform's admin)."""
-    from mlflow import MlflowClient
     from mlflow.entities.webhook import WebhookEvent
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    name = WEBHOOK_NAME
     events = [WebhookEvent(*ALIAS_CREATED)]
-    existing = [hook for hook in client.list_webhooks() if hook.name == name]
+    existing = find_webhook(client)
     if existing:
-        hook = client.update_webhook(existing[0].webhook_id, url=url, events=events, secret=secret, status="ACTIVE")
-        return hook.webhook_id, False
+        client.update_webhook(existing.webhook_id, url=url, events=events, secret=secret, status="ACTIVE")
+        return existing.webhook_id, False
     description = "Tells the deberta-rad service that an alias moved, so it serves the new champion at once."
-    hook = client.create_webhook(name, url, events=events, description=description, secret=secret)
+    hook = client.create_webhook(WEBHOOK_NAME, url, events=events, description=description, secret=secret)
     return hook.webhook_id, True
 
 
-def check_delivery(webhook_id: str) -> str | None:
-    """Ask the MLflow server to send a test event to the webhook now; None when it was answered with 2xx."""
-    from mlflow import MlflowClient
+def send_test_delivery(webhook_id: str) -> str | None:
+    """Ask the MLflow server to send a test alias event to the webhook now (MLflow's example payload,
+    which the service answers without acting on it); None when it was answered with 2xx."""
     from mlflow.entities.webhook import WebhookEvent
 
     result = MlflowClient().test_webhook(webhook_id, event=WebhookEvent(*ALIAS_CREATED))
