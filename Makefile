@@ -34,12 +34,15 @@ test: install llm-server system-packages
 	$(BIN)/python -m pytest
 
 # Real components that are not Python packages, from Debian's packages where missing (CI runs as root):
-# PostgreSQL for the team platform; Chromium and its WebDriver for the MLflow UI promotion test.
+# PostgreSQL for the team platform; Chromium and its WebDriver for the MLflow UI promotion test; Prometheus
+# and Alertmanager (promtool, amtool) for the monitoring configuration.
 system-packages:
 	@missing=""; \
 	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v amtool >/dev/null 2>&1 || missing="$$missing prometheus-alertmanager"; \
 	if [ -n "$$missing" ]; then \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
 	fi

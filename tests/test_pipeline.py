@@ -295,6 +295,7 @@ def test_the_relabeling_loop_sends_the_drifted_institution_to_the_teacher_and_re
             # length 64 it answers not_mentioned nearly everywhere, in both styles alike).
             ("model", "max_length"): 128,
             ("train", "epochs"): 3,
+            ("pretrain", "enabled"): False,  # nor domain pretraining, which would run again on the rerun
             ("augment", "per_report"): 0,  # the loop is under test here, not augmentation: keep it quick
             ("sentences", "synthetic_reports"): 0,  # generated sentences would show it the other style
             ("sentences", "mention_swaps"): 0,  # as would other phrasings put into its own sentences
@@ -320,6 +321,7 @@ def test_the_relabeling_loop_sends_the_drifted_institution_to_the_teacher_and_re
     assert len({row["report_id"] for row in store}) == budget
 
     run([str(BIN / "dvc"), "add", "data/relabeled/records.jsonl"], copy)
+    set_params(copy / "params.yaml", {("train", "epochs"): 1})  # the retraining is under test, not its quality
     rerun = run([str(BIN / "dvc"), "repro"], copy, timeout=1500)
     assert "Running stage 'ingest'" in rerun.stdout and "Running stage 'train'" in rerun.stdout
     corpus = {r.report_id for r in read_reports(copy / "data/reports.jsonl")}

@@ -269,6 +269,7 @@ def test_a_ui_promotion_reaches_the_service_at_once_with_its_gate_verdict(platfo
             assert (tags["promotion.gate"], tags["promotion.route"]) == ("passed", OTHER_ROUTE)
             metrics = requests.get(f"{service.url}/metrics", timeout=30).text
             assert f'model_version="deberta-rad/{hooked}",promotion_gate="passed"}} 1.0' in metrics
+            assert f'deberta_rad_registry_alias{{alias="champion",model_version="deberta-rad/{hooked}"}} 1.0' in metrics
 
             with chromium("reader", secrets["reader"]) as browser, pytest.raises(AssertionError, match="refused"):
                 add_alias_in_ui(browser, state.tracking_uri, "deberta-rad", worse, "champion", root / "reader.png")

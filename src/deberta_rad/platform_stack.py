@@ -433,10 +433,9 @@ def up(paths: PlatformPaths, model_name: str, service_url: str | None = None) ->
         _create_databases(postgres_port, known["postgres"])
         mlflow_port = free_port()
         mlflow_pid = _start_mlflow(paths, postgres_port, mlflow_port, known)
-        tracking_uri = f"http://127.0.0.1:{mlflow_port}"
-        _create_accounts(tracking_uri, known, model_name)
-        hook = _point_webhook(tracking_uri, known, service_url)
-        state = PlatformState(postgres_pid, postgres_port, mlflow_pid, mlflow_port, hook)
+        state = PlatformState(postgres_pid, postgres_port, mlflow_pid, mlflow_port)
+        _create_accounts(state.tracking_uri, known, model_name)
+        state = replace(state, webhook_url=_point_webhook(state.tracking_uri, known, service_url))
     except BaseException:  # half a platform is none: stop what started, so the next `up` starts afresh
         if mlflow_pid is not None:
             _stop(mlflow_pid, signal.SIGTERM, group=True)

@@ -91,6 +91,7 @@ class ModelHolder:
         self.batch_size = batch_size
         self.current = self._load(ref)
         self.held_back: str | None = None  # a champion strict mode would not serve, until the alias moves
+        self.alias_target = self.current[1]  # where the followed alias pointed when last looked at
 
     def _load(self, ref: str) -> tuple[LabelingEngine, str]:
         model_dir, version = resolve_served_model(ref)
@@ -112,7 +113,7 @@ class ModelHolder:
         name, alias = followed
         client = MlflowClient()
         target = client.get_model_version_by_alias(name, alias)
-        label = f"{name}/{target.version}"
+        label = self.alias_target = f"{name}/{target.version}"
         if label == self.current[1]:
             self.held_back = None  # champion is back on the served version: a later move is a new promotion
             return False
@@ -179,7 +180,14 @@ class Labeler:
             ["model_version", "promotion_gate"],
             multiprocess_mode="livemostrecent",
         )
+        self.alias_gauge = Gauge(
+            "deberta_rad_registry_alias",
+            "1 for the version the followed alias pointed at when last checked (alerts: served is not champion).",
+            ["alias", "model_version"],
+            multiprocess_mode="livemostrecent",
+        )
         self.published: tuple[str, str] | None = None
+        self.published_target: str | None = None
         self.holder = ModelHolder(model_reference(), SETTINGS.serve_engine_batch_size)
         self.reload_lock = threading.Lock()
         self._publish()
@@ -197,12 +205,13 @@ class Labeler:
     def _refresh(self) -> bool:
         with self.reload_lock:
             swapped = self.holder.refresh()
-            if swapped:
+            if swapped or self.holder.alias_target != self.published_target:
                 self._publish()
             return swapped
 
     def _publish(self) -> None:
-        """Show the served version and its gate verdict in /metrics (the earlier one drops to 0)."""
+        """Show the served version with its gate verdict, and the followed alias's target, in /metrics (the
+        earlier ones drop to 0)."""
         try:
             verdict = self.holder.gate_verdict()
         except Exception:  # the registry is unreachable: the model serves all the same
@@ -212,6 +221,11 @@ class Labeler:
             self.served.labels(*self.published).set(0)
         self.published = (self.holder.current[1], verdict)
         self.served.labels(*self.published).set(1)
+        if followed := followed_alias(self.holder.ref):
+            if self.published_target:
+                self.alias_gauge.labels(followed[1], self.published_target).set(0)
+            self.published_target = self.holder.alias_target
+            self.alias_gauge.labels(followed[1], self.published_target).set(1)
 
     @bentoml.api(
         batchable=True, max_batch_size=SETTINGS.serve_max_batch_size, max_latency_ms=SETTINGS.serve_max_latency_ms
