@@ -5,9 +5,9 @@ radlabels reports as current windows, all labelled by the same model, in one run
 
 IU dev is split by text into a reference part and a held-back part (`--held-back` share, seeded, so
 identical texts stay on one side). Each current window is judged with `deberta-rad drift`'s test
-(params.yaml `monitoring`) and, as the baseline, with per-finding chi-square p < 0.05 alone, which
-Evidently's default drift preset uses; the baseline's alarm rule is "at least half of the findings
-drift". Prints counts and scores only, never report text.
+(params.yaml `monitoring`) and, as the baseline, with per-finding chi-square p < 0.05 alone, the
+rule of Evidently's default drift preset (the p-value here is the monitor's two-sample one); the
+baseline's alarm rule is "at least half of the findings drift". Prints counts and scores only, never report text.
 """
 
 from __future__ import annotations

@@ -200,6 +200,12 @@ BAD_INPUTS = [
     ),
     ("relabel reports missing", "relabel --reports nope.jsonl --params relabel.yaml", "nope.jsonl: no such file"),
     (
+        "monitor --follow without the capture folder",
+        "monitor --follow --reference labels.jsonl --incoming capture --params split_ok.yaml",
+        "capture: no such folder",
+    ),
+    ("relabel-on-alert outside a checkout", "relabel-on-alert --project .", "not a deberta-rad checkout"),
+    (
         "split-dir of evaluate-split missing",
         "evaluate-split --model model --split-dir nowhere --params split_ok.yaml",
         "nowhere/reports.jsonl",

@@ -82,6 +82,23 @@ def test_windows_from_the_reference_distribution_do_not_alarm(reference: list[La
     assert not result["drift_detected"], result["drifted_findings"]
 
 
+def test_a_rare_status_the_small_reference_happens_to_lack_is_no_drift() -> None:
+    """Two findings each with a status the 120-report reference never had and 5 of 150 current reports
+    have, the rest the same mix: a goodness-of-fit chi-square against the reference's proportions gives
+    p = 0 for both (and the JS distance is over 0.1), the two-sample test of homogeneity does not."""
+    rng = np.random.default_rng(0)
+
+    def records(n: int, rare: int, prefix: str) -> list[LabelRecord]:
+        statuses = list(rng.choice(["present", "absent", "not_mentioned"], n - rare)) + ["uncertain"] * rare
+        labels = [dict.fromkeys(FINDINGS, "not_mentioned") | {"Edema": s, "Atelectasis": s} for s in statuses]
+        return [LabelRecord(report_id=f"{prefix}{i}", labels=row) for i, row in enumerate(labels)]
+
+    result, _ = run_drift(records(120, 0, "r"), records(150, 5, "c"), SETTINGS)
+    edema = result["per_finding"]["Edema"]
+    assert edema["jensen_shannon"] >= SETTINGS.js_threshold and edema["chi_square_p_value"] > 0.01
+    assert not result["drift_detected"], result["drifted_findings"]
+
+
 def test_a_window_below_the_minimum_is_not_judged(reference: list[LabelRecord]) -> None:
     current = teacher_labels("templated", SETTINGS.min_window - 1, seed=8)
     result, snapshot = run_drift(reference, current, SETTINGS)

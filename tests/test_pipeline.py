@@ -11,15 +11,20 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
-from conftest import REPO
+from conftest import RADLABELS, REPO, needs_shared
 from fake_openai import expected_labels, serve
+from monitoring_stack import monitoring_stack
 
 from deberta_rad.data import read_label_records, read_reports, write_jsonl
-from deberta_rad.schema import FINDINGS
+from deberta_rad.monitor import read_history
+from deberta_rad.schema import FINDINGS, Report
 from deberta_rad.synthetic import generate_corpus
 
 BIN = Path(sys.executable).parent
@@ -280,13 +285,44 @@ def test_llm_teacher_runs_in_the_pipeline_and_a_forced_rerun_is_answered_from_it
     assert not any("sk-pipeline-secret" in p.read_text(errors="ignore") for p in tracked if p.is_file())
 
 
-@pytest.mark.timeout(2700)  # three pipeline runs, the retraining one with pretraining again
-def test_the_relabeling_loop_sends_the_drifted_institution_to_the_teacher_and_retrains(tmp_path: Path) -> None:
-    """Train on one institution's style, bring in the other's reports, run pipelines/relabel: drift is
-    found, a budgeted sample is relabeled into the store, and `dvc repro` retrains with it."""
-    budget = 120
+REFERENCE_SITE, NEW_SITE = "general", "north"
+
+
+def label_through_service(url: str, reports: list[Report], batch: int = 50) -> None:
+    for start in range(0, len(reports), batch):
+        items = [r.model_dump(include={"report_id", "text", "institution"}) for r in reports[start : start + batch]]
+        response = requests.post(f"{url}/label", json={"reports": items}, timeout=300)
+        assert response.status_code == 200, response.text
+
+
+def judged(work: Path, institution: str) -> list[dict]:
+    """The monitor's judged windows of an institution (its history)."""
+    return [w for w in read_history(work / "monitor/history.jsonl") if w["institution"] == institution]
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.5)
+    pytest.fail(f"not within {timeout_s} s: {what}")
+
+
+@needs_shared(RADLABELS)
+@pytest.mark.timeout(2700)  # two pipeline runs, the relabel loop and the monitoring stack
+def test_drift_on_a_new_institution_alerts_through_prometheus_and_alertmanager_and_relabels_and_retrains(
+    tmp_path: Path,
+) -> None:
+    """Train on one institution's style; serve it with capture on, watched by `monitor --follow`,
+    Prometheus and Alertmanager with the repo's configs. The reference institution's traffic raises no
+    alert; a new institution's (MIMIC-style radlabels reports) raises LabelDrift, which Alertmanager
+    delivers to `relabel-on-alert`; the relabel loop (pipelines/relabel) sends that institution's
+    least certain reports to the teacher, and `dvc repro` retrains with them."""
+    budget, window = 120, 150
     copy = copy_of_repo(
-        tmp_path,
+        tmp_path / "project",
         SMALL_PARAMS
         | {
             ("ingest", "synthetic", "n_reports"): 600,  # a test split above monitoring.min_window
@@ -300,6 +336,7 @@ def test_the_relabeling_loop_sends_the_drifted_institution_to_the_teacher_and_re
             ("sentences", "synthetic_reports"): 0,  # generated sentences would show it the other style
             ("sentences", "mention_swaps"): 0,  # as would other phrasings put into its own sentences
             ("relabel", "budget"): budget,
+            ("monitoring", "window_reports"): window,
             ("ingest", "sources"): ["synthetic"],  # one institution's style only
         },
     )
@@ -308,17 +345,64 @@ def test_the_relabeling_loop_sends_the_drifted_institution_to_the_teacher_and_re
     min_window = yaml.safe_load((copy / "params.yaml").read_text())["monitoring"]["min_window"]
     assert n_reference >= min_window, f"the reference (test split, {n_reference}) is below min_window {min_window}"
     train_before = {r.report_id for r in read_reports(copy / "data/splits/train/reports.jsonl")}
-    incoming = [report for report, _ in generate_corpus(300, seed=99, styles=["templated"])]
-    for report in incoming:
-        report.report_id = f"incoming-{report.report_id}"
-    write_jsonl(copy / "data/incoming/reports.jsonl", incoming)
+    # The monitor's reference: the model's answers on its test split (the loop's own first stage).
+    run([str(BIN / "dvc"), "repro", "pipelines/relabel/dvc.yaml:predict_reference"], copy)
 
-    run([str(BIN / "dvc"), "repro", "pipelines/relabel/dvc.yaml"], copy, timeout=1500)
+    general = [
+        r.model_copy(update={"report_id": f"{REFERENCE_SITE}-{r.report_id}", "institution": REFERENCE_SITE})
+        for r, _ in generate_corpus(3 * window, seed=99, styles=["narrative"])
+    ]
+    north = [
+        r.model_copy(update={"report_id": f"{NEW_SITE}-{r.report_id}", "institution": NEW_SITE})
+        for r in read_reports(RADLABELS)[: 2 * window]
+    ]
+    feed = tmp_path / "feed.jsonl"  # the hospital's own export of every report, texts included
+    write_jsonl(feed, general + north)
+    work = tmp_path / "monitoring"
+    work.mkdir()
+    env = clean_env()
+    with monitoring_stack(copy, work, copy / "monitoring/loop/reference.jsonl", feed, env) as stack:
+        label_through_service(stack.service, general[: 2 * window])
+        first_new_request = time.monotonic()
+        label_through_service(stack.service, north)
+        job = wait_until(
+            lambda: [j for j in stack.jobs() if j["institution"] == NEW_SITE and j["state"] != "queued"],
+            240,
+            "the drift alert reaching relabel-on-alert and its loop starting",
+        )[0]
+        to_relabel_start = time.monotonic() - first_new_request
+        label_through_service(stack.service, general[2 * window :])  # more of the reference institution
+        assert stack.firing("LabelDrift") and {a["institution"] for a in stack.firing("LabelDrift")} == {NEW_SITE}
+        delivered = requests.get(f"{stack.alertmanager}/api/v2/alerts", timeout=10).json()
+        assert {a["labels"]["institution"] for a in delivered if a["labels"]["alertname"] == "LabelDrift"} == {NEW_SITE}
+        done = wait_until(
+            lambda: [j for j in stack.jobs() if j["job"] == job["job"] and j["state"] not in ("queued", "running")],
+            900,
+            "the relabel loop finishing",
+        )[0]
+        assert done["state"] == "done", (work, done)
+        assert done["reports"] == len(north) and len(stack.jobs()) == 1  # once per alert group
+        wait_until(
+            lambda: len(judged(work, REFERENCE_SITE)) == 3, 120, "the reference institution's third window judged"
+        )
+        time.sleep(3)  # a few more scrapes and rule evaluations after the reference's last window
+        assert stack.query(f'deberta_rad_drift_alarm{{institution="{REFERENCE_SITE}"}}')[0]["value"][1] == "0"
+        assert not stack.query(f'count_over_time(ALERTS{{institution="{REFERENCE_SITE}"}}[1h])'), "a false alarm"
+        assert not [a for a in stack.team_alerts if a["commonLabels"].get("kind") == "label_drift"]
+
+    false_alarms = sum(w["drift_detected"] for w in judged(work, REFERENCE_SITE))
+    print(
+        f"first {NEW_SITE} request to relabel loop start: {to_relabel_start:.1f} s; false alarms on "
+        f"{REFERENCE_SITE}: {false_alarms} of {len(judged(work, REFERENCE_SITE))} windows"
+    )
+    assert false_alarms == 0
+    assert all(w["drift_detected"] for w in judged(work, NEW_SITE))
     drift = json.loads((copy / "monitoring/loop/drift/drift.json").read_text())
     assert drift["drift_detected"], drift
     assert json.loads((copy / "monitoring/loop/relabel.json").read_text())["labelled"] == budget
     store = [json.loads(line) for line in (copy / "data/relabeled/records.jsonl").read_text().splitlines()]
     assert len({row["report_id"] for row in store}) == budget
+    assert {row["report_id"] for row in store} <= {r.report_id for r in north}
 
     run([str(BIN / "dvc"), "add", "data/relabeled/records.jsonl"], copy)
     set_params(copy / "params.yaml", {("train", "epochs"): 1})  # the retraining is under test, not its quality

@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 from deberta_rad import data, evaluate
 from deberta_rad.comparison import compare_labelers, format_comparison_table
 from deberta_rad.metrics import format_metrics_table, format_presence_table
-from deberta_rad.params import ParamsError, PromoteParams, load_params
+from deberta_rad.params import MonitoringParams, ParamsError, PromoteParams, load_params
 from deberta_rad.schema import LabelRecord, Report
 
 # Failures a user causes and can fix (bad input, params, paths, servers), by module: a module that was
@@ -575,7 +575,9 @@ def drift(
 @app.command()
 def monitor(
     reference: Annotated[Path, typer.Option(help="Label JSONL of the reference window.")],
-    incoming: Annotated[Path, typer.Option(help="Folder of prediction batches (*.jsonl).")],
+    incoming: Annotated[
+        Path, typer.Option(help="Folder of prediction batches (*.jsonl): with --follow, the service's capture.")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results and history.jsonl.")] = Path(
         "monitoring/runs"
     ),
@@ -583,22 +585,92 @@ def monitor(
     workspace: Annotated[
         Path | None, typer.Option(help="Evidently workspace to add snapshots to (`evidently ui --workspace`).")
     ] = Path("monitoring/workspace"),
+    follow: Annotated[
+        bool, typer.Option(help="Run on: judge each institution's window as it fills or ends; serve /metrics.")
+    ] = False,
+    metrics_host: Annotated[str, typer.Option(help="With --follow: where Prometheus scrapes /metrics.")] = "127.0.0.1",
+    metrics_port: Annotated[int, typer.Option(help="With --follow: the /metrics port.")] = 9108,
+    interval: Annotated[float, typer.Option(help="With --follow: seconds between reads of the capture.")] = 10.0,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Judge every institution and time window of the incoming batches against the reference; keep a
-    history. Exit codes as `drift`."""
+    history. Exit codes as `drift`. With --follow, run until stopped and resume where it stopped."""
     from deberta_rad import monitor as monitoring
 
     settings = load_params(params).monitoring
-    results, failures = monitoring.monitor_folder(
-        data.read_label_records(reference), incoming, output, settings, webhook, workspace
-    )
+    reference_records = data.read_label_records(reference)
+    if follow:
+        metrics_address = (metrics_host, metrics_port)
+        _follow(reference_records, incoming, output, settings, webhook, workspace, metrics_address, interval)
+        return
+    results, failures = monitoring.monitor_folder(reference_records, incoming, output, settings, webhook, workspace)
     typer.echo(monitoring.format_windows(results))
     typer.echo(f"history: {output / 'history.jsonl'}; plot: {output / 'drift_history.png'}")
     for failure in failures:
         typer.secho(f"alert not delivered: {failure}", fg=typer.colors.RED, err=True)
     code = monitoring.exit_code(results)
     raise typer.Exit(code=monitoring.EXIT_ALERT_FAILED if failures and code == monitoring.EXIT_DRIFT else code)
+
+
+def _follow(
+    reference: list[LabelRecord],
+    capture: Path,
+    output: Path,
+    settings: MonitoringParams,
+    webhook: str | None,
+    workspace: Path | None,
+    metrics_address: tuple[str, int],
+    interval: float,
+) -> None:
+    """The long-lived monitor: verdicts on the console, metrics on /metrics, until interrupted."""
+    from deberta_rad.live_monitor import LiveMonitor, describe
+
+    if not capture.is_dir():
+        raise data.InputError(f"{capture}: no such folder (the service's DEBERTA_RAD_SERVE_CAPTURE_DIR)")
+    live = LiveMonitor(reference, capture, output, settings, webhook=webhook, workspace=workspace)
+    host, port = metrics_address
+    try:
+        live.metrics.serve(host, port)
+    except OSError as error:
+        _fail(f"--metrics-host {host} --metrics-port {port}: cannot listen there ({error.strerror})")
+    output.mkdir(parents=True, exist_ok=True)
+    typer.echo(f"following {capture}; metrics on http://{host}:{port}/metrics; history {output / 'history.jsonl'}")
+    try:
+        for results in live.follow(interval):
+            for result in results:
+                typer.echo(describe(result))
+    except KeyboardInterrupt:
+        typer.echo("stopped; a restart resumes where this stopped")
+
+
+@app.command(name="relabel-on-alert")
+def relabel_on_alert(
+    host: Annotated[str, typer.Option(help="Where Alertmanager reaches this receiver.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The port (monitoring/alertmanager.yml: 9109).")] = 9109,
+    reports: Annotated[
+        Path | None, typer.Option(help="Every institution's reports as they arrive (params relabel.feed).")
+    ] = None,
+    project: Annotated[Path, typer.Option(help="The project checkout the relabel loop runs in.")] = Path("."),
+) -> None:
+    """Receive Alertmanager's label-drift alerts and run the relabel loop (pipelines/relabel) for each
+    drifted institution, once per alert episode; GET /jobs shows what was queued and how it went."""
+    from deberta_rad.alert_relabel import relabel_queue, serve
+
+    project = project.resolve()
+    if not (project / "pipelines/relabel/dvc.yaml").is_file():
+        raise data.InputError(f"--project {project}: not a deberta-rad checkout (no pipelines/relabel/dvc.yaml)")
+    jobs = relabel_queue(project, reports)
+    try:
+        server = serve(jobs, host, port)
+    except OSError as error:
+        _fail(f"--host {host} --port {port}: cannot listen there ({error.strerror})")
+    typer.echo(f"relabel-on-alert on http://{host}:{port}/alerts; jobs in {jobs.folder}; feed {jobs.feed}")
+    if not jobs.feed.exists():
+        typer.secho(f"warning: the feed {jobs.feed} does not exist yet: an alert before it does gets 500", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        typer.echo("stopped; queued jobs run again at the next start")
 
 
 @app.command()

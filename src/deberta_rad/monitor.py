@@ -4,7 +4,11 @@ or every institution and time window of a folder of incoming batches, with alert
 The test, on purpose (DESIGN.md 7: per-column chi-square p < 0.05 over 13 findings raises chance
 alarms): a finding drifts only when its statuses moved by a real amount, a Jensen-Shannon distance of at
 least `js_threshold`, *and* the move is unlikely to be chance, a chi-square p-value below `p_value`
-divided by the number of findings (Bonferroni). The window drifts when at least `drift_share` of the
+divided by the number of findings (Bonferroni). The chi-square is the two-sample test of homogeneity
+(`CHI2_HOMOGENEITY`), not Evidently's `chisquare`: that one tests the current counts against the
+reference's proportions as if they were exact, so a rare status a reference of a hundred reports happens
+to lack gets p = 0 from two or three current reports, and a window from the reference's own
+distribution alarms. The window drifts when at least `drift_share` of the
 findings drift, or when the prediction confidence moved (energy distance, on the probability scale, at
 least `confidence_threshold` and a K-S p-value below `p_value`; not a distance in standard deviations,
 which calls a 0.998 -> 0.995 move of a very sure model a large one). Windows smaller than `min_window`
@@ -19,6 +23,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +63,8 @@ def _metric_values(snapshot: Any) -> dict[tuple[str, str], float]:
     values = {}
     for metric in snapshot.dict()["metrics"]:
         config = metric["config"]
+        if "method" not in config:  # RowCount, for the dashboards
+            continue
         value = metric["value"]
         values[(config["column"], config["method"])] = float("nan") if value is None else float(value)
     return values
@@ -72,13 +79,54 @@ def _rounded(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 6)
 
 
-def run_drift(
-    reference: Sequence[LabelRecord], current: Sequence[LabelRecord], settings: MonitoringParams
-) -> tuple[dict, Any]:
-    """The drift result (what drift.json holds) and the Evidently snapshot (None when not judged)."""
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import ValueDrift
+def latest_time(records: Sequence[LabelRecord]) -> datetime | None:
+    """When the window's last report was answered, as naive UTC (how Evidently orders snapshots)."""
+    stamps = [pd.Timestamp(r.timestamp) for r in records if r.timestamp]
+    stamps = [s.tz_convert(None) if s.tzinfo else s for s in stamps]
+    return max(stamps).to_pydatetime() if stamps else None
 
+
+CHI2_HOMOGENEITY = "chi2_homogeneity"
+
+
+def homogeneity_p_value(reference: pd.Series, current: pd.Series, feature_type: Any, threshold: float):
+    """Chi-square test that both samples come from one status distribution (both counted with their
+    noise); Evidently's signature for a stattest: (p-value, drifted)."""
+    from scipy.stats import chi2_contingency
+
+    table = pd.concat([reference.value_counts(), current.value_counts()], axis=1).fillna(0)
+    if len(table) < 2:  # one status in both windows: nothing moved
+        return 1.0, False
+    p_value = float(chi2_contingency(table.to_numpy().T).pvalue)
+    return p_value, p_value < threshold
+
+
+@cache
+def register_homogeneity_test() -> None:
+    """Make `CHI2_HOMOGENEITY` a method `ValueDrift` knows, through Evidently's stattest registry."""
+    from evidently.legacy.calculations.stattests.registry import StatTest, register_stattest
+    from evidently.legacy.core import ColumnType
+
+    test = StatTest(
+        name=CHI2_HOMOGENEITY,
+        display_name="chi-square homogeneity p_value",
+        allowed_feature_types=[ColumnType.Categorical],
+    )
+    register_stattest(test, default_impl=homogeneity_p_value)
+
+
+def run_drift(
+    reference: Sequence[LabelRecord],
+    current: Sequence[LabelRecord],
+    settings: MonitoringParams,
+    institution: str | None = None,
+) -> tuple[dict, Any]:
+    """The drift result (what drift.json holds) and the Evidently snapshot (None when not judged), tagged
+    with the institution and stamped with the window's last answer, for the workspace's dashboards."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import RowCount, ValueDrift
+
+    register_homogeneity_test()
     thresholds = settings.model_dump() | {"per_finding_p_value": settings.p_value / len(FINDINGS)}
     result: dict[str, Any] = {
         "checked_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -100,7 +148,7 @@ def run_drift(
         for finding in FINDINGS
         for method, threshold in (
             ("jensenshannon", settings.js_threshold),
-            ("chisquare", thresholds["per_finding_p_value"]),
+            (CHI2_HOMOGENEITY, thresholds["per_finding_p_value"]),
         )
     ]
     numerical = []
@@ -115,10 +163,12 @@ def run_drift(
     definition = DataDefinition(categorical_columns=list(FINDINGS), numerical_columns=numerical)
     # A status absent from the reference makes the chi-square divide by zero (p = 0); the JS distance
     # then decides, so the warning is noise.
+    tags = {"tags": [institution], "metadata": {"institution": institution}} if institution else {}
     with np.errstate(divide="ignore", invalid="ignore"):
-        snapshot = Report(metrics).run(
+        snapshot = Report([RowCount(), *metrics], **tags).run(
             Dataset.from_pandas(cur_frame, data_definition=definition),
             Dataset.from_pandas(ref_frame, data_definition=definition),
+            timestamp=latest_time(current),
         )
     values = _metric_values(snapshot)
     per_finding = finding_scores(values, ref_frame, cur_frame, settings)
@@ -143,7 +193,7 @@ def finding_scores(
     per_finding_p = settings.p_value / len(FINDINGS)
     scores = {}
     for finding in FINDINGS:
-        distance, p_value = values[(finding, "jensenshannon")], _p(values[(finding, "chisquare")])
+        distance, p_value = values[(finding, "jensenshannon")], _p(values[(finding, CHI2_HOMOGENEITY)])
         scores[finding] = {
             "jensen_shannon": _rounded(distance),
             "chi_square_p_value": _rounded(p_value),
@@ -269,7 +319,7 @@ def monitor_folder(
     groups = group_batches(paths, settings.window)
     for (institution, window), records in tqdm(groups.items(), desc="windows", unit="window"):
         fingerprint = group_fingerprint(records)
-        result, snapshot = run_drift(reference, records, settings)
+        result, snapshot = run_drift(reference, records, settings, institution)
         result = {"institution": institution, "window": window, "fingerprint": fingerprint} | result
         results.append(result)
         if (institution, window, fingerprint) in seen:
@@ -288,14 +338,18 @@ def monitor_folder(
 
 
 def add_to_workspace(path: Path, institution: str, snapshot: Any) -> None:
-    """Keep the snapshot in an Evidently workspace, one project per institution (`evidently ui`)."""
+    """Keep the snapshot in an Evidently workspace, one project per institution with its drift panels
+    (`evidently ui`)."""
     from evidently.ui.workspace import Workspace
+
+    from deberta_rad.dashboards import ensure_drift_panels
 
     workspace = Workspace.create(str(path))
     name = f"deberta-rad drift: {institution}"
     projects = [p for p in workspace.list_projects() if p.name == name]
     project = projects[0] if projects else workspace.create_project(name, description="Predicted label drift")
     workspace.add_run(project.id, snapshot)
+    ensure_drift_panels(project, institution)
 
 
 def plot_history(history: Sequence[dict], path: Path) -> None:

@@ -205,6 +205,7 @@ class MonitoringParams(Section):
     drift_share: Annotated[float, Field(gt=0, le=1)] = 0.15
     confidence_threshold: NonNegative = 0.1
     window: str = "W"
+    window_reports: Annotated[int, Field(ge=1)] = 500
 
     @field_validator("window")
     @classmethod
@@ -217,10 +218,20 @@ class MonitoringParams(Section):
             raise ValueError("must be a pandas frequency such as D, W or M") from None
         return value
 
+    @model_validator(mode="after")
+    def _full_windows_are_judged(self) -> Self:
+        if self.window_reports < self.min_window:
+            raise ValueError(
+                f"window_reports ({self.window_reports}) is below min_window ({self.min_window}): "
+                "no full window would ever be judged"
+            )
+        return self
+
 
 class RelabelParams(Section):
     budget: Annotated[int, Field(ge=1)] = 200
     incoming: str = "data/incoming/reports.jsonl"
+    feed: str = "data/incoming/feed.jsonl"
 
 
 class Params(Section):
