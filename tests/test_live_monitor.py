@@ -17,7 +17,7 @@ from conftest import free_port
 from test_monitoring import styled_reports, teacher_labels
 
 from deberta_rad.alert_relabel import PayloadError, RelabelQueue, drifted_institutions, serve
-from deberta_rad.data import write_jsonl
+from deberta_rad.data import read_reports, write_jsonl
 from deberta_rad.live_monitor import LiveMonitor, window_seconds
 from deberta_rad.monitor import read_history
 from deberta_rad.params import MonitoringParams
@@ -127,14 +127,37 @@ def test_a_line_still_being_written_waits_and_a_bad_line_is_counted_not_fatal(
     append_capture(capture, records[:-1])
     with (capture / "2026-12-02.jsonl").open("a") as handle:
         handle.write('{"report_id": "x", "secret text"}\n')
+        bad_time = records[0].model_copy(update={"report_id": "late", "timestamp": "next tuesday"})
+        handle.write(bad_time.model_dump_json(exclude_none=True) + "\n")
         handle.write(records[-1].model_dump_json(exclude_none=True)[:40])
     monitor = live(reference, tmp_path)
     assert monitor.poll() == []  # 149 whole records: not full yet
-    assert sample(monitor, "deberta_rad_monitor_bad_lines_total") == 1
+    assert sample(monitor, "deberta_rad_monitor_bad_lines_total") == 2
+    assert "timestamp is not a time" in caplog.text
     assert "2026-12-02.jsonl" in caplog.text and "secret" not in caplog.text
     with (capture / "2026-12-02.jsonl").open("a") as handle:
         handle.write(records[-1].model_dump_json(exclude_none=True)[40:] + "\n")
     assert [r["n_current"] for r in monitor.poll()] == [150]
+
+
+def test_a_line_a_crash_cut_short_is_read_again_and_a_replaced_capture_file_from_its_start(
+    reference: list[LabelRecord], tmp_path: Path
+) -> None:
+    capture = tmp_path / "capture"
+    append_capture(capture, captured("narrative", 100, 12, "general"))
+    monitor = live(reference, tmp_path)
+    monitor.read_new()
+    [pending] = (tmp_path / "out/pending").glob("general-*.jsonl")
+    with pending.open("a") as handle:  # killed while appending, before the offsets were saved
+        handle.write('{"report_id": "general-cut", "lab')
+    (tmp_path / "out/follow_state.json").write_text('{"offsets": {}}')
+    restarted = live(reference, tmp_path)
+    restarted.read_new()
+    assert len(restarted.pending("general")) == 100  # the cut line skipped, the re-read lines counted once
+    replaced = captured("narrative", 60, 13, "general")
+    (capture / "2026-12-02.jsonl").write_text("".join(r.model_dump_json(exclude_none=True) + "\n" for r in replaced))
+    restarted.read_new()
+    assert len(restarted.pending("general")) == 160
 
 
 def test_window_lengths_follow_the_calendar() -> None:
@@ -204,6 +227,15 @@ def test_what_is_not_an_alertmanager_payload_is_named(payload: dict, problem: st
         drifted_institutions(payload)
 
 
+def test_a_failed_episode_is_queued_again_and_the_worker_outlives_a_job_that_raises(jobs: RelabelQueue) -> None:
+    first = jobs.take(alert_payload("north"))["queued"][0]["job"]
+    jobs.command = ["no-such-loop-command"]
+    jobs.run_safely(first)
+    assert jobs.jobs()[first]["state"].startswith("failed (FileNotFoundError")
+    assert not (jobs.folder / f"{first}.jsonl").exists()  # its reports' copy is gone
+    assert [q["job"] for q in jobs.take(alert_payload("north"))["queued"]] == [first]  # Alertmanager's retry
+
+
 def test_the_receiver_answers_over_http_runs_the_loop_and_records_a_failure(jobs: RelabelQueue) -> None:
     port = free_port()
     server = serve(jobs, "127.0.0.1", port)
@@ -220,7 +252,8 @@ def test_the_receiver_answers_over_http_runs_the_loop_and_records_a_failure(jobs
             time.sleep(0.2)
         state = httpx.get(f"{url}/jobs").json()["jobs"][0]["state"]
         assert state.startswith("failed (exit 1")  # `false` stands for a loop that fails
-        assert jobs.incoming.read_text() == (jobs.folder / f"{queued['job']}.jsonl").read_text()
+        given = read_reports(jobs.incoming)  # what the loop was given: the institution's reports in the feed
+        assert len(given) == 30 and {r.institution for r in given} == {"north"}
     finally:
         server.shutdown()
         server.server_close()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from fake_openai import expected_labels, serve
 from monitoring_stack import monitoring_stack
 
 from deberta_rad.data import read_label_records, read_reports, write_jsonl
-from deberta_rad.monitor import read_history
+from deberta_rad.monitor import read_history, read_json_lines
 from deberta_rad.schema import FINDINGS, Report
 from deberta_rad.synthetic import generate_corpus
 
@@ -363,14 +364,13 @@ def test_drift_on_a_new_institution_alerts_through_prometheus_and_alertmanager_a
     env = clean_env()
     with monitoring_stack(copy, work, copy / "monitoring/loop/reference.jsonl", feed, env) as stack:
         label_through_service(stack.service, general[: 2 * window])
-        first_new_request = time.monotonic()
+        first_new_request = datetime.now(UTC)
         label_through_service(stack.service, north)
         job = wait_until(
             lambda: [j for j in stack.jobs() if j["institution"] == NEW_SITE and j["state"] != "queued"],
             240,
             "the drift alert reaching relabel-on-alert and its loop starting",
         )[0]
-        to_relabel_start = time.monotonic() - first_new_request
         label_through_service(stack.service, general[2 * window :])  # more of the reference institution
         assert stack.firing("LabelDrift") and {a["institution"] for a in stack.firing("LabelDrift")} == {NEW_SITE}
         delivered = requests.get(f"{stack.alertmanager}/api/v2/alerts", timeout=10).json()
@@ -391,6 +391,9 @@ def test_drift_on_a_new_institution_alerts_through_prometheus_and_alertmanager_a
         assert not [a for a in stack.team_alerts if a["commonLabels"].get("kind") == "label_drift"]
 
     false_alarms = sum(w["drift_detected"] for w in judged(work, REFERENCE_SITE))
+    job_states = read_json_lines(copy / "monitoring/relabel/jobs.jsonl")
+    started = next(datetime.fromisoformat(e["at"]) for e in job_states if e["state"] == "running")
+    to_relabel_start = (started - first_new_request).total_seconds()
     print(
         f"first {NEW_SITE} request to relabel loop start: {to_relabel_start:.1f} s; false alarms on "
         f"{REFERENCE_SITE}: {false_alarms} of {len(judged(work, REFERENCE_SITE))} windows"

@@ -3,13 +3,15 @@ drifted institution (monitoring/alertmanager.yml routes `kind="label_drift"` her
 
 A firing alert group queues one job per institution and drift episode: the episode is the group key
 and the alerts' start time, so Alertmanager's repeats (repeat_interval) and retries of the same group
-queue nothing new. A job takes the institution's reports from the feed (params `relabel.feed`; the
-service keeps no text, so the texts come from the hospital's own export) at the moment it is queued,
-and a single worker runs the jobs in order: the reports become the loop's input (`relabel.incoming`)
-and `dvc repro pipelines/relabel/dvc.yaml` predicts them, judges drift and sends the budgeted sample to
-the teacher. `monitoring/relabel/jobs.jsonl` records each job's states (append-only, ids and counts,
-never text); jobs queued or running when the receiver stopped run again when it starts (the relabel
-step itself resumes without repeating a report).
+queue nothing new while its job is queued, running or done; one that failed, or found none of the
+institution's reports in the feed yet, is queued again. A job takes the institution's reports from the
+feed (params `relabel.feed`; the service keeps no text, so the texts come from the hospital's own
+export) at the moment it is queued, and a single worker runs the jobs in order: the reports become the
+loop's input (`relabel.incoming`) and `dvc repro pipelines/relabel/dvc.yaml` predicts them, judges
+drift and sends the budgeted sample to the teacher. `monitoring/relabel/jobs.jsonl` records each job's
+states (append-only, ids and counts, never text); jobs queued or running when the receiver stopped run
+again when it starts (the relabel step itself resumes without repeating a report). A job's copy of its
+reports is deleted when it ends.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from deberta_rad.data import InputError, read_reports, write_jsonl
+from deberta_rad.monitor import append_lines, read_json_lines
 from deberta_rad.params import load_params
 
 logger = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ logger = logging.getLogger(__name__)
 JOBS_DIR = Path("monitoring/relabel")
 LOOP = "pipelines/relabel/dvc.yaml"
 OPEN_STATES = ("queued", "running")
+HANDLED_STATES = (*OPEN_STATES, "done")  # an episode in any other state is queued again
+MAX_BODY = 10_000_000  # bytes; Alertmanager's payloads are a few kB per alert
 
 
 class PayloadError(ValueError):
@@ -62,6 +67,7 @@ def drifted_institutions(payload: object) -> dict[str, str]:
 
 
 def job_id(group_key: str, institution: str, started: str) -> str:
+    """The same for every notification of one drift episode of one institution."""
     return hashlib.sha256(f"{group_key}\n{institution}\n{started}".encode()).hexdigest()[:12]
 
 
@@ -73,7 +79,7 @@ class RelabelQueue:
     feed: Path
     incoming: Path
     command: Sequence[str] = field(default_factory=lambda: [dvc_command(), "repro", LOOP])
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _lock: threading.RLock = field(default_factory=threading.RLock)  # the HTTP threads and the worker
     _todo: queue.Queue[str] = field(default_factory=queue.Queue)
 
     @property
@@ -82,20 +88,16 @@ class RelabelQueue:
 
     def jobs(self) -> dict[str, dict]:
         """Each job's latest state."""
-        path = self.folder / "jobs.jsonl"
         latest: dict[str, dict] = {}
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    entry = json.loads(line)
-                    latest[entry["job"]] = latest.get(entry["job"], {}) | entry
+        for entry in read_json_lines(self.folder / "jobs.jsonl"):
+            latest[entry["job"]] = latest.get(entry["job"], {}) | entry
         return latest
 
     def _record(self, job: str, **state: object) -> dict:
-        entry = {"job": job, **state, "at": datetime.now(UTC).isoformat(timespec="seconds")}
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with (self.folder / "jobs.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        """Append a job's new state (one line, under the lock the HTTP threads and the worker share)."""
+        entry = {"job": job, **state, "at": datetime.now(UTC).isoformat(timespec="milliseconds")}
+        with self._lock:
+            append_lines(self.folder / "jobs.jsonl", [json.dumps(entry)])
         return entry
 
     def take(self, payload: object) -> dict[str, list[dict]]:
@@ -107,7 +109,7 @@ class RelabelQueue:
             known = self.jobs()
             for institution, started in sorted(episodes.items()):
                 job = job_id(group_key, institution, started)
-                if job in known:
+                if job in known and known[job]["state"] in HANDLED_STATES:
                     answer["already"].append({"job": job, "institution": institution, "state": known[job]["state"]})
                     continue
                 entry = self._queue(job, institution, started, group_key)
@@ -137,15 +139,26 @@ class RelabelQueue:
     def work(self) -> None:
         """Run queued jobs one at a time, for ever (a daemon thread)."""
         while True:
-            self.run(self._todo.get())
+            self.run_safely(self._todo.get())
+
+    def run_safely(self, job: str) -> None:
+        """Run a job; one that raises is recorded as failed, and the worker goes on to the next."""
+        try:
+            self.run(job)
+        except Exception as error:  # whatever went wrong, the next job must still run
+            logger.exception("relabeling job %s failed", job)
+            self._record(job, state=f"failed ({type(error).__name__}: {error})")
 
     def run(self, job: str) -> dict:
         """The loop for one job: its reports become `relabel.incoming`, then `dvc repro` of the loop."""
         self._record(job, state="running")
-        shutil.copyfile(self.folder / f"{job}.jsonl", self.incoming)
-        log = self.folder / f"{job}.log"
-        with log.open("ab") as out:
-            code = subprocess.call(list(self.command), cwd=self.project, stdout=out, stderr=subprocess.STDOUT)
+        reports, log = self.folder / f"{job}.jsonl", self.folder / f"{job}.log"
+        try:
+            shutil.copyfile(reports, self.incoming)
+            with log.open("ab") as out:
+                code = subprocess.call(list(self.command), cwd=self.project, stdout=out, stderr=subprocess.STDOUT)
+        finally:
+            reports.unlink()  # report text: the loop's input and the relabeled store keep what they need
         summary_path = self.project / "monitoring/loop/relabel.json"
         summary = json.loads(summary_path.read_text()) if code == 0 and summary_path.is_file() else None
         state = "done" if code == 0 else f"failed (exit {code}, see {log})"
@@ -168,10 +181,12 @@ def handler_for(jobs: RelabelQueue) -> type[BaseHTTPRequestHandler]:
                 self._answer(404, {"error": f"no route {self.path}: Alertmanager posts to /alerts"})
                 return
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                answer = jobs.take(json.loads(self.rfile.read(length) or b"null"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                self._answer(400, {"error": "the body is not JSON"})
+                payload = json.loads(self.rfile.read(self._length()))
+            except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError, as is a bad length
+                self._answer(400, {"error": "the body is not JSON with a valid Content-Length"})
+                return
+            try:
+                answer = jobs.take(payload)
             except PayloadError as error:
                 self._answer(400, {"error": str(error)})
             except InputError as error:  # the feed cannot be read: 500, so Alertmanager retries
@@ -179,6 +194,12 @@ def handler_for(jobs: RelabelQueue) -> type[BaseHTTPRequestHandler]:
                 self._answer(500, {"error": str(error)})
             else:
                 self._answer(200, answer)
+
+        def _length(self) -> int:
+            length = int(self.headers.get("Content-Length") or "")
+            if not 0 < length <= MAX_BODY:
+                raise ValueError(f"Content-Length {length}")
+            return length
 
         def do_GET(self) -> None:
             if self.path == "/healthz":

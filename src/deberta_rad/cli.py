@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -589,8 +591,10 @@ def monitor(
         bool, typer.Option(help="Run on: judge each institution's window as it fills or ends; serve /metrics.")
     ] = False,
     metrics_host: Annotated[str, typer.Option(help="With --follow: where Prometheus scrapes /metrics.")] = "127.0.0.1",
-    metrics_port: Annotated[int, typer.Option(help="With --follow: the /metrics port.")] = 9108,
-    interval: Annotated[float, typer.Option(help="With --follow: seconds between reads of the capture.")] = 10.0,
+    metrics_port: Annotated[int, typer.Option(min=1, max=65535, help="With --follow: the /metrics port.")] = 9108,
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="With --follow: seconds between reads of the capture.")
+    ] = 10.0,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Judge every institution and time window of the incoming batches against the reference; keep a
@@ -635,18 +639,19 @@ def _follow(
         _fail(f"--metrics-host {host} --metrics-port {port}: cannot listen there ({error.strerror})")
     output.mkdir(parents=True, exist_ok=True)
     typer.echo(f"following {capture}; metrics on http://{host}:{port}/metrics; history {output / 'history.jsonl'}")
-    try:
-        for results in live.follow(interval):
-            for result in results:
-                typer.echo(describe(result))
-    except KeyboardInterrupt:
-        typer.echo("stopped; a restart resumes where this stopped")
+    stop = threading.Event()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):  # systemd, Kubernetes and Ctrl-C stop between polls
+        signal.signal(signal_number, lambda *_: stop.set())
+    for results in live.follow(interval, stop):
+        for result in results:
+            typer.echo(describe(result))
+    typer.echo("stopped; a restart resumes where this stopped")
 
 
 @app.command(name="relabel-on-alert")
 def relabel_on_alert(
     host: Annotated[str, typer.Option(help="Where Alertmanager reaches this receiver.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="The port (monitoring/alertmanager.yml: 9109).")] = 9109,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The port (monitoring/alertmanager.yml: 9109).")] = 9109,
     reports: Annotated[
         Path | None, typer.Option(help="Every institution's reports as they arrive (params relabel.feed).")
     ] = None,
@@ -660,6 +665,10 @@ def relabel_on_alert(
     if not (project / "pipelines/relabel/dvc.yaml").is_file():
         raise data.InputError(f"--project {project}: not a deberta-rad checkout (no pipelines/relabel/dvc.yaml)")
     jobs = relabel_queue(project, reports)
+    if jobs.feed.is_dir():
+        raise data.InputError(
+            f"--reports {jobs.feed}: a folder; the feed is a JSONL or CSV file with each report's institution"
+        )
     try:
         server = serve(jobs, host, port)
     except OSError as error:

@@ -61,8 +61,8 @@ def label_drift_panels(institution: str) -> list[DashboardPanelPlot]:
         line_plot_panel(
             "Chi-square p-value per finding",
             [series(VALUE_DRIFT, "{{column}}", method=CHI2_HOMOGENEITY)],
-            description=f"{institution}: the status counts against the reference's; 0 for a status "
-            "the reference never had (the distance decides then).",
+            description=f"{institution}: two-sample test of homogeneity of the status counts and the "
+            "reference's; drift needs p below monitoring.p_value / 13.",
         ),
     ]
 

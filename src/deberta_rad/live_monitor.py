@@ -9,8 +9,12 @@ A restart resumes where it stopped; everything it needs is in the output folder:
 - `pending/<institution>.jsonl`: records read but not judged yet;
 - `history.jsonl`: one line per judged window, numbered per institution.
 A window is judged once: when a crash left its records in `pending/` after its history line was
-written, the records' fingerprint matches that line and they are dropped instead of judged again. A
-crash between reading lines and saving the offsets reads them twice; a report id counts once per window.
+written, the records' fingerprint is in the history and they are dropped instead of judged again (its
+snapshot and webhook alert, sent after the history line, are then at most once). A crash between
+reading lines and saving the offsets reads them twice; a report id counts once per window. A line a
+kill cut short is skipped when read (see monitor.append_lines); the monitor stops between polls on
+SIGTERM, so systemd and Kubernetes do not cut one. A capture file shorter than what was read of it
+(replaced) is read again from its start.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,8 +37,10 @@ from deberta_rad.monitor import (
     UNKNOWN_INSTITUTION,
     add_to_workspace,
     alert_payload,
+    append_lines,
     group_fingerprint,
     read_history,
+    read_json_lines,
     run_drift,
     safe_name,
     write_result,
@@ -53,6 +59,11 @@ def period_of(moment: datetime | str, frequency: str) -> pd.Period:
     """The calendar window (pandas period, in UTC) a time falls in."""
     stamp = pd.Timestamp(moment)
     return (stamp.tz_convert(None) if stamp.tzinfo else stamp).to_period(frequency)
+
+
+def folder_name(institution: str) -> str:
+    """A file-system name for an institution that keeps "a/b" and "a_b" apart."""
+    return f"{safe_name(institution)}-{hashlib.sha256(institution.encode()).hexdigest()[:8]}"
 
 
 def window_seconds(frequency: str, now: datetime) -> float:
@@ -156,8 +167,13 @@ class LiveMonitor:
     def read_new(self) -> int:
         """Move whole new capture lines into the institutions' pending files; returns how many."""
         moved: dict[str, list[str]] = {}
-        for path in sorted(self.capture.glob("*.jsonl")):
+        paths = sorted(self.capture.glob("*.jsonl"))
+        self.offsets = {name: at for name, at in self.offsets.items() if name in {p.name for p in paths}}
+        for path in paths:
             start = self.offsets.get(path.name, 0)
+            if path.stat().st_size < start:  # replaced or cut: read it again from its start
+                logger.warning("%s is shorter than what was read of it: reading it again from the start", path)
+                start = 0
             with path.open("rb") as handle:
                 handle.seek(start)
                 chunk = handle.read()
@@ -171,8 +187,7 @@ class LiveMonitor:
                 offset += len(raw)
             self.offsets[path.name] = offset
         for institution, lines in moved.items():
-            with self._pending_path(institution).open("a", encoding="utf-8") as handle:
-                handle.writelines(line + "\n" for line in lines)
+            append_lines(self._pending_path(institution), lines)
         write_atomically(self.output / STATE_FILE, lambda p: p.write_text(json.dumps({"offsets": self.offsets})))
         return sum(len(lines) for lines in moved.values())
 
@@ -181,26 +196,30 @@ class LiveMonitor:
         if not line.strip():
             return None
         try:
-            return LabelRecord.model_validate_json(line)
+            record = LabelRecord.model_validate_json(line)
+            if record.timestamp:
+                period_of(record.timestamp, self.settings.window)
         except ValidationError as error:
-            logger.error("%s: not a label record, skipped (%d problems)", where, error.error_count())
-            self.metrics.bad_lines.inc()
-            return None
+            problem = f"not a label record ({error.error_count()} problems)"
+        except ValueError:
+            problem = "its timestamp is not a time"
+        else:
+            return record
+        logger.error("%s: %s, skipped", where, problem)
+        self.metrics.bad_lines.inc()
+        return None
 
     def _pending_path(self, institution: str) -> Path:
-        folder = self.output / "pending"
-        folder.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256(institution.encode()).hexdigest()[:8]  # "a/b" and "a_b" stay apart
-        return folder / f"{safe_name(institution)}-{digest}.jsonl"
+        return self.output / "pending" / f"{folder_name(institution)}.jsonl"
+
+    def _window_dir(self, institution: str, sequence: int) -> Path:
+        return self.output / folder_name(institution) / f"{sequence:06d}"
 
     def pending(self, institution: str) -> list[LabelRecord]:
         """The institution's records not judged yet, one per report id (its latest answer)."""
-        path = self._pending_path(institution)
-        if not path.is_file():
-            return []
         records = {}
-        for line in path.read_text(encoding="utf-8").splitlines():
-            record = LabelRecord.model_validate_json(line)
+        for row in read_json_lines(self._pending_path(institution)):
+            record = LabelRecord.model_validate(row)
             records[record.report_id] = record
         return list(records.values())
 
@@ -208,10 +227,9 @@ class LiveMonitor:
         """The institutions with pending records (named by their first record: file names are sanitised)."""
         names = set()
         for path in (self.output / "pending").glob("*.jsonl"):
-            with path.open(encoding="utf-8") as handle:
-                first = handle.readline()
-            if first.strip():
-                names.add(LabelRecord.model_validate_json(first).institution or UNKNOWN_INSTITUTION)
+            rows = read_json_lines(path)
+            if rows:
+                names.add(rows[0].get("institution") or UNKNOWN_INSTITUTION)
         return sorted(names)
 
     # --- judging ----------------------------------------------------------------------------
@@ -228,29 +246,34 @@ class LiveMonitor:
         return [r for r in records if r.timestamp and period_of(r.timestamp, frequency) == first]
 
     def poll(self) -> list[dict]:
-        """Read what is new and judge every window that closed; returns the new verdicts."""
+        """Read what is new and judge every window that closed; returns the new verdicts. The pending
+        file is rewritten once per institution and poll, so a backlog of many windows stays linear."""
         self.read_new()
         results = []
         for institution in self.institutions():
-            while window := self.closed_window(self.pending(institution)):
+            records = self.pending(institution)
+            left = records
+            while window := self.closed_window(left):
                 result = self.judge(institution, window)
                 if result is not None:
                     results.append(result)
+                judged = {r.report_id for r in window}
+                left = [r for r in left if r.report_id not in judged]
+            if len(left) < len(records):
+                self._keep_pending(institution, left)
         return results
 
-    def _drop_pending(self, institution: str, judged: Sequence[LabelRecord]) -> None:
-        """Keep only the records that were not in the judged window (atomically)."""
-        ids = {r.report_id for r in judged}
-        rest = [r for r in self.pending(institution) if r.report_id not in ids]
-        lines = "".join(r.model_dump_json(exclude_none=True) + "\n" for r in rest)
+    def _keep_pending(self, institution: str, records: Sequence[LabelRecord]) -> None:
+        """Replace the institution's pending file with the records not judged yet (atomically)."""
+        lines = "".join(r.model_dump_json(exclude_none=True) + "\n" for r in records)
         write_atomically(self._pending_path(institution), lambda p: p.write_text(lines, encoding="utf-8"))
 
     def judge(self, institution: str, records: Sequence[LabelRecord]) -> dict | None:
-        """Judge one closed window, record it everywhere, and take its records out of the pending file."""
-        history = [h for h in read_history(self.output / HISTORY_FILE) if h["institution"] == institution]
+        """Judge one closed window and record it everywhere; None for a window the history holds already
+        (a crash came after its history line, before its records left the pending file)."""
+        history = [h for h in self._followed_history() if h["institution"] == institution]
         fingerprint = group_fingerprint(records)
-        if history and history[-1]["fingerprint"] == fingerprint:  # judged before a crash: not again
-            self._drop_pending(institution, records)
+        if fingerprint in {h["fingerprint"] for h in history}:
             return None
         sequence = len(history) + 1
         stamps = sorted(r.timestamp for r in records if r.timestamp)
@@ -261,10 +284,8 @@ class LiveMonitor:
             "sequence": sequence,
             "fingerprint": fingerprint,
         } | result
-        write_result(result, snapshot, self.output / safe_name(institution) / f"{sequence:06d}")
-        with (self.output / HISTORY_FILE).open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({k: v for k, v in result.items() if k != "per_finding"}) + "\n")
-        self._drop_pending(institution, records)
+        write_result(result, snapshot, self._window_dir(institution, sequence))
+        append_lines(self.output / HISTORY_FILE, [json.dumps({k: v for k, v in result.items() if k != "per_finding"})])
         if self.workspace is not None and snapshot is not None:
             add_to_workspace(self.workspace, institution, snapshot)
         self.metrics.judged.labels(institution, result["status"]).inc()
@@ -276,22 +297,28 @@ class LiveMonitor:
                 logger.error("alert not delivered: %s", failure)
         return result
 
+    def _followed_history(self) -> list[dict]:
+        """The windows `--follow` judged (numbered); a one-shot `monitor`'s lines in the same file are not."""
+        return [h for h in read_history(self.output / HISTORY_FILE) if "sequence" in h]
+
     def _restore_metrics(self) -> None:
         """After a restart, the alarms and scores of each institution's last judged window, from disk."""
         last: dict[str, dict] = {}
-        for line in read_history(self.output / HISTORY_FILE):
+        for line in self._followed_history():
             last[line["institution"]] = line
         for institution, line in last.items():
-            saved = self.output / safe_name(institution) / f"{line['sequence']:06d}" / "drift.json"
+            saved = self._window_dir(institution, line["sequence"]) / "drift.json"
             result = json.loads(saved.read_text()) if saved.is_file() else line
             judged_at = datetime.fromisoformat(line["checked_at"]).timestamp()
             self.metrics.show(institution, result, judged_at)
 
-    def follow(self, interval_s: float, stop: Callable[[], bool] = lambda: False) -> Iterator[list[dict]]:
-        """Poll every `interval_s` seconds until `stop()`; yields each round's verdicts."""
-        while not stop():
+    def follow(self, interval_s: float, stop: threading.Event) -> Iterator[list[dict]]:
+        """Poll every `interval_s` seconds until `stop` is set (between polls, never within one, so a
+        SIGTERM from systemd or Kubernetes leaves no file half written); yields each round's verdicts."""
+        while not stop.is_set():
+            self.metrics.window.set(window_seconds(self.settings.window, self.clock()))  # months differ
             yield self.poll()
-            time.sleep(interval_s)
+            stop.wait(interval_s)
 
 
 def describe(result: dict[str, Any]) -> str:

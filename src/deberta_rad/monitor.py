@@ -161,8 +161,7 @@ def run_drift(
     else:
         ref_frame, cur_frame = ref_frame[list(FINDINGS)], cur_frame[list(FINDINGS)]
     definition = DataDefinition(categorical_columns=list(FINDINGS), numerical_columns=numerical)
-    # A status absent from the reference makes the chi-square divide by zero (p = 0); the JS distance
-    # then decides, so the warning is noise.
+    # A status one window lacks is a zero share in the JS distance's logarithms: the warning is noise.
     tags = {"tags": [institution], "metadata": {"institution": institution}} if institution else {}
     with np.errstate(divide="ignore", invalid="ignore"):
         snapshot = Report([RowCount(), *metrics], **tags).run(
@@ -291,10 +290,38 @@ def safe_name(value: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in value)
 
 
-def read_history(path: Path) -> list[dict]:
+def read_json_lines(path: Path) -> list[dict]:
+    """Every whole JSON line of an append-only file. A line a crash cut short (the last one, or one that
+    later appends followed, see append_lines) records a change that never happened: skipped, logged."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s:%d: a line cut short, skipped", path, number)
+    return rows
+
+
+def read_history(path: Path) -> list[dict]:
+    """Every judged window."""
+    return read_json_lines(path)
+
+
+def append_lines(path: Path, lines: Sequence[str]) -> None:
+    """Append whole lines in one write; after a line a crash cut short, start on a new line, so that
+    line alone is lost and never glued to the next (readers skip an unterminated last line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as existing:
+            existing.seek(-1, 2)
+            torn = existing.read(1) != b"\n"
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(("\n" if torn else "") + "".join(line + "\n" for line in lines))
 
 
 def monitor_folder(
@@ -325,8 +352,7 @@ def monitor_folder(
         if (institution, window, fingerprint) in seen:
             continue
         write_result(result, snapshot, output_dir / safe_name(institution) / safe_name(window))
-        with history_path.open("a", encoding="utf-8") as history:
-            history.write(json.dumps({k: v for k, v in result.items() if k != "per_finding"}) + "\n")
+        append_lines(history_path, [json.dumps({k: v for k, v in result.items() if k != "per_finding"})])
         if workspace is not None and snapshot is not None:
             add_to_workspace(workspace, institution, snapshot)
         if webhook and result["drift_detected"]:
