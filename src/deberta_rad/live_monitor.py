@@ -134,6 +134,7 @@ class MonitorMetrics:
                 self.status_share.labels(institution, finding, status).set(scores["current_share"].get(status, 0.0))
 
     def serve(self, host: str, port: int) -> None:
+        """Serve /metrics from a background thread (prometheus_client's own server)."""
         from prometheus_client import start_http_server
 
         start_http_server(port, addr=host, registry=self.registry)

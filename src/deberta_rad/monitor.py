@@ -89,7 +89,9 @@ def latest_time(records: Sequence[LabelRecord]) -> datetime | None:
 CHI2_HOMOGENEITY = "chi2_homogeneity"
 
 
-def homogeneity_p_value(reference: pd.Series, current: pd.Series, feature_type: Any, threshold: float):
+def homogeneity_p_value(
+    reference: pd.Series, current: pd.Series, feature_type: Any, threshold: float
+) -> tuple[float, bool]:
     """Chi-square test that both samples come from one status distribution (both counted with their
     noise); Evidently's signature for a stattest: (p-value, drifted)."""
     from scipy.stats import chi2_contingency
