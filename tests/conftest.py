@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +160,37 @@ def fake() -> Iterator[FakeOpenAI]:
     """The fault-injecting Chat Completions and Batch server (fake_openai.py)."""
     with serve(slow_s=2.0) as server:
         yield server
+
+
+class AlertSink:
+    """A local webhook on loopback that keeps the JSON it is POSTed: drift alerts, the promotion gate's,
+    Alertmanager's notifications."""
+
+    def __init__(self) -> None:
+        received: list[dict] = []
+        self.received = received
+
+        class Keep(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                """Quiet."""
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Keep)
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def alerts() -> Iterator[AlertSink]:
+    sink = AlertSink()
+    yield sink
+    sink.close()

@@ -5,20 +5,17 @@ addresses and intervals changed (README "Monitoring")."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
-from conftest import REPO, free_port, stop_server, wait_for_http
+from conftest import REPO, AlertSink, free_port, stop_server, wait_for_http
 
 START_WAIT_S = 180
 
@@ -32,7 +29,7 @@ class Stack:
     receiver: str
     prometheus: str
     alertmanager: str
-    team_alerts: list[dict] = field(default_factory=list)
+    team_alerts: list[dict]
 
     def query(self, promql: str) -> list[dict]:
         answer = requests.get(f"{self.prometheus}/api/v1/query", params={"query": promql}, timeout=10).json()
@@ -79,28 +76,6 @@ def alertmanager_config(ports: dict[str, int]) -> dict:
 
 
 @contextmanager
-def team_webhook(port: int, received: list[dict]) -> Iterator[None]:
-    """The plain webhook receiver the other alerts go to: it keeps what it gets."""
-
-    class Keep(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            """Quiet."""
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Keep)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@contextmanager
 def started(command: list[str], cwd: Path, env: dict[str, str], ready_url: str, log: Path) -> Iterator[None]:
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -116,10 +91,14 @@ def started(command: list[str], cwd: Path, env: dict[str, str], ready_url: str, 
 @contextmanager
 def monitoring_stack(project: Path, work: Path, reference: Path, feed: Path, env: dict[str, str]) -> Iterator[Stack]:
     """Start every part (in the project checkout, with the venv's commands from `env`) and stop them all."""
-    names = ("service", "monitor", "receiver", "team", "prometheus", "alertmanager")
-    ports = {name: free_port() for name in names}
+    prometheus, alertmanager = tool("prometheus"), tool("prometheus-alertmanager")  # or skip, before starting
+    team = AlertSink()  # the plain webhook receiver the other alerts go to
+    names = ("service", "monitor", "receiver", "prometheus", "alertmanager")
+    ports = {name: free_port() for name in names} | {"team": team.port}
     url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    stack = Stack(url["service"], url["monitor"], url["receiver"], url["prometheus"], url["alertmanager"])
+    stack = Stack(
+        url["service"], url["monitor"], url["receiver"], url["prometheus"], url["alertmanager"], team.received
+    )
     (work / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(ports, project / "monitoring/alerts.yml")))
     (work / "alertmanager.yml").write_text(yaml.safe_dump(alertmanager_config(ports)))
     service_env = env | {"DEBERTA_RAD_SERVE_CAPTURE_DIR": str(work / "capture"), "BENTOML_HOME": str(work / "bentoml")}
@@ -158,7 +137,7 @@ def monitoring_stack(project: Path, work: Path, reference: Path, feed: Path, env
         ),
         "alertmanager": (
             [
-                tool("prometheus-alertmanager"),
+                alertmanager,
                 f"--config.file={work / 'alertmanager.yml'}",
                 f"--storage.path={work / 'alertmanager'}",
                 f"--web.listen-address=127.0.0.1:{ports['alertmanager']}",
@@ -169,7 +148,7 @@ def monitoring_stack(project: Path, work: Path, reference: Path, feed: Path, env
         ),
         "prometheus": (
             [
-                tool("prometheus"),
+                prometheus,
                 f"--config.file={work / 'prometheus.yml'}",
                 f"--storage.tsdb.path={work / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{ports['prometheus']}",
@@ -179,7 +158,7 @@ def monitoring_stack(project: Path, work: Path, reference: Path, feed: Path, env
         ),
     }
     with ExitStack() as running:
-        running.enter_context(team_webhook(ports["team"], stack.team_alerts))
+        running.callback(team.close)
         for name, (command, part_env, ready) in parts.items():
             running.enter_context(started(command, project, part_env, ready, work / f"{name}.log"))
         yield stack

@@ -4,20 +4,13 @@ config and the rules and runs the rules' unit tests (monitoring/alerts_test.yml,
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
 from conftest import REPO
+from monitoring_stack import tool
 
 MONITORING = REPO / "monitoring"
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        pytest.skip(f"{name} is not installed (make test installs Debian's prometheus and prometheus-alertmanager)")
-    return found
 
 
 def run_tool(*command: str) -> str:

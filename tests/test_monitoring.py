@@ -5,15 +5,12 @@ history over a folder of batches, and a relabel that survives being interrupted 
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pytest
-from conftest import free_port, write_params
+from conftest import AlertSink, free_port, write_params
 from typer.testing import CliRunner
 
 from deberta_rad.cli import app
@@ -142,31 +139,6 @@ def test_time_windows() -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-class Receiver(BaseHTTPRequestHandler):
-    received: ClassVar[list[dict]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        Receiver.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def webhook() -> Iterator[str]:
-    Receiver.received = []
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/alerts"
-    finally:
-        server.shutdown()
-
-
 def write(path: Path, records: Sequence[LabelRecord]) -> Path:
     write_jsonl(path, records)
     return path
@@ -195,18 +167,18 @@ def drift_cli(tmp_path: Path, reference: Path, current: Path, *extra: str) -> tu
 
 
 def test_drift_cli_writes_json_and_html_and_alerts_the_webhook(
-    tmp_path: Path, reference: list[LabelRecord], webhook: str
+    tmp_path: Path, reference: list[LabelRecord], alerts: AlertSink
 ) -> None:
     ref = write(tmp_path / "reference.jsonl", reference)
     current = write(tmp_path / "current.jsonl", teacher_labels("templated", 300, seed=10))
-    code, output = drift_cli(tmp_path, ref, current, "--webhook", webhook)
+    code, output = drift_cli(tmp_path, ref, current, "--webhook", alerts.url)
     assert code == EXIT_DRIFT, output
     result = json.loads((tmp_path / "out/drift.json").read_text())
     assert result["drift_detected"] and set(result["per_finding"]) == set(FINDINGS)
     assert result["thresholds"]["js_threshold"] == SETTINGS.js_threshold
     assert "<html" in (tmp_path / "out/report.html").read_text()[:2000].lower()
     assert "JS distance" in output
-    (alert,) = Receiver.received
+    (alert,) = alerts.received
     assert alert["drift_detected"] and alert["drifted_findings"] and alert["current"].endswith("current.jsonl")
     assert "text" not in json.dumps(alert)
 
@@ -227,7 +199,7 @@ def test_drift_cli_exit_codes(tmp_path: Path, reference: list[LabelRecord]) -> N
 
 
 def test_monitor_judges_each_institution_and_week_and_keeps_a_history(
-    tmp_path: Path, reference: list[LabelRecord], webhook: str
+    tmp_path: Path, reference: list[LabelRecord], alerts: AlertSink
 ) -> None:
     incoming = tmp_path / "incoming"
     write(incoming / "a-week1.jsonl", teacher_labels("narrative", 150, 20, "st-elsewhere", "2026-11-16"))
@@ -243,7 +215,7 @@ def test_monitor_judges_each_institution_and_week_and_keeps_a_history(
         "--incoming", str(incoming),
         "--output", str(tmp_path / "runs"),
         "--workspace", str(tmp_path / "workspace"),
-        "--webhook", webhook,
+        "--webhook", alerts.url,
         "--params", str(tmp_path / "params.yaml"),
     ]  # fmt: skip
     result = RUNNER.invoke(app, args)
@@ -256,7 +228,7 @@ def test_monitor_judges_each_institution_and_week_and_keeps_a_history(
         ("st-elsewhere", "2026-11-16/2026-11-22"): "no_drift",
         ("st-elsewhere", "2026-11-23/2026-11-29"): "no_drift",
     }
-    assert [a["institution"] for a in Receiver.received] == ["northfield"]
+    assert [a["institution"] for a in alerts.received] == ["northfield"]
     assert (tmp_path / "runs/northfield/2026-11-23_2026-11-29/report.html").is_file()
     assert (tmp_path / "runs/drift_history.png").is_file()
     assert any((tmp_path / "workspace").iterdir())
@@ -264,7 +236,7 @@ def test_monitor_judges_each_institution_and_week_and_keeps_a_history(
     again = RUNNER.invoke(app, args)  # the same batches: nothing new to record or to alert
     assert again.exit_code == EXIT_DRIFT
     assert len(read_history(tmp_path / "runs/history.jsonl")) == len(history)
-    assert len(Receiver.received) == 1
+    assert len(alerts.received) == 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from threading import Thread
 
 import pytest
+from conftest import AlertSink
 from mlflow import MlflowClient
 from mlflow.webhooks.delivery import _generate_hmac_signature
 from starlette.applications import Starlette
@@ -154,33 +152,6 @@ def registry(isolated_mlflow: str, tmp_path: Path) -> MlflowClient:
         client.create_model_version(NAME, str(tmp_path / "model"), tags=tags)
     client.set_registered_model_alias(NAME, CHAMPION, "1")
     return client
-
-
-class AlertSink:
-    """A local alert webhook that keeps what it is sent."""
-
-    def __init__(self) -> None:
-        received = self.received = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/alerts"
-        Thread(target=self.server.serve_forever, daemon=True).start()
-
-
-@pytest.fixture
-def alerts() -> Iterator[AlertSink]:
-    sink = AlertSink()
-    yield sink
-    sink.server.shutdown()
 
 
 def review(client: MlflowClient, version: str, strict: bool, alert_url: str | None):

@@ -22,7 +22,6 @@ import logging
 import queue
 import shutil
 import subprocess
-import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from pathlib import Path
 from deberta_rad.data import InputError, read_reports, write_jsonl
 from deberta_rad.monitor import append_lines, read_json_lines
 from deberta_rad.params import load_params
+from deberta_rad.settings import venv_command
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class RelabelQueue:
     project: Path
     feed: Path
     incoming: Path
-    command: Sequence[str] = field(default_factory=lambda: [dvc_command(), "repro", LOOP])
+    command: Sequence[str] = field(default_factory=lambda: [venv_command("dvc"), "repro", LOOP])
     _lock: threading.RLock = field(default_factory=threading.RLock)  # the HTTP threads and the worker
     _todo: queue.Queue[str] = field(default_factory=queue.Queue)
 
@@ -164,12 +164,6 @@ class RelabelQueue:
         state = "done" if code == 0 else f"failed (exit {code}, see {log})"
         logger.info("relabeling job %s: %s", job, state)
         return self._record(job, state=state, summary=summary)
-
-
-def dvc_command() -> str:
-    """The dvc next to this Python (the project's venv), else the one on PATH."""
-    beside = Path(sys.executable).parent / "dvc"
-    return str(beside) if beside.is_file() else "dvc"
 
 
 def handler_for(jobs: RelabelQueue) -> type[BaseHTTPRequestHandler]:

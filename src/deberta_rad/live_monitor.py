@@ -29,7 +29,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from pydantic import ValidationError
 
 from deberta_rad.data import write_atomically
@@ -39,6 +38,7 @@ from deberta_rad.monitor import (
     alert_payload,
     append_lines,
     group_fingerprint,
+    period_of,
     read_history,
     read_json_lines,
     run_drift,
@@ -53,12 +53,6 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "follow_state.json"
 HISTORY_FILE = "history.jsonl"
-
-
-def period_of(moment: datetime | str, frequency: str) -> pd.Period:
-    """The calendar window (pandas period, in UTC) a time falls in."""
-    stamp = pd.Timestamp(moment)
-    return (stamp.tz_convert(None) if stamp.tzinfo else stamp).to_period(frequency)
 
 
 def folder_name(institution: str) -> str:
@@ -169,7 +163,8 @@ class LiveMonitor:
         """Move whole new capture lines into the institutions' pending files; returns how many."""
         moved: dict[str, list[str]] = {}
         paths = sorted(self.capture.glob("*.jsonl"))
-        self.offsets = {name: at for name, at in self.offsets.items() if name in {p.name for p in paths}}
+        present = {path.name for path in paths}
+        self.offsets = {name: at for name, at in self.offsets.items() if name in present}  # files gone
         for path in paths:
             start = self.offsets.get(path.name, 0)
             if path.stat().st_size < start:  # replaced or cut: read it again from its start

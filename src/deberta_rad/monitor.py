@@ -263,11 +263,17 @@ def read_batch(path: Path) -> list[LabelRecord]:
     return read_label_records(path, unique=False)
 
 
+def period_of(moment: datetime | str, frequency: str) -> pd.Period:
+    """The calendar window (pandas period) a time falls in, on its own clock (the service's capture and
+    `monitor --follow`'s clock are UTC)."""
+    return pd.Timestamp(moment).tz_localize(None).to_period(frequency)
+
+
 def window_label(timestamp: str | None, frequency: str) -> str:
     """The time window a record falls in, e.g. `2026-11-23/2026-11-29` for weekly; `all` without a time."""
     if not timestamp:
         return ALL_TIME
-    return str(pd.Timestamp(timestamp).tz_localize(None).to_period(frequency))
+    return str(period_of(timestamp, frequency))
 
 
 def group_batches(paths: Sequence[Path], frequency: str) -> dict[tuple[str, str], list[LabelRecord]]:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from deberta_rad.net import is_loopback_host
 from deberta_rad.predict import status_probabilities
 from deberta_rad.schema import FINDING_INDEX, FINDINGS, STATUSES, LabelRecord, Status
+from deberta_rad.settings import venv_command
 from deberta_rad.webhooks import WEBHOOK_PATH, DeliveryVerifier, WebhookRejected
 
 logger = logging.getLogger(__name__)
@@ -325,8 +326,7 @@ async def _send_json(send: Send, status: int, payload: dict) -> None:
 
 def serve_command(host: str, port: int) -> list[str]:
     """`bentoml serve` of the installed package's service, the way the README runs it by hand."""
-    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or "bentoml"
-    return [bentoml, "serve", SERVICE, "--host", host, "--port", str(port)]
+    return [venv_command("bentoml"), "serve", SERVICE, "--host", host, "--port", str(port)]
 
 
 def absolute_tracking_uri(uri: str, base: Path) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -84,3 +86,10 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """One Settings per process; tests clear the cache after changing the environment."""
     return Settings()
+
+
+def venv_command(name: str) -> str:
+    """A command installed beside this Python (the project's venv), else the one on PATH: a service or a
+    pipeline started from here runs this installation's `bentoml` or `dvc` even when the venv is not
+    activated."""
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or name
