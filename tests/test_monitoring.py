@@ -14,7 +14,7 @@ from conftest import AlertSink, free_port, write_params
 from typer.testing import CliRunner
 
 from deberta_rad.cli import app
-from deberta_rad.data import InputError, read_label_records, write_jsonl
+from deberta_rad.data import AppendOnlyStore, InputError, read_label_records, write_jsonl
 from deberta_rad.monitor import (
     EXIT_ALERT_FAILED,
     EXIT_DRIFT,
@@ -26,7 +26,7 @@ from deberta_rad.monitor import (
     window_label,
 )
 from deberta_rad.params import MonitoringParams
-from deberta_rad.relabel import RelabeledStore, relabel, select_reports, uncertainty
+from deberta_rad.relabel import relabel, select_reports, uncertainty
 from deberta_rad.schema import FINDINGS, STATUSES, LabelRecord, Report
 from deberta_rad.synthetic import generate_corpus
 from deberta_rad.teachers.rules import RuleTeacher
@@ -280,7 +280,7 @@ class FailingTeacher:
 def test_an_interrupted_relabel_resumes_without_losing_or_repeating_records(tmp_path: Path) -> None:
     incoming = styled_reports("templated", 100, seed=30)
     corpus = incoming[:5]  # already in training: must not be sent again
-    store = RelabeledStore(tmp_path / "relabeled/records.jsonl")
+    store = AppendOnlyStore(tmp_path / "relabeled/records.jsonl")
     selection = select_reports(incoming, [], budget=80)
 
     first = FailingTeacher(chunks_before_failure=2)
@@ -307,7 +307,7 @@ def test_an_id_taken_by_another_text_is_refused_before_anything_is_sent(tmp_path
     clash = Report(report_id="r1", text="Small left pleural effusion.")
     teacher = FailingTeacher(chunks_before_failure=10)
     with pytest.raises(InputError, match="r1"):
-        relabel([clash], RelabeledStore(tmp_path / "store.jsonl"), teacher, corpus=[report])
+        relabel([clash], AppendOnlyStore(tmp_path / "store.jsonl"), teacher, corpus=[report])
     assert teacher.sent == []
 
 

@@ -21,11 +21,13 @@ import requests
 import yaml
 from conftest import RADLABELS, REPO, needs_shared
 from fake_openai import expected_labels, serve
+from label_studio_server import LabelStudioServer, add_reviewer, submit, task_opened
 from monitoring_stack import monitoring_stack
 
 from deberta_rad.data import read_label_records, read_reports, write_jsonl
+from deberta_rad.label_studio import annotation_labels
 from deberta_rad.monitor import read_history, read_json_lines
-from deberta_rad.schema import FINDINGS, Report
+from deberta_rad.schema import FINDINGS, Report, apply_no_finding_rule
 from deberta_rad.synthetic import generate_corpus
 
 BIN = Path(sys.executable).parent
@@ -260,6 +262,76 @@ def test_changed_knob_reruns_from_train_and_registers_a_challenger(project: Path
     assert "Running stage 'train'" in rerun.stdout and "Running stage 'split'" not in rerun.stdout
     registered = json.loads((project / "metrics/register.json").read_text())
     assert registered["version"] == 2 and registered["aliases"] == ["challenger"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # a retraining from the split on, beside Label Studio
+def test_reviews_from_label_studio_become_gold_in_test_and_targets_in_training_at_the_next_repro(
+    project: Path, label_studio: LabelStudioServer, tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    from deberta_rad.label_studio import LabelStudioClient
+    from deberta_rad.review import REVIEW_TEACHER, is_gold
+
+    ls_env = {"DEBERTA_RAD_LABEL_STUDIO_URL": label_studio.url, "DEBERTA_RAD_LABEL_STUDIO_TOKEN": label_studio.token}
+    select = ["review", "select", "--model", "models/student", "--reports", "data/reports.jsonl", "--budget", "20"]
+    run([str(BIN / "deberta-rad"), *select], project)
+    chosen = read_reports(project / "data/review/selected.jsonl")
+    assert len(chosen) == 20
+    pushed = run([str(BIN / "deberta-rad"), "review", "push"], project, extra_env=ls_env)
+    assert "imported 20 tasks" in pushed.stdout
+
+    # A radiologist corrects the student's pre-filled labels to the generator's truth in the web app.
+    reviewer = add_reviewer(label_studio, "pipeline.radiologist@example.org")
+    admin = LabelStudioClient(label_studio.url, label_studio.token)
+    project_id, created = admin.ensure_project("deberta-rad review")
+    assert not created
+    truth = {r.report_id: apply_no_finding_rule(r.labels) for r in read_label_records(project / "data/gold.jsonl")}
+    for task in admin.export_tasks(project_id):
+        predicted = annotation_labels(task_opened(label_studio, reviewer, task["id"])["predictions"][0]["result"])
+        corrections = {f: s for f, s in truth[task["data"]["report_id"]].items() if predicted[f] != s}
+        submit(label_studio, reviewer, task["id"], corrections)
+    pulled = run([str(BIN / "deberta-rad"), "review", "pull"], project, extra_env=ls_env)
+    assert "appended 20 reviewed reports" in pulled.stdout and "0 refused" in pulled.stdout
+    stored = [json.loads(line) for line in (project / "data/reviewed/labels.jsonl").read_text().splitlines()]
+    assert {row["report_id"] for row in stored} == {r.report_id for r in chosen}
+    assert all(row["labels"] == truth[row["report_id"]] for row in stored)
+    assert not any(reviewer.email in json.dumps(row) for row in stored)
+
+    rerun = run([str(BIN / "dvc"), "repro"], project, timeout=900)
+    for stage in ("split", "sentences", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in rerun.stdout
+    gold = {row["report_id"] for row in stored if is_gold(row["report_id"], 13, 0.3)}
+    in_test = read_label_records(project / "data/splits/test/reviewed.jsonl")
+    assert gold and gold <= {r.report_id for r in in_test}
+    assert all(r.labels == truth[r.report_id] and r.teacher == REVIEW_TEACHER for r in in_test)
+    train_reviewed = {r.report_id for r in read_label_records(project / "data/splits/train/reviewed.jsonl")}
+    assert train_reviewed and not train_reviewed & gold
+    sentence_labels = read_label_records(project / "data/sentences/train/labels.jsonl")
+    assert any(r.teacher == REVIEW_TEACHER for r in sentence_labels)
+    metrics = json.loads((project / "metrics/evaluate.json").read_text())
+    assert metrics["reviewed"]["source"] == "review/label-studio" and metrics["reviewed"]["macro_f1"] is not None
+
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    registered = json.loads((project / "metrics/register.json").read_text())
+    version = client.get_model_version("deberta-rad", str(registered["version"]))
+    assert "eval.reviewed.macro_f1" in version.tags
+    train_params = client.get_run(version.run_id).data.params
+    val_path = project / "data/splits/val/reviewed.jsonl"
+    val_reviewed = read_label_records(val_path) if val_path.is_file() else []
+    assert int(train_params["n_reviewed"]) == len(train_reviewed) + len(val_reviewed)
+    assert int(train_params["n_reviewed_examples"]) > 0
+    (selection_run,) = client.search_runs(
+        [client.get_experiment_by_name("deberta-rad").experiment_id], "tags.stage = 'review-select'"
+    )
+    assert selection_run.data.params["budget"] == "20" and selection_run.data.metrics["selected"] == 20
+    logged = json.dumps([selection_run.data.params, selection_run.data.metrics, selection_run.data.tags])
+    artifact = client.download_artifacts(selection_run.info.run_id, "review/selection.json", str(tmp_path))
+    selection = Path(artifact).read_text()
+    assert {row["report_id"] for row in json.loads(selection)["selected"]} == {r.report_id for r in chosen}
+    assert not any(r.text in logged or r.text in selection for r in chosen)
 
 
 def test_llm_teacher_runs_in_the_pipeline_and_a_forced_rerun_is_answered_from_its_cache(tmp_path: Path) -> None:

@@ -260,6 +260,14 @@ def test_auto_reference_is_gold_only_when_both_versions_have_it() -> None:
     assert gate_reference("gold", with_gold, teacher_only) == "gold"
 
 
+def test_auto_reference_prefers_the_reviewed_gold_when_both_versions_were_scored_on_it() -> None:
+    metrics = synthetic_evaluation(seed=2, error_rate=0.1)
+    reviewed = version("1", {**metrics, "reviewed": metrics["gold"]}, "a")
+    also_reviewed = version("2", {**metrics, "reviewed": metrics["gold"]}, "a")
+    assert gate_reference("auto", reviewed, also_reviewed) == "reviewed"
+    assert gate_reference("auto", reviewed, version("3", metrics, "a")) == "gold"
+
+
 def test_a_drop_within_the_threshold_passes() -> None:
     champion = version("1", synthetic_evaluation(seed=2, error_rate=0.1), "a")
     candidate = version("2", synthetic_evaluation(seed=2, error_rate=0.1), "a")

@@ -10,7 +10,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import click
 import typer
@@ -23,6 +23,9 @@ from deberta_rad.metrics import format_metrics_table, format_presence_table
 from deberta_rad.params import MonitoringParams, ParamsError, PromoteParams, load_params
 from deberta_rad.schema import LabelRecord, Report
 
+if TYPE_CHECKING:
+    from deberta_rad.label_studio import LabelStudioClient
+
 # Failures a user causes and can fix (bad input, params, paths, servers), by module: a module that was
 # never imported raised none of them, so the boundary looks them up only where it is loaded and the
 # command line does not pay for importing torch or MLflow to report a missing file.
@@ -33,6 +36,7 @@ EXPECTED_ELSEWHERE = {
     "deberta_rad.promote": ("PromotionError",),
     "deberta_rad.tracking": ("RegistryUnavailableError",),
     "deberta_rad.teachers.llm": ("LLMTeacherError",),
+    "deberta_rad.label_studio": ("LabelStudioError",),
 }
 
 
@@ -179,6 +183,106 @@ def params_check(params: ParamsOption = Path("params.yaml")) -> None:
     loaded = load_params(params)
     typer.echo(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False).rstrip())
     typer.echo(f"\n{params}: every key is valid")
+
+
+review_app = typer.Typer(
+    help="Radiologist review in Label Studio: select, push, pull (README 'Radiologist review').", no_args_is_help=True
+)
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("select")
+def review_select(
+    model: Annotated[
+        str, typer.Option(help="The student: a model folder or an MLflow URI (models:/deberta-rad@champion).")
+    ],
+    reports: Annotated[Path, typer.Option(help="The reports to choose from: JSONL, CSV or a folder of .txt reports.")],
+    budget: Annotated[int, typer.Option(min=1, help="How many reports to send to review.")],
+    teacher_labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="The teacher's labels of the reports, for disagreement [default: data/pseudo_labels.jsonl if there]."
+        ),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The batch for `review push` (holds report text).")
+    ] = Path("data/review/selected.jsonl"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Rank the reports by what a review would teach (student uncertainty, student-teacher disagreement,
+    rare findings; params `review`), keep near-duplicate texts apart, skip reports already reviewed, and
+    write the best `budget`; the choice (ids and scores) is logged to MLflow."""
+    from deberta_rad.predict import predict_reports
+    from deberta_rad.review import log_selection, reviewed_reports, select_for_review, selection_table, write_selection
+
+    config = load_params(params).review
+    pool = data.read_reports(reports)
+    if not pool:
+        raise data.InputError(f"{reports}: holds no reports")
+    if teacher_labels is None and Path("data/pseudo_labels.jsonl").is_file():
+        teacher_labels = Path("data/pseudo_labels.jsonl")
+    teacher = data.labels_by_id(data.read_label_records(teacher_labels)) if teacher_labels else {}
+    store = Path(config.store)
+    done = reviewed_reports(store) if store.is_file() else []
+    predictions, _ = predict_reports(model, pool)
+    selection = select_for_review(pool, predictions, teacher, done, budget, config)
+    write_selection(output, selection, model)
+    run_id = log_selection(selection, model, reports, budget, config)
+    typer.echo(selection_table(selection.chosen))
+    typer.echo(
+        f"selected {len(selection.chosen)} of {selection.pool} reports into {output} (MLflow run {run_id}); "
+        f"{selection.already_reviewed} already reviewed, {selection.near_duplicates_skipped} near-duplicates "
+        f"skipped, {selection.without_teacher_label} without a teacher label"
+        + ("" if teacher_labels else " (no --teacher-labels: disagreement not scored)")
+    )
+
+
+def label_studio_client() -> tuple[LabelStudioClient, str]:
+    """A client for the configured Label Studio, or an error saying which setting is missing."""
+    from deberta_rad.label_studio import LabelStudioClient
+    from deberta_rad.settings import get_settings
+
+    settings = get_settings()
+    if settings.label_studio_token is None:
+        raise data.InputError(
+            "no Label Studio token: set DEBERTA_RAD_LABEL_STUDIO_TOKEN (Account & Settings > Access Token) "
+            f"for {settings.label_studio_url} (DEBERTA_RAD_LABEL_STUDIO_URL)"
+        )
+    url = settings.label_studio_url
+    return LabelStudioClient(url, settings.label_studio_token.get_secret_value()), url
+
+
+@review_app.command("push")
+def review_push(
+    selection: Annotated[Path, typer.Option(help="`review select`'s output.")] = Path("data/review/selected.jsonl"),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Create or update the Label Studio project (params `review.project`) and import the selected
+    reports, pre-annotated with the student's labels; reports already there or reviewed are skipped."""
+    from deberta_rad.review import push_selection, read_selection
+
+    config = load_params(params).review
+    rows = read_selection(selection)
+    client, url = label_studio_client()
+    typer.echo(push_selection(client, rows, config.project, Path(config.store)).describe(url))
+
+
+@review_app.command("pull")
+def review_pull(params: ParamsOption = Path("params.yaml")) -> None:
+    """Export the submitted annotations, settle each task (its one annotation, the one all agree on, or
+    the one marked ground truth), check them (13 findings, the No Finding convention) and append the new
+    ones to the reviewed-label store (params `review.store`); exit 1 when some were refused."""
+    from deberta_rad.review import pull_reviews
+
+    config = load_params(params).review
+    client, url = label_studio_client()
+    store = Path(config.store)
+    result = pull_reviews(client, url, config.project, store)
+    for problem in result.refused:
+        typer.secho(f"refused {problem}", err=True, fg=typer.colors.YELLOW)
+    typer.echo(result.describe(store))
+    if result.refused:
+        raise typer.Exit(code=1)
 
 
 platform_app = typer.Typer(
@@ -332,10 +436,24 @@ def split(
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o")] = Path("data/splits"),
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Deterministic train/val/test split, grouped by patient (or by identical text)."""
-    config = load_params(params).split
-    counts = data.write_splits(input, labels, gold, output_dir, config.seed, config.fractions)
+    """Deterministic train/val/test split, grouped by patient (or by identical text). Reviewed reports
+    (params `review.store`) go along with their reviewed labels; `review.gold_fraction` of them are
+    held in the test split as gold."""
+    from deberta_rad.review import reviewed_for_split
+
+    config = load_params(params)
+    reviewed, reviewed_gold, outside = reviewed_for_split(
+        Path(config.review.store), data.read_reports(input), config.review
+    )
+    counts = data.write_splits(
+        input, labels, gold, output_dir, config.split.seed, config.split.fractions, reviewed, reviewed_gold
+    )
     typer.echo("split: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    if outside:
+        typer.echo(
+            f"{len(outside)} reviewed reports in {config.review.store} are not in {input} (not in ingest.sources), "
+            f"e.g. {outside[:3]}"
+        )
 
 
 @app.command()
@@ -376,7 +494,8 @@ def sentences(
     typer.echo(
         f"wrote {summary['train']} train ({summary['synthetic']} of them from generated reports, "
         f"{summary['swaps']} mention swaps) and "
-        f"{summary['val']} val distinct sentences, teacher-labelled, to {output_dir} (model.unit {summary['unit']})"
+        f"{summary['val']} val distinct sentences, teacher-labelled, to {output_dir} (model.unit {summary['unit']}); "
+        f"{summary['reviewed']} train examples carry reviewed labels"
     )
 
 
@@ -700,7 +819,8 @@ def relabel(
     ingest reads (params `ingest.relabeled`); then `dvc repro` retrains."""
     from dataclasses import asdict
 
-    from deberta_rad.relabel import RelabeledStore, RelabelSummary, relabel_files
+    from deberta_rad.data import AppendOnlyStore
+    from deberta_rad.relabel import RelabelSummary, relabel_files
     from deberta_rad.teachers import get_teacher, llm_options
     from deberta_rad.teachers.llm import LLMTeacherError
 
@@ -712,7 +832,7 @@ def relabel(
     if when_drift is not None and not json.loads(when_drift.read_text())["drift_detected"]:
         typer.echo(f"{when_drift}: no drift, nothing sent to the teacher")
         if summary_out:
-            unchanged = RelabelSummary(0, 0, 0, len(RelabeledStore(store).records()))
+            unchanged = RelabelSummary(0, 0, 0, len(AppendOnlyStore(store).records()))
             _write_json(summary_out, asdict(unchanged) | {"drift_detected": False})
         return
     cache = Path(config.pseudo_label.cache) if config.pseudo_label.cache else None
@@ -858,14 +978,14 @@ def evaluate_split(
     ] = Path("data/student_vs_teacher.md"),
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Label a split with the student and score it against the teacher (and ground truth if any); the
-    metrics go to DVC (the JSON and plots) and to the model's MLflow training run, the disagreements
+    """Label a split with the student and score it against the teacher (and ground truth and reviewed
+    gold if any); the metrics go to DVC (the JSON and plots) and to the model's MLflow training run, the disagreements
     with the teacher by phrase to a local file."""
     from deberta_rad.tracking import log_evaluation
 
     batch_size = load_params(params).evaluate.batch_size
     results = evaluate.evaluate_split(model, split_dir, plots_dir, batch_size, disagreements)
-    for reference in ("teacher", "gold"):
+    for reference in ("teacher", "gold", "reviewed"):
         if reference in results:
             source = results[reference]["source"]
             typer.echo(

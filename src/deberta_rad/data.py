@@ -9,10 +9,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from pydantic import BaseModel, ValidationError
 
 from deberta_rad.params import Fractions, SyntheticParams
 from deberta_rad.schema import LabelRecord, Report
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -270,12 +273,21 @@ def split_of(group_key: str, seed: int, fractions: Fractions) -> str:
     return SPLITS[-1]
 
 
-def split_reports(reports: Sequence[Report], seed: int, fractions: Fractions) -> dict[str, list[Report]]:
-    """Grouped split: by patient when the record names one, else by text (so identical texts stay together)."""
+def split_reports(
+    reports: Sequence[Report], seed: int, fractions: Fractions, to_test: Collection[str] = ()
+) -> dict[str, list[Report]]:
+    """Grouped split: by patient when the record names one, else by text (so identical texts stay together).
+    The groups of the reports in `to_test` (reviewed gold) go to the test split whole, so no report of
+    the same patient trains on them."""
+
+    def group_of(report: Report) -> str:
+        return f"patient:{report.patient_id}" if report.patient_id else f"text:{text_hash(report.text)}"
+
+    test_groups = {group_of(r) for r in reports if r.report_id in to_test}
     splits: dict[str, list[Report]] = {name: [] for name in SPLITS}
     for report in reports:
-        group = f"patient:{report.patient_id}" if report.patient_id else f"text:{text_hash(report.text)}"
-        splits[split_of(group, seed, fractions)].append(report)
+        group = group_of(report)
+        splits["test" if group in test_groups else split_of(group, seed, fractions)].append(report)
     return splits
 
 
@@ -315,18 +327,81 @@ def write_splits(
     out_dir: Path,
     seed: int,
     fractions: Fractions,
+    reviewed: Mapping[str, LabelRecord] | None = None,
+    reviewed_gold: Collection[str] = (),
 ) -> dict[str, int]:
-    """Write `<split>/reports.jsonl`, the teacher's `labels.jsonl` and any `gold.jsonl` per split."""
+    """Write `<split>/reports.jsonl`, the teacher's `labels.jsonl`, any `gold.jsonl` and any reviewed
+    labels (`reviewed.jsonl`) per split; the `reviewed_gold` reports go to the test split."""
     reports = read_reports(reports_path)
     teacher = {r.report_id: r for r in read_label_records(labels_path)}
     gold = {r.report_id: r for r in read_label_records(gold_path)} if gold_path else {}
+    reviewed = reviewed or {}
     unlabelled = [r.report_id for r in reports if r.report_id not in teacher]
     if unlabelled:
         raise InputError(f"{labels_path}: {len(unlabelled)} reports have no teacher label, e.g. {unlabelled[:5]}")
     counts = {}
-    for name, members in split_reports(reports, seed, fractions).items():
+    for name, members in split_reports(reports, seed, fractions, reviewed_gold).items():
         write_jsonl(out_dir / name / "reports.jsonl", members)
         write_jsonl(out_dir / name / "labels.jsonl", (teacher[r.report_id] for r in members))
         write_jsonl(out_dir / name / "gold.jsonl", (gold[r.report_id] for r in members if r.report_id in gold))
         counts[name] = len(members)
+        in_split = [reviewed[r.report_id] for r in members if r.report_id in reviewed]
+        if in_split:
+            write_jsonl(out_dir / name / "reviewed.jsonl", in_split)
+            counts[f"{name} reviewed"] = len(in_split)
+        else:
+            (out_dir / name / "reviewed.jsonl").unlink(missing_ok=True)
     return counts
+
+
+@dataclass
+class AppendOnlyStore:
+    """An append-only JSONL of reports with their labels: the relabel loop's pseudo-labels and the
+    reviewed labels. A crash leaves whole lines; a torn last line is cut off on the next read."""
+
+    path: Path
+
+    def records(self) -> list[dict]:
+        """Every whole line; a torn last line (a crash mid-write) is cut off the file."""
+        if not self.path.is_file():
+            return []
+        raw = self.path.read_bytes()
+        lines = raw.split(b"\n")
+        whole, rows = 0, []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                whole += len(line) + 1
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines):  # the last line, without its newline: torn by a crash
+                    logger.warning("%s: cutting off a torn last line", self.path)
+                    with self.path.open("r+b") as handle:
+                        handle.truncate(whole)
+                    break
+                raise InputError(f"{self.path}:{number}: not valid JSON") from None
+            whole += len(line) + 1
+        return rows
+
+    def append(self, pairs: Sequence[tuple[Report, LabelRecord]]) -> None:
+        """Write each report with its labels as one line."""
+        self.append_rows(
+            [
+                report.model_dump(exclude_none=True)
+                | {
+                    "labels": record.labels,
+                    "teacher": record.teacher.model_dump(exclude_none=True) if record.teacher else None,
+                }
+                for report, record in pairs
+            ]
+        )
+
+    def append_rows(self, rows: Sequence[dict]) -> None:
+        """Write each row as one line, then flush to disk."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())

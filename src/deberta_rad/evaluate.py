@@ -90,8 +90,9 @@ def format_disagreements(cells: Sequence[Mapping[str, Any]], max_ids: int = 3) -
 def evaluate_split(
     model_dir: Path, split_dir: Path, plots_dir: Path, batch_size: int = 64, disagreements_out: Path | None = None
 ) -> dict[str, Any]:
-    """The evaluate stage: label a split with the student and score it against the teacher's labels
-    and, where the sources carried it, ground truth. Writes DVC plots and, to ``disagreements_out``, the
+    """The evaluate stage: label a split with the student and score it against the teacher's labels,
+    ground truth where the sources carried it, and the reviewed gold (`reviewed.jsonl`) where a
+    radiologist reviewed reports of the split. Writes DVC plots and, to ``disagreements_out``, the
     cells where the student differs from the teacher by finding and phrase; returns the metrics."""
     from deberta_rad.data import labels_by_id, read_label_records, read_reports
     from deberta_rad.predict import load_engine
@@ -103,12 +104,11 @@ def evaluate_split(
     seconds = time.perf_counter() - started
     predictions = labels_by_id(records)
     results: dict[str, Any] = {"inference": {"reports": len(reports), "reports_per_s": len(reports) / seconds}}
-    for reference in ("labels", "gold"):
+    for reference, name in (("labels", "teacher"), ("gold", "gold"), ("reviewed", "reviewed")):
         path = split_dir / f"{reference}.jsonl"
         references = read_label_records(path) if path.is_file() else []
         if not references:
             continue
-        name = "teacher" if reference == "labels" else "gold"
         gold = labels_by_id(references)
         results[name] = {"source": label_source(references), **compute_metrics(predictions, gold)}
         if name == "teacher":

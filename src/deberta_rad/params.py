@@ -192,7 +192,7 @@ class TuneParams(Section):
 
 
 class PromoteParams(Section):
-    reference: Literal["auto", "gold", "teacher"] = "auto"
+    reference: Literal["auto", "reviewed", "gold", "teacher"] = "auto"
     max_finding_drop: Annotated[float, Field(ge=0, le=1)] = 0.05
 
 
@@ -234,6 +234,27 @@ class RelabelParams(Section):
     feed: str = "data/incoming/feed.jsonl"
 
 
+class ReviewWeights(Section):
+    """How much each reason to review counts in `review select` (each term is in units of the pool's largest)."""
+
+    uncertainty: Annotated[float, Field(ge=0)] = 1.0
+    disagreement: Annotated[float, Field(ge=0)] = 1.0
+    rarity: Annotated[float, Field(ge=0)] = 0.5
+
+
+class ReviewParams(Section):
+    """Radiologist review (review.py): what to select, where reviews are kept, and how they are used."""
+
+    store: str = "data/reviewed/labels.jsonl"
+    project: str = Field(default="deberta-rad review", min_length=1)
+    uncertainty: Literal["margin", "entropy"] = "margin"
+    weights: ReviewWeights = ReviewWeights()
+    max_similarity: Annotated[float, Field(gt=0, le=1)] = 0.8
+    gold_fraction: Annotated[float, Field(ge=0, le=1)] = 0.3
+    gold_seed: int = 13
+    repeat: Annotated[int, Field(ge=1)] = 2
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
@@ -250,6 +271,7 @@ class Params(Section):
     promote: PromoteParams = PromoteParams()
     monitoring: MonitoringParams = MonitoringParams()
     relabel: RelabelParams = RelabelParams()
+    review: ReviewParams = ReviewParams()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

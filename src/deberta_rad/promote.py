@@ -128,12 +128,15 @@ def comparability_problems(champion: ModelVersion, candidate: ModelVersion, refe
 
 
 def gate_reference(reference: str, champion: ModelVersion, candidate: ModelVersion) -> str:
-    """`auto`: ground truth when both versions were scored against it (sources that carry gold), else
-    the teacher labels; any other value is used as it is."""
+    """`auto`: the reviewed gold when both versions were scored against it (a radiologist's labels),
+    else ground truth when both were (sources that carry gold), else the teacher labels; any other
+    value is used as it is."""
     if reference != "auto":
         return reference
-    both_have_gold = all("eval.gold.macro_f1" in version.tags for version in (champion, candidate))
-    return "gold" if both_have_gold else "teacher"
+    for preferred in ("reviewed", "gold"):
+        if all(f"eval.{preferred}.macro_f1" in version.tags for version in (champion, candidate)):
+            return preferred
+    return "teacher"
 
 
 def promotion_gate(

@@ -10,14 +10,12 @@ nothing is written twice. Reports already in the corpus or the store, by id or b
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deberta_rad.data import InputError, read_label_records, read_reports, text_hash
+from deberta_rad.data import AppendOnlyStore, InputError, read_label_records, read_reports, text_hash
 from deberta_rad.monitor import mean_confidence
 from deberta_rad.schema import LabelRecord, Report
 
@@ -48,49 +46,6 @@ def select_reports(
 
 
 @dataclass
-class RelabeledStore:
-    """The append-only JSONL of relabeled reports and their teacher labels."""
-
-    path: Path
-
-    def records(self) -> list[dict]:
-        """Every whole line; a torn last line (a crash mid-write) is cut off the file."""
-        if not self.path.is_file():
-            return []
-        raw = self.path.read_bytes()
-        lines = raw.split(b"\n")
-        whole, rows = 0, []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                whole += len(line) + 1
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if number == len(lines):  # the last line, without its newline: torn by a crash
-                    logger.warning("%s: cutting off a torn last line", self.path)
-                    with self.path.open("r+b") as handle:
-                        handle.truncate(whole)
-                    break
-                raise InputError(f"{self.path}:{number}: not valid JSON") from None
-            whole += len(line) + 1
-        return rows
-
-    def append(self, pairs: Sequence[tuple[Report, LabelRecord]]) -> None:
-        """Write each report with its labels as one line, then flush to disk."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            for report, record in pairs:
-                row = report.model_dump(exclude_none=True) | {
-                    "labels": record.labels,
-                    "teacher": record.teacher.model_dump(exclude_none=True) if record.teacher else None,
-                }
-                handle.write(json.dumps(row) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-
-
-@dataclass
 class RelabelSummary:
     selected: int
     already_known: int
@@ -106,7 +61,7 @@ class RelabelSummary:
 
 def relabel(
     selection: Sequence[Report],
-    store: RelabeledStore,
+    store: AppendOnlyStore,
     labeler: Labeler,
     corpus: Sequence[Report] = (),
     chunk_size: int = 32,
@@ -156,4 +111,4 @@ def relabel_files(
         raise InputError(f"{reports_path}: no report from institution {institution!r}")
     corpus = read_reports(corpus_path) if corpus_path and corpus_path.is_file() else []
     selection = select_reports(reports, predictions, budget, institution)
-    return relabel(selection, RelabeledStore(store_path), labeler, corpus)
+    return relabel(selection, AppendOnlyStore(store_path), labeler, corpus)

@@ -135,6 +135,16 @@ def label_sentence_splits(
     if everything:
         records, usage = label_with_pipeline_teacher(list(everything.values()), params.pseudo_label)
     by_id = {record.report_id: without_no_finding(record) for record in records}
+    n_reviewed = 0
+    if unit == "sentence":
+        from deberta_rad.review import reviewed_sentence_examples
+
+        reviewed = reviewed_train_reports(splits_dir)
+        sentences_of = {r.report_id: [sentence_id(s) for s in report_sentences(r.text)] for r, _ in reviewed}
+        corrected, examples = reviewed_sentence_examples(reviewed, by_id, sentences_of)
+        by_id |= corrected | {record.report_id: record for _, record in examples}
+        splits["train"] += [report for report, _ in examples]
+        n_reviewed = len(corrected) + len(examples)
     for name, sentences in splits.items():
         write_jsonl(output_dir / name / "reports.jsonl", sentences)
         write_jsonl(output_dir / name / "labels.jsonl", [by_id[s.report_id] for s in sentences])
@@ -144,8 +154,20 @@ def label_sentence_splits(
         "synthetic": n_synthetic,
         "swaps": n_swaps,
         "val": len(splits["val"]),
+        "reviewed": n_reviewed,
         "usage": usage,
     }
+
+
+def reviewed_train_reports(splits_dir: Path) -> list[tuple[Report, LabelRecord]]:
+    """The train split's reports that a radiologist reviewed, with the reviewed labels (`split` wrote them)."""
+    from deberta_rad.review import read_reviewed
+
+    reviewed = {record.report_id: record for record in read_reviewed(splits_dir, "train")}
+    if not reviewed:
+        return []
+    train = read_reports(splits_dir / "train" / "reports.jsonl")
+    return [(report, reviewed[report.report_id]) for report in train if report.report_id in reviewed]
 
 
 def synthetic_sentences(config: SentencesParams, known: set[str], held_out: Sequence[Report]) -> list[Report]:

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     # None: 4096 on CPU (cache-sized batches ran fastest on 2 cores), 65536 on a GPU.
     engine_max_batch_tokens: int | None = Field(default=None, ge=1)
 
+    # Label Studio for radiologist review (`deberta-rad review push/pull`, README "Radiologist review"): where it runs
+    # and an API token of an account that may create projects (a personal access token or a legacy one).
+    label_studio_url: str = "http://127.0.0.1:8080"
+    label_studio_token: SecretStr | None = None
+
     # The label service (serving/): which model, who may call it, and how much one call may ask.
     serve_model: str = "models:/deberta-rad@champion"
     serve_api_key: SecretStr | None = None

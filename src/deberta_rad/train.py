@@ -8,12 +8,14 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
+from typing import Annotated
 
 import mlflow
 import numpy as np
 import torch
+from pydantic import Field
 from torch.utils.data import Dataset
 from transformers import (
     DataCollatorWithPadding,
@@ -31,6 +33,7 @@ from deberta_rad.metrics import compute_metrics
 from deberta_rad.model import Student, student_from_backbone
 from deberta_rad.params import ModelParams, Params, TrainParams
 from deberta_rad.pretrain import MARKER, adapted_location, resolve_max_length
+from deberta_rad.review import REVIEW_TEACHER, read_reviewed
 from deberta_rad.schema import FINDINGS, STATUS_INDEX, STATUSES, LabelRecord, Report
 from deberta_rad.sentences import aggregate_reports, distinct_sentences, report_sentences
 from deberta_rad.tracking import RUN_FILE, configure_mlflow, data_version_tags
@@ -42,7 +45,10 @@ DEEPSPEED_CONFIG = Path(__file__).with_name("deepspeed_zero2_bf16.json")
 
 
 class TrainConfig(ModelParams, TrainParams):
-    """The `model` and `train` sections of params.yaml in one place."""
+    """The `model` and `train` sections of params.yaml in one place, and how often a reviewed example
+    is shown (`review.repeat`)."""
+
+    review_repeat: Annotated[int, Field(ge=1)] = 1
 
     def deepspeed_config_path(self) -> str | None:
         """The DeepSpeed config for the Trainer on this machine, or None when DeepSpeed is off."""
@@ -51,7 +57,7 @@ class TrainConfig(ModelParams, TrainParams):
 
     @classmethod
     def from_params(cls, params: Params) -> TrainConfig:
-        return cls(**params.model.model_dump(), **params.train.model_dump())
+        return cls(**params.model.model_dump(), **params.train.model_dump(), review_repeat=params.review.repeat)
 
 
 class LabelledReports(Dataset):
@@ -302,6 +308,7 @@ def run_fingerprint(
     val_reports: Sequence[Report],
     labels: Mapping[str, Mapping[str, str]],
     encoder_dir: Path | None = None,
+    reviewed: Collection[str] = (),
 ) -> str:
     """A hash of everything that shapes a training run, so a checkpoint is resumed only by its own run
     (the knobs as resolved on this machine: `deepspeed: auto` means ZeRO-2 bf16 on a GPU, plain on a CPU;
@@ -309,6 +316,7 @@ def run_fingerprint(
     resolved = {**config.model_dump(), "deepspeed": config.deepspeed_config_path(), "cuda": torch.cuda.is_available()}
     if encoder_dir is not None:
         resolved["pretrained"] = (encoder_dir / MARKER).read_text()
+    resolved["reviewed"] = sorted(reviewed)
     digest = hashlib.sha256(json.dumps(resolved, sort_keys=True).encode())
     for report in [*train_reports, *val_reports]:
         digest.update(json.dumps([report.report_id, report.text, labels[report.report_id]], sort_keys=True).encode())
@@ -350,6 +358,7 @@ def train_student(
     resume: bool = True,
     encoder_dir: Path | None = None,
     val_whole_reports: Sequence[Report] = (),
+    reviewed: Collection[str] = (),
 ) -> tuple[Student, dict[str, float]]:
     """Train a student on teacher labels; returns the best-on-validation model and its scores.
 
@@ -357,13 +366,16 @@ def train_student(
     (labelled in ``labels`` too) are the reports that choose the best epoch. ``encoder_dir`` holds the
     pretrain stage's adapted encoder, to start from instead of the backbone's own weights. With
     ``resume``, an interrupted run of the same config and data continues from its last checkpoint in
-    ``work_dir``; checkpoints of any other run there are cleared first."""
+    ``work_dir``; checkpoints of any other run there are cleared first. The ``reviewed`` examples (whose
+    labels a radiologist gave) are shown at least ``config.review_repeat`` times per epoch."""
     torch.manual_seed(config.seed)
     encoder = str(encoder_dir) if encoder_dir else None
     student = student_from_backbone(config.backbone, 512, config.head_dropout, config.pooling, encoder, config.unit)
     config = with_resolved_max_length(config, train_reports, student)  # replaces the 512 placeholder
     train_set = build_dataset(train_reports, labels, student.tokenizer, config.max_length)
-    train_set = repeated(train_set, repeat_factors(train_set.targets, config.repeat_threshold, config.seed))
+    factors = repeat_factors(train_set.targets, config.repeat_threshold, config.seed)
+    is_reviewed = np.array([r.report_id in reviewed for r in train_reports], dtype=bool)
+    train_set = repeated(train_set, np.where(is_reviewed, np.maximum(factors, config.review_repeat), factors))
     logger.info(
         "training on %d %ss, %d examples per epoch after repeats", len(train_reports), config.unit, len(train_set)
     )
@@ -380,7 +392,9 @@ def train_student(
         compute_metrics=report_validation(student, val_whole_reports, labels) if by_report else validation_metrics,
         callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)],
     )
-    fingerprint = run_fingerprint(config, [*train_reports, *val_whole_reports], val_reports, labels, encoder_dir)
+    fingerprint = run_fingerprint(
+        config, [*train_reports, *val_whole_reports], val_reports, labels, encoder_dir, reviewed
+    )
     checkpoint = checkpoint_to_resume(trainer, work_dir, fingerprint, resume)
     if checkpoint:
         logger.warning("resuming the interrupted training from %s", checkpoint)
@@ -396,6 +410,15 @@ def train_student(
 def read_split(splits_dir: Path, name: str) -> tuple[list[Report], list[LabelRecord]]:
     """The reports and teacher labels of one split written by the `split` stage."""
     return read_reports(splits_dir / name / "reports.jsonl"), read_label_records(splits_dir / name / "labels.jsonl")
+
+
+def reviewed_example_ids(config: TrainConfig, splits_dir: Path, sentences_dir: Path | None) -> set[str]:
+    """The training examples whose labels come from a review: the reviewed train reports, or for a
+    sentence-level student the sentences and reports the `sentences` stage labelled from reviews."""
+    if config.unit == "report" or sentences_dir is None:
+        return {record.report_id for record in read_reviewed(splits_dir, "train")}
+    records = read_label_records(sentences_dir / "train" / "labels.jsonl")
+    return {r.report_id for r in records if r.teacher is not None and r.teacher.name == REVIEW_TEACHER.name}
 
 
 def read_augmented(
@@ -466,13 +489,15 @@ def train_from_splits(
     train_reports, train_labels = read_split(splits_dir, "train")
     augmented_reports, augmented_labels = read_augmented(augmented_dir, train_reports)
     val_reports, val_labels = read_split(splits_dir, "val")
-    labels = labels_by_id([*train_labels, *augmented_labels, *val_labels])
+    reviewed = [*read_reviewed(splits_dir, "train"), *read_reviewed(splits_dir, "val")]
+    labels = labels_by_id([*train_labels, *augmented_labels, *val_labels, *reviewed])  # reviews replace the teacher's
     n_train = len(train_reports)
     train_reports = [*train_reports, *augmented_reports]
     teacher = train_labels[0].teacher if train_labels and train_labels[0].teacher else None
     train_reports, val_reports, labels, val_whole_reports = training_examples(
         config, train_reports, val_reports, labels, sentences_dir
     )
+    reviewed_examples = reviewed_example_ids(config, splits_dir, sentences_dir)
     if int(os.environ.get("RANK", "0")) != 0:
         # Another process under the `deepspeed` launcher (it sets RANK for each one): it trains alongside
         # rank 0 and joins its collectives, but only rank 0 records the MLflow run and writes the model.
@@ -485,6 +510,7 @@ def train_from_splits(
             resume=resume,
             encoder_dir=encoder_dir,
             val_whole_reports=val_whole_reports,
+            reviewed=reviewed_examples,
         )
         return scores
     configure_mlflow()
@@ -497,10 +523,21 @@ def train_from_splits(
                 "n_train_augmented": len(augmented_reports),
                 "n_val": len(val_whole_reports or val_reports),
                 "n_train_examples": len(train_reports),
+                "n_reviewed": len(reviewed),
+                "n_reviewed_examples": len(reviewed_examples),
             }
         )
         student, scores = train_student(
-            train_reports, val_reports, labels, config, work_dir, ("mlflow",), resume, encoder_dir, val_whole_reports
+            train_reports,
+            val_reports,
+            labels,
+            config,
+            work_dir,
+            ("mlflow",),
+            resume,
+            encoder_dir,
+            val_whole_reports,
+            reviewed_examples,
         )
         mlflow.log_params({"resolved.max_length": student.max_length, "resolved.pretrained": encoder_dir is not None})
         student.save(output)

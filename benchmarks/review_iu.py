@@ -1,0 +1,186 @@
+"""Does radiologist review pay, and does choosing what to review beat chance? Simulated on IU X-ray.
+
+    python benchmarks/review_iu.py [--budgets 100 200 400] [--epochs 2] [--json OUT] [--work DIR]
+
+The pool is the development half of IU dev (DESIGN.md section 6), labelled by the rule teacher; the
+locked half is only scored (no strategy picks from it). A student is trained on the pool's teacher
+labels (no review), and that student ranks the pool for `review select`'s strategy (params `review`).
+For each budget K, K reports chosen by the strategy and K chosen at random go to a simulated reviewer
+who knows the human MeSH codes (presence only): a finding the codes mark present and the teacher did
+not call present becomes present, one the teacher called present and the codes do not becomes absent,
+every other status stays the teacher's, and No Finding follows the convention. A student is then
+trained with those reviewed labels through the pipeline's own `sentences` and `train` steps (reviewed
+labels replace the teacher's, shown `review.repeat` times), and each student is scored on the locked
+half: presence macro F1 against the MeSH codes. Prints counts and scores only, never report text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from teachers_iu import DEFAULT_DATA, iu_subsets
+
+from deberta_rad.data import labels_by_id, merge_sources, split_reports, write_jsonl
+from deberta_rad.gold import iu_presence_gold
+from deberta_rad.metrics import presence_metrics
+from deberta_rad.params import Fractions, Params, load_params
+from deberta_rad.predict import predict_reports
+from deberta_rad.review import REVIEW_TEACHER, select_for_review
+from deberta_rad.schema import FINDINGS, LabelRecord, Report, apply_no_finding_rule
+from deberta_rad.teachers import get_teacher
+
+PresenceGold = dict[str, dict[str, bool]]
+
+
+def simulated_review(teacher: LabelRecord, gold: dict[str, bool]) -> tuple[LabelRecord, int]:
+    """The teacher's labels with presence corrected by the MeSH codes; returns them and the number of
+    findings corrected."""
+    labels = dict(teacher.labels)
+    corrected = 0
+    for finding in FINDINGS:
+        if finding == "No Finding":
+            continue
+        if gold[finding] and labels[finding] != "present":
+            labels[finding], corrected = "present", corrected + 1
+        elif not gold[finding] and labels[finding] == "present":
+            labels[finding], corrected = "absent", corrected + 1
+    return LabelRecord(
+        report_id=teacher.report_id, labels=apply_no_finding_rule(labels), teacher=REVIEW_TEACHER
+    ), corrected
+
+
+def write_pool_splits(
+    folder: Path, splits: dict[str, list[Report]], teacher: dict[str, LabelRecord], reviewed: dict[str, LabelRecord]
+) -> None:
+    """What the `split` stage writes: train and val of the pool, the locked half as test."""
+    for name, members in splits.items():
+        write_jsonl(folder / name / "reports.jsonl", members)
+        write_jsonl(folder / name / "labels.jsonl", [teacher[r.report_id] for r in members])
+        in_split = [reviewed[r.report_id] for r in members if r.report_id in reviewed]
+        if in_split:
+            write_jsonl(folder / name / "reviewed.jsonl", in_split)
+
+
+def train_and_score(
+    name: str,
+    work: Path,
+    splits: dict[str, list[Report]],
+    teacher: dict[str, LabelRecord],
+    reviewed: dict[str, LabelRecord],
+    params: Params,
+    locked: list[Report],
+    gold: PresenceGold,
+) -> tuple[Path, float, float]:
+    """Run the `sentences` and `train` steps on the pool with these reviews; the student's locked-half
+    presence macro F1 and the training minutes."""
+    from deberta_rad.sentences import label_sentence_splits
+    from deberta_rad.train import train_from_splits
+
+    folder = work / name
+    write_pool_splits(folder / "splits", splits, teacher, reviewed)
+    started = time.perf_counter()
+    label_sentence_splits(folder / "splits", None, folder / "sentences", params)
+    train_from_splits(
+        folder / "splits", folder / "model", params, folder / "checkpoints", False, None, None, folder / "sentences"
+    )
+    minutes = (time.perf_counter() - started) / 60
+    predictions, _ = predict_reports(str(folder / "model"), locked)
+    score = presence_metrics(labels_by_id(predictions), {r.report_id: gold[r.report_id] for r in locked})["macro_f1"]
+    print(f"{name}: locked-half presence macro F1 {score:.3f} (trained in {minutes:.1f} min)", flush=True)
+    return folder / "model", score, minutes
+
+
+def pool_splits(pool: list[Report], seed: int) -> dict[str, list[Report]]:
+    """Train and val of the pool, grouped by text as the split stage does (its test share joins train)."""
+    parts = split_reports(pool, seed, Fractions(train=0.8, val=0.15, test=0.05))
+    return {"train": parts["train"] + parts["test"], "val": parts["val"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="IU X-ray dev.jsonl (MeSH codes)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[100, 200, 400])
+    parser.add_argument("--epochs", type=int, default=2, help="train.epochs for every student (params: 4)")
+    parser.add_argument("--seed", type=int, default=13, help="the random strategy's draw")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--work", type=Path, default=None, help="keep the students here (default: a temp folder)")
+    parser.add_argument("--json", type=Path, default=None, help="write the table as JSON here")
+    args = parser.parse_args()
+    if not args.data.is_file():
+        raise SystemExit(f"IU data not found at {args.data} (expected ../shared/data beside the repo)")
+    work = args.work or Path(tempfile.mkdtemp(prefix="review-iu-"))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.resolve()}/mlflow.db")
+
+    base = load_params(args.params)
+    params = base.model_copy(update={"train": base.train.model_copy(update={"epochs": args.epochs})})
+    gold = iu_presence_gold(args.data)
+    subsets, _ = iu_subsets(args.data, gold)
+    pool = merge_sources([("development", subsets["development"])]).reports
+    locked = subsets["locked"]
+    teacher = {r.report_id: r for r in get_teacher("rules").label([*pool, *locked])}
+    splits = pool_splits(pool, params.split.seed) | {"test": locked}
+    print(
+        f"pool: {len(pool)} distinct development-half reports "
+        f"({len(splits['train'])} train, {len(splits['val'])} val); "
+        f"scored: {len(locked)} locked-half reports; {args.epochs} epochs per student",
+        flush=True,
+    )
+
+    results: list[dict[str, Any]] = []
+    model, score, minutes = train_and_score("none", work, splits, teacher, {}, params, locked, gold)
+    results.append(
+        {"strategy": "no review", "k": 0, "corrected_reports": 0, "corrected_cells": 0, "f1": score, "minutes": minutes}
+    )
+    predictions, _ = predict_reports(str(model), pool)
+    teacher_labels = labels_by_id(teacher.values())
+    for k in args.budgets:
+        chosen = {
+            "selected": [
+                c.report for c in select_for_review(pool, predictions, teacher_labels, [], k, params.review).chosen
+            ],
+            "random": random.Random(args.seed + k).sample(pool, k),
+        }
+        for strategy, reports in chosen.items():
+            reviews = {r.report_id: simulated_review(teacher[r.report_id], gold[r.report_id]) for r in reports}
+            reviewed = {rid: record for rid, (record, _) in reviews.items()}
+            cells = sum(n for _, n in reviews.values())
+            _, score, minutes = train_and_score(
+                f"{strategy}-{k}", work, splits, teacher, reviewed, params, locked, gold
+            )
+            results.append(
+                {
+                    "strategy": strategy,
+                    "k": k,
+                    "corrected_reports": sum(n > 0 for _, n in reviews.values()),
+                    "corrected_cells": cells,
+                    "f1": score,
+                    "minutes": minutes,
+                }
+            )
+    print(format_table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"epochs": args.epochs, "results": results}, indent=2))
+        print(f"wrote {args.json}")
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| review | K | reports corrected | findings corrected | locked-half presence macro F1 | train min |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in results:
+        counts = f"{row['k']} | {row['corrected_reports']} | {row['corrected_cells']}"
+        lines.append(f"| {row['strategy']} | {counts} | {row['f1']:.3f} | {row['minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

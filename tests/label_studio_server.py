@@ -1,0 +1,229 @@
+"""A real Label Studio for the review tests, from `make review-tools` (its own virtual environment under
+.cache): a fresh SQLite data folder per server, an admin account created at first start, and accounts
+made the way people get them: a reviewer signs up through the organization's invite link, and everyone
+creates a personal access token in the web app (the calls its Account & Settings page makes)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import REPO, free_port, stop_server, wait_for_http
+
+from deberta_rad.label_studio import annotation_labels
+
+LABEL_STUDIO = REPO / ".cache/label-studio/bin/label-studio"
+ADMIN_EMAIL = "admin@example.org"
+ADMIN_PASSWORD = "admin-Passw0rd-for-tests"
+# The admin's legacy token (LABEL_STUDIO_USER_TOKEN); Label Studio refuses it until the organization
+# enables legacy tokens (POST /api/jwt/settings).
+ADMIN_LEGACY_TOKEN = "legacy0admin0token0for0tests0000000000"
+
+
+@dataclass
+class Account:
+    """A user of the server and the personal access token it made for itself."""
+
+    email: str
+    password: str
+    token: str
+    user_id: int
+
+
+@dataclass
+class LabelStudioServer:
+    """Where the server listens, its admin (whose token creates projects) and its files."""
+
+    url: str
+    admin: Account
+    legacy_token: str
+    data_dir: Path
+    log: Path
+    startup_s: float
+
+    @property
+    def token(self) -> str:
+        return self.admin.token
+
+    @property
+    def admin_user_id(self) -> int:
+        return self.admin.user_id
+
+
+def server_env(data_dir: Path) -> dict[str, str]:
+    """The environment of `label-studio start`: this data folder only, the admin account, sign-up only
+    through an invite link, nothing sent to Sentry or analytics, no version check against PyPI. Label
+    Studio also reads unprefixed HOST, PORT, DEBUG, USERNAME, PASSWORD...: the prefixed ones set here win."""
+    return {
+        **os.environ,
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+        "LABEL_STUDIO_DJANGO_DB": "sqlite",
+        "LABEL_STUDIO_HOST": "",
+        "LABEL_STUDIO_DEBUG": "false",
+        "LABEL_STUDIO_USERNAME": ADMIN_EMAIL,
+        "LABEL_STUDIO_PASSWORD": ADMIN_PASSWORD,
+        "LABEL_STUDIO_USER_TOKEN": ADMIN_LEGACY_TOKEN,
+        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+        "LABEL_STUDIO_SENTRY_DSN": "",
+        "LABEL_STUDIO_FRONTEND_SENTRY_DSN": "",
+        "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
+        "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
+    }
+
+
+@contextmanager
+def label_studio_server(tmp_dir: Path, timeout_s: float = 180) -> Iterator[LabelStudioServer]:
+    """`label-studio start` on a free loopback port with a fresh data folder under ``tmp_dir`` (the first
+    start migrates the SQLite database: about a minute on 2 busy cores); stopped with its process group."""
+    if not LABEL_STUDIO.exists():
+        pytest.skip("Label Studio is not installed: run `make review-tools` (make test does)")
+    port = free_port()
+    data_dir = tmp_dir / "label-studio-data"
+    log = tmp_dir / "label-studio.log"
+    command = [str(LABEL_STUDIO), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)]
+    started = time.monotonic()
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            command, env=server_env(data_dir), cwd=tmp_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/health", server, log, timeout_s)
+        startup_s = time.monotonic() - started
+        admin = account(url, ADMIN_EMAIL, ADMIN_PASSWORD, logged_in(url, ADMIN_EMAIL, ADMIN_PASSWORD))
+        yield LabelStudioServer(url, admin, ADMIN_LEGACY_TOKEN, data_dir, log, startup_s)
+    finally:
+        stop_server(server)
+
+
+def add_reviewer(server: LabelStudioServer, email: str, password: str = "reviewer-Passw0rd") -> Account:
+    """A second account in the admin's organization, as a radiologist gets one: the admin's invite link
+    (GET /api/invite), the sign-up form, then a personal access token from the signed-in session."""
+    invite = requests.get(f"{server.url}/api/invite", headers=bearer(server.url, server.token), timeout=30)
+    invite.raise_for_status()
+    session = requests.Session()
+    signup = server.url + invite.json()["invite_url"]
+    session.get(signup, timeout=30).raise_for_status()
+    answer = session.post(signup, data=form(session, email=email, password=password), allow_redirects=False, timeout=30)
+    assert answer.status_code == 302, f"sign-up of {email} answered {answer.status_code}"
+    return account(server.url, email, password, session)
+
+
+def logged_in(url: str, email: str, password: str) -> requests.Session:
+    """A browser-like session signed in through the login form."""
+    session = requests.Session()
+    session.get(f"{url}/user/login/", timeout=30).raise_for_status()
+    answer = session.post(
+        f"{url}/user/login/", data=form(session, email=email, password=password), allow_redirects=False, timeout=30
+    )
+    assert answer.status_code == 302, f"login of {email} answered {answer.status_code}"
+    return session
+
+
+def account(url: str, email: str, password: str, session: requests.Session) -> Account:
+    """The signed-in user's id and a new personal access token (POST /api/token/, as Account & Settings
+    does; Label Studio allows one unrevoked token per user)."""
+    csrf = {"X-CSRFToken": session.cookies["csrftoken"], "Referer": url}
+    created = session.post(f"{url}/api/token/", json={}, headers=csrf, timeout=30)
+    assert created.status_code == 201, f"token for {email}: {created.status_code} {created.text[:200]}"
+    whoami = session.get(f"{url}/api/current-user/whoami", timeout=30)
+    whoami.raise_for_status()
+    return Account(email, password, created.json()["token"], int(whoami.json()["id"]))
+
+
+def form(session: requests.Session, **fields: str) -> dict[str, str]:
+    """Form fields with the CSRF token Django set in the session's cookie."""
+    return {**fields, "csrfmiddlewaretoken": session.cookies["csrftoken"]}
+
+
+def bearer(url: str, personal_token: str) -> dict[str, str]:
+    """Authorization for a raw call: the access token a personal access token is exchanged for."""
+    answer = requests.post(f"{url}/api/token/refresh/", json={"refresh": personal_token}, timeout=30)
+    answer.raise_for_status()
+    return {"Authorization": f"Bearer {answer.json()['access']}"}
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def task_opened(server: LabelStudioServer, reviewer: Account, task_id: int) -> dict:
+    """The task as the editor loads it when a reviewer opens it in the data manager (every prediction)."""
+    answer = requests.get(f"{server.url}/api/tasks/{task_id}/", headers=bearer(server.url, reviewer.token), timeout=30)
+    answer.raise_for_status()
+    return answer.json()
+
+
+def next_task(server: LabelStudioServer, reviewer: Account, project_id: int) -> dict:
+    """The task "Label All Tasks" gives the reviewer next (predictions of the project's model version)."""
+    answer = requests.get(
+        f"{server.url}/api/projects/{project_id}/next/", headers=bearer(server.url, reviewer.token), timeout=30
+    )
+    answer.raise_for_status()
+    return answer.json()
+
+
+def submit(server: LabelStudioServer, reviewer: Account, task_id: int, corrections: dict[str, str]) -> dict:
+    """What the labeling editor POSTs when a reviewer submits: the pre-filled prediction's result with
+    region ids and origins ("prediction", or "prediction-changed" where corrected), lead time, start
+    time, the prediction it started from."""
+    task = task_opened(server, reviewer, task_id)
+    (prediction,) = task["predictions"]
+    result = []
+    for i, item in enumerate(prediction["result"]):
+        finding = annotation_labels([item]).popitem()[0]
+        changed = finding in corrections
+        value = {"choices": [corrections[finding]]} if changed else item["value"]
+        origin = "prediction-changed" if changed else "prediction"
+        result.append(item | {"id": f"t{task_id}r{i:02d}", "value": value, "origin": origin})
+    body = {
+        "lead_time": 42.5,
+        "result": result,
+        "draft_id": 0,
+        "parent_prediction": prediction["id"],
+        "parent_annotation": None,
+        "started_at": now(),
+    }
+    answer = requests.post(
+        f"{server.url}/api/tasks/{task_id}/annotations/",
+        params={"project": task["project"]},
+        json=body,
+        headers=bearer(server.url, reviewer.token),
+        timeout=30,
+    )
+    assert answer.status_code == 201, answer.text[:500]
+    return answer.json()
+
+
+def skip(server: LabelStudioServer, reviewer: Account, task_id: int) -> dict:
+    """The editor's Skip: the same body as a submit (with whatever is pre-filled) and was_cancelled."""
+    task = task_opened(server, reviewer, task_id)
+    (prediction,) = task["predictions"]
+    result = [
+        item | {"id": f"t{task_id}r{i:02d}", "origin": "prediction"} for i, item in enumerate(prediction["result"])
+    ]
+    body = {
+        "lead_time": 3.0,
+        "result": result,
+        "draft_id": 0,
+        "parent_prediction": prediction["id"],
+        "parent_annotation": None,
+        "started_at": now(),
+        "was_cancelled": True,
+    }
+    answer = requests.post(
+        f"{server.url}/api/tasks/{task_id}/annotations/",
+        json=body,
+        headers=bearer(server.url, reviewer.token),
+        timeout=30,
+    )
+    assert answer.status_code == 201, answer.text[:500]
+    return answer.json()
