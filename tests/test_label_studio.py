@@ -15,7 +15,7 @@ import requests
 from conftest import free_port
 from label_studio_server import Account, LabelStudioServer, add_reviewer, bearer, next_task, skip, submit, task_opened
 
-from deberta_rad.data import AppendOnlyStore
+from deberta_rad.data import AppendOnlyStore, InputError
 from deberta_rad.label_studio import (
     FROM_NAMES,
     LabelStudioClient,
@@ -300,6 +300,9 @@ def test_pull_settles_each_task_checks_it_and_appends_only_what_is_new(
     )
     again = pull_reviews(admin, server.url, "Review round", store)
     assert (again.appended, again.already_stored, len(again.refused)) == (0, 1, 1)
+    with pytest.raises(InputError, match="no Label Studio project named 'Review rounds'"):
+        pull_reviews(admin, server.url, "Review rounds", store)
+    assert admin.find_project("Review rounds") is None, "a pull creates nothing"
 
 
 @pytest.mark.slow

@@ -47,7 +47,10 @@ BAD_VALUES = [
     ({"tune": {"learning_rate": {"low": 0.0, "high": 0.1, "log": True}}}, "a log-scale range needs low > 0"),
     ({"monitoring": {"window": "fortnight"}}, "monitoring.window: must be a pandas frequency such as D, W or M"),
     ({"monitoring": {"p_value": 0}}, "monitoring.p_value: Input should be greater than 0, not 0"),
-    ({"promote": {"reference": "llm"}}, "promote.reference: Input should be 'auto', 'reviewed', 'gold' or 'teacher', not 'llm'"),
+    (
+        {"promote": {"reference": "llm"}},
+        "promote.reference: Input should be 'auto', 'reviewed', 'gold' or 'teacher', not 'llm'",
+    ),
     ({"relabel": {"budget": 0}}, "relabel.budget: Input should be greater than or equal to 1, not 0"),
     ({"ingest": {"sources": []}}, "ingest.sources: List should have at least 1 item"),
     ({"ingest": {"synthetic": {"styles": ["terse"]}}}, "ingest.synthetic.styles"),

@@ -22,8 +22,9 @@ from deberta_rad.review import (
     normalised_no_finding,
     pair_rarity,
     read_selection,
+    review_rows,
     reviewed_for_split,
-    reviewed_labels,
+    reviewed_records,
     reviewed_sentence_examples,
     reviewer_pseudonym,
     score_candidates,
@@ -153,8 +154,50 @@ def test_the_store_appends_only_what_is_new_and_the_latest_review_wins(tmp_path:
     edited = store_row("b", labels(Edema="absent"), 2, "t2")
     append_new_reviews(store, [edited], result)
     assert len(store.records()) == 3
-    assert reviewed_labels(store.path)["b"].labels["Edema"] == "absent"
-    assert reviewed_labels(store.path)["b"].teacher == REVIEW_TEACHER
+    latest = reviewed_records(store.path)["b"]
+    assert latest["labels"]["Edema"] == "absent" and latest["teacher"] == REVIEW_TEACHER.model_dump(exclude_none=True)
+
+
+def test_a_bad_store_line_is_named_by_number_without_its_text(tmp_path: Path) -> None:
+    store = AppendOnlyStore(tmp_path / "labels.jsonl")
+    store.append_rows([store_row("a", NORMAL, 1, "t1"), {"report_id": "b", "text": "secret words of b"}])
+    with pytest.raises(InputError, match=r"labels.jsonl: record 2: labels: Field required") as refused:
+        reviewed_records(store.path)
+    assert "secret" not in str(refused.value)
+    store.path.write_text(store.path.read_text().splitlines()[0] + '\n{"report_id": "c", "te')  # torn by a crash
+    assert list(reviewed_records(store.path)) == ["a"]
+    assert store.path.read_text().endswith('"te'), "a reader leaves the store (a DVC dependency) as it is"
+
+
+def task_with(*results: list[dict], ground_truth: int | None = None) -> dict:
+    annotations = [
+        {"id": i, "result": result, "completed_by": i, "ground_truth": i == ground_truth, "updated_at": f"t{i}"}
+        for i, result in enumerate(results)
+    ]
+    return {"id": 5, "data": {"report_id": "r5", "text": "Some report."}, "annotations": annotations}
+
+
+def test_pull_settles_agreement_and_ground_truth_and_refuses_what_it_cannot_read() -> None:
+    from deberta_rad.label_studio import prediction_result
+
+    edema = prediction_result(labels(Edema="present"))
+    normal = prediction_result(NORMAL)
+    broken = [{**edema[0], "value": {"choices": []}}]
+    cases = {
+        "agreed": task_with(edema, edema),
+        "ground truth": task_with(edema, normal, ground_truth=1),
+        "disagree": task_with(edema, normal),
+        "unreadable": task_with(edema, broken),
+    }
+    settled = {}
+    for name, task in cases.items():
+        result = PullResult()
+        rows = review_rows([task], "http://ls", 1, result)
+        settled[name] = (rows[0]["settled_by"], rows[0]["labels"]) if rows else result.refused
+    assert settled["agreed"] == ("agreed", labels(Edema="present"))
+    assert settled["ground truth"] == ("ground truth", NORMAL)
+    assert "2 annotations disagree" in settled["disagree"][0]
+    assert settled["unreadable"][0].startswith("task 5 (report 'r5'): an annotation cannot be read")
 
 
 def test_gold_is_a_stable_share_of_the_reviewed_ids() -> None:

@@ -213,7 +213,14 @@ def review_select(
     rare findings; params `review`), keep near-duplicate texts apart, skip reports already reviewed, and
     write the best `budget`; the choice (ids and scores) is logged to MLflow."""
     from deberta_rad.predict import predict_reports
-    from deberta_rad.review import log_selection, reviewed_reports, select_for_review, selection_table, write_selection
+    from deberta_rad.review import (
+        log_selection,
+        open_for_review,
+        reviewed_reports,
+        select_for_review,
+        selection_table,
+        write_selection,
+    )
 
     config = load_params(params).review
     pool = data.read_reports(reports)
@@ -224,10 +231,12 @@ def review_select(
     teacher = data.labels_by_id(data.read_label_records(teacher_labels)) if teacher_labels else {}
     store = Path(config.store)
     done = reviewed_reports(store) if store.is_file() else []
-    predictions, _ = predict_reports(model, pool)
+    predictions, _ = predict_reports(model, open_for_review(pool, done))
+    # The version a URI resolved to (models:/deberta-rad@champion moves): Label Studio's model version.
+    version = next((p.teacher.model for p in predictions if p.teacher and p.teacher.model), model)
     selection = select_for_review(pool, predictions, teacher, done, budget, config)
-    write_selection(output, selection, model)
-    run_id = log_selection(selection, model, reports, budget, config)
+    write_selection(output, selection, version)
+    run_id = log_selection(selection, version, reports, budget, config)
     typer.echo(selection_table(selection.chosen))
     typer.echo(
         f"selected {len(selection.chosen)} of {selection.pool} reports into {output} (MLflow run {run_id}); "

@@ -70,7 +70,7 @@ def json_lines(path: Path) -> Iterator[tuple[int, dict]]:
         yield number, record
 
 
-def _validated(model: type[BaseModel], data: dict, where: str) -> BaseModel:
+def validated(model: type[BaseModel], data: dict, where: str) -> BaseModel:
     """Validate one record; pydantic's message is reduced to field names so no text leaks into logs."""
     try:
         return model.model_validate(data)
@@ -80,7 +80,7 @@ def _validated(model: type[BaseModel], data: dict, where: str) -> BaseModel:
 
 
 def _checked_report(data: dict, where: str) -> Report:
-    report = _validated(Report, data, where)
+    report = validated(Report, data, where)
     for name, value in report.model_dump(exclude_none=True).items():
         try:
             value.encode("utf-8")
@@ -188,7 +188,7 @@ def read_label_records(path: str | Path, unique: bool = True) -> list[LabelRecor
     path = Path(path)
     records, seen = [], set()
     for number, data in json_lines(path):
-        record = _validated(LabelRecord, data, f"{path}:{number}")
+        record = validated(LabelRecord, data, f"{path}:{number}")
         if unique and record.report_id in seen:
             raise InputError(f"{path}:{number}: report {record.report_id!r} is labelled twice")
         seen.add(record.report_id)
@@ -361,8 +361,9 @@ class AppendOnlyStore:
 
     path: Path
 
-    def records(self) -> list[dict]:
-        """Every whole line; a torn last line (a crash mid-write) is cut off the file."""
+    def records(self, cut_torn: bool = True) -> list[dict]:
+        """Every whole line; a torn last line (a crash mid-write) is cut off the file, or only skipped
+        with ``cut_torn`` off (readers that must not change a DVC stage's dependency)."""
         if not self.path.is_file():
             return []
         raw = self.path.read_bytes()
@@ -376,9 +377,10 @@ class AppendOnlyStore:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 if number == len(lines):  # the last line, without its newline: torn by a crash
-                    logger.warning("%s: cutting off a torn last line", self.path)
-                    with self.path.open("r+b") as handle:
-                        handle.truncate(whole)
+                    logger.warning("%s: %s a torn last line", self.path, "cutting off" if cut_torn else "skipping")
+                    if cut_torn:
+                        with self.path.open("r+b") as handle:
+                            handle.truncate(whole)
                     break
                 raise InputError(f"{self.path}:{number}: not valid JSON") from None
             whole += len(line) + 1

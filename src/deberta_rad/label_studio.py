@@ -150,14 +150,19 @@ class LabelStudioClient:
 
     # -- projects --------------------------------------------------------------------------------------
 
+    def find_project(self, title: str) -> int | None:
+        """The oldest project with exactly this title (Label Studio's title filter matches substrings and
+        titles are unique only per creator), or None; changes nothing."""
+        found = [p for p in self._pages("/api/projects/", {"title": title}, "results") if p.get("title") == title]
+        return int(min(p["id"] for p in found)) if found else None
+
     def ensure_project(self, title: str) -> tuple[int, bool]:
         """(project id, created): the oldest project with exactly this title, its labeling interface
         brought up to date when it differs, or a new project."""
-        found = [p for p in self._pages("/api/projects/", {"title": title}, "results") if p.get("title") == title]
-        if not found:
+        project_id = self.find_project(title)
+        if project_id is None:
             body = {"title": title, "label_config": labeling_config(), "description": PROJECT_DESCRIPTION}
             return int(self._json("POST", "/api/projects/", body=body)["id"]), True
-        project_id = int(min(p["id"] for p in found))
         current = self._json("GET", f"/api/projects/{project_id}/").get("label_config")
         if (current or "").strip() != labeling_config().strip():
             self._json("PATCH", f"/api/projects/{project_id}/", body={"label_config": labeling_config()})
@@ -359,6 +364,8 @@ def _scrub(detail: str, texts: Iterable[str]) -> str:
     as Python's repr writes it; then shortened."""
     pieces = {piece.strip() for text in texts for piece in (text, *text.splitlines()) if len(piece.strip()) >= 8}
     for piece in sorted(pieces, key=len, reverse=True):
-        for form in {piece, json.dumps(piece)[1:-1], repr(piece)[1:-1], json.dumps(repr(piece)[1:-1])[1:-1]}:
+        quoted = [json.dumps(piece, ensure_ascii=ascii_only)[1:-1] for ascii_only in (True, False)]
+        echoed = [json.dumps(repr(piece)[1:-1], ensure_ascii=ascii_only)[1:-1] for ascii_only in (True, False)]
+        for form in {piece, repr(piece)[1:-1], *quoted, *echoed}:
             detail = detail.replace(form, "<report text>")
     return detail if len(detail) <= MAX_DETAIL_CHARS else detail[:MAX_DETAIL_CHARS] + "…"

@@ -10,7 +10,6 @@ nothing is written twice. Reports already in the corpus or the store, by id or b
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,6 @@ from pathlib import Path
 from deberta_rad.data import AppendOnlyStore, InputError, read_label_records, read_reports, text_hash
 from deberta_rad.monitor import mean_confidence
 from deberta_rad.schema import LabelRecord, Report
-
-logger = logging.getLogger(__name__)
 
 Labeler = Callable[[Sequence[Report]], list[LabelRecord]]
 

@@ -29,6 +29,7 @@ from deberta_rad.data import (
     normalise_text,
     read_label_records,
     text_hash,
+    validated,
     write_atomically,
 )
 from deberta_rad.gold import STATUS_RANK
@@ -191,6 +192,14 @@ def diverse_top(candidates: Sequence[Candidate], budget: int, max_similarity: fl
     return chosen, skipped
 
 
+def open_for_review(reports: Sequence[Report], reviewed: Iterable[Report]) -> list[Report]:
+    """The reports no one has reviewed yet, by id or by text."""
+    reviewed = list(reviewed)
+    done_ids = {r.report_id for r in reviewed}
+    done_texts = {text_hash(r.text) for r in reviewed}
+    return [r for r in reports if r.report_id not in done_ids and text_hash(r.text) not in done_texts]
+
+
 def select_for_review(
     reports: Sequence[Report],
     predictions: Sequence[LabelRecord],
@@ -199,16 +208,13 @@ def select_for_review(
     budget: int,
     config: ReviewParams,
 ) -> Selection:
-    """The `budget` reports a review would teach most, never one already reviewed (by id or by text)."""
-    done_ids, done_texts = set(), set()
-    for report in reviewed:
-        done_ids.add(report.report_id)
-        done_texts.add(text_hash(report.text))
+    """The `budget` reports a review would teach most, never one already reviewed (by id or by text).
+    `predictions` need cover only the reports not reviewed yet (`open_for_review`)."""
+    open_reports = open_for_review(reports, reviewed)
     by_id = {p.report_id: p for p in predictions}
-    missing = [r.report_id for r in reports if r.report_id not in by_id]
+    missing = [r.report_id for r in open_reports if r.report_id not in by_id]
     if missing:
         raise InputError(f"{len(missing)} reports have no student prediction, e.g. {missing[:5]}")
-    open_reports = [r for r in reports if r.report_id not in done_ids and text_hash(r.text) not in done_texts]
     candidates = score_candidates(open_reports, [by_id[r.report_id] for r in open_reports], teacher, config)
     chosen, skipped = diverse_top(candidates, budget, config.max_similarity)
     means = {
@@ -309,13 +315,17 @@ def reviewer_pseudonym(server_url: str, user: object) -> str:
 
 
 def reviewed_records(path: Path) -> dict[str, dict[str, Any]]:
-    """The store's latest review of each report (a later pull of a corrected annotation wins)."""
-    return {row["report_id"]: row for row in AppendOnlyStore(path).records()}
-
-
-def reviewed_labels(path: Path) -> dict[str, LabelRecord]:
-    """report_id -> the reviewed labels as a label record (teacher `review`)."""
-    return {rid: LabelRecord.model_validate(row) for rid, row in reviewed_records(path).items()}
+    """The store's latest review of each report (a later pull of a corrected annotation wins), each line
+    checked as a report and a label record; a bad line is named by its number, never its content."""
+    rows = {}
+    for number, row in enumerate(AppendOnlyStore(path).records(cut_torn=False), start=1):
+        where = f"{path}: record {number}"
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: not a JSON object")
+        validated(Report, row, where)
+        validated(LabelRecord, row, where)
+        rows[row["report_id"]] = row
+    return rows
 
 
 def reviewed_reports(path: Path) -> list[Report]:
@@ -370,7 +380,10 @@ def settled_annotation(task: Mapping[str, Any]) -> tuple[dict[str, Any] | None, 
         return None, "not annotated"
     if len(submitted) == 1:
         return submitted[0], "single"
-    distinct = {json.dumps(annotation_labels(a.get("result") or []), sort_keys=True) for a in submitted}
+    try:
+        distinct = {json.dumps(annotation_labels(a.get("result") or []), sort_keys=True) for a in submitted}
+    except ValueError as err:
+        return None, f"an annotation cannot be read: {err}"
     if len(distinct) == 1:
         return max(submitted, key=lambda a: a.get("updated_at") or ""), "agreed"
     marked = [a for a in submitted if a.get("ground_truth")]
@@ -564,8 +577,13 @@ def push_selection(client: LabelStudioClient, rows: Sequence[Mapping[str, Any]],
 
 
 def pull_reviews(client: LabelStudioClient, url: str, title: str, store: Path) -> PullResult:
-    """Export the project's tasks, settle and check each one's annotation, append the new ones."""
-    project_id, _ = client.ensure_project(title)
+    """Export the project's tasks, settle and check each one's annotation, append the new ones. The
+    project is only read: a title that names none is an error, not a new empty project."""
+    project_id = client.find_project(title)
+    if project_id is None:
+        raise InputError(
+            f"no Label Studio project named {title!r} at {url} (params review.project; `review push` makes it)"
+        )
     result = PullResult()
     rows = review_rows(client.export_tasks(project_id), url, project_id, result)
     append_new_reviews(AppendOnlyStore(store), rows, result)
