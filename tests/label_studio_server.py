@@ -144,6 +144,11 @@ def form(session: requests.Session, **fields: str) -> dict[str, str]:
     return {**fields, "csrfmiddlewaretoken": session.cookies["csrftoken"]}
 
 
+def as_admin(server: LabelStudioServer, method: str, path: str, body: dict) -> requests.Response:
+    """A raw API call with the admin's token, for what the client does not do (settings, ground truth)."""
+    return requests.request(method, server.url + path, json=body, headers=bearer(server.url, server.token), timeout=30)
+
+
 def bearer(url: str, personal_token: str) -> dict[str, str]:
     """Authorization for a raw call: the access token a personal access token is exchanged for."""
     answer = requests.post(f"{url}/api/token/refresh/", json={"refresh": personal_token}, timeout=30)

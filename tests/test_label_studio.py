@@ -11,9 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 from conftest import free_port
-from label_studio_server import Account, LabelStudioServer, add_reviewer, bearer, next_task, skip, submit, task_opened
+from label_studio_server import (
+    Account,
+    LabelStudioServer,
+    add_reviewer,
+    as_admin,
+    next_task,
+    skip,
+    submit,
+    task_opened,
+)
 
 from deberta_rad.data import AppendOnlyStore, InputError
 from deberta_rad.label_studio import (
@@ -136,12 +144,8 @@ def review(server: LabelStudioServer, admin: LabelStudioClient) -> Review:
         "r1 second": submit(server, second, task_ids["r1"], {"Cardiomegaly": "uncertain"})["id"],
         "r2 first": submit(server, first, task_ids["r2"], {})["id"],
     }
-    requests.patch(
-        f"{server.url}/api/annotations/{annotations['r1 second']}/",
-        json={"ground_truth": True},
-        headers=bearer(server.url, server.token),
-        timeout=30,
-    ).raise_for_status()
+    ground_truth = f"/api/annotations/{annotations['r1 second']}/"
+    as_admin(server, "PATCH", ground_truth, {"ground_truth": True}).raise_for_status()
     imported.append(
         admin.import_tasks(
             project_id,
@@ -159,12 +163,7 @@ def review(server: LabelStudioServer, admin: LabelStudioClient) -> Review:
 
 @pytest.mark.slow
 def test_label_studio_accepts_the_labeling_config(server: LabelStudioServer) -> None:
-    answer = requests.post(
-        f"{server.url}/api/projects/validate/",
-        json={"label_config": labeling_config()},
-        headers=bearer(server.url, server.token),
-        timeout=30,
-    )
+    answer = as_admin(server, "POST", "/api/projects/validate/", {"label_config": labeling_config()})
     assert answer.status_code == 204, answer.text[:500]
 
 
@@ -177,12 +176,7 @@ def test_ensure_project_creates_then_finds_it_and_restores_a_changed_config(
     assert admin.ensure_project("Config check") == (project_id, False)
     assert admin.ensure_project("Config check (copy)")[1], "a title is matched exactly, not as a substring"
     older = labeling_config().replace('<Choice value="uncertain"/>', "")
-    requests.patch(
-        f"{server.url}/api/projects/{project_id}/",
-        json={"label_config": older},
-        headers=bearer(server.url, server.token),
-        timeout=30,
-    ).raise_for_status()
+    as_admin(server, "PATCH", f"/api/projects/{project_id}/", {"label_config": older}).raise_for_status()
     assert admin.project(project_id)["label_config"].strip() == older.strip()
     assert admin.ensure_project("Config check") == (project_id, False)
     assert admin.project(project_id)["label_config"].strip() == labeling_config().strip()
@@ -315,21 +309,15 @@ def test_a_legacy_token_is_refused_until_the_organization_allows_it(server: Labe
     assert "401" in message and "/api/projects/" in message and server.url in message
     assert "legacy token authentication has been disabled" in message
     assert "DEBERTA_RAD_LABEL_STUDIO_TOKEN" in message
-    requests.post(
-        f"{server.url}/api/jwt/settings",
-        json={"api_tokens_enabled": True, "legacy_api_tokens_enabled": True},
-        headers=bearer(server.url, server.token),
-        timeout=30,
+    as_admin(
+        server, "POST", "/api/jwt/settings", {"api_tokens_enabled": True, "legacy_api_tokens_enabled": True}
     ).raise_for_status()
     try:
         project_id, created = legacy.ensure_project("Legacy")
         assert created and legacy.ensure_project("Legacy") == (project_id, False)
     finally:
-        requests.post(
-            f"{server.url}/api/jwt/settings",
-            json={"api_tokens_enabled": True, "legacy_api_tokens_enabled": False},
-            headers=bearer(server.url, server.token),
-            timeout=30,
+        as_admin(
+            server, "POST", "/api/jwt/settings", {"api_tokens_enabled": True, "legacy_api_tokens_enabled": False}
         ).raise_for_status()
 
 
