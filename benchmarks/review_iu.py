@@ -1,6 +1,6 @@
 """Does radiologist review pay, and does choosing what to review beat chance? Simulated on IU X-ray.
 
-    python benchmarks/review_iu.py [--budgets 100 200 400] [--epochs 2] [--json OUT] [--work DIR]
+    python benchmarks/review_iu.py [--budgets 100 200 400] [--epochs 2] [--train-seeds 13 14 15] [--json OUT]
 
 The pool is the development half of IU dev (DESIGN.md section 6), labelled by the rule teacher; the
 locked half is only scored (no strategy picks from it). A student is trained on the pool's teacher
@@ -77,9 +77,9 @@ def train_and_score(
     params: Params,
     locked: list[Report],
     gold: PresenceGold,
-) -> tuple[Path, float, float]:
-    """Run the `sentences` and `train` steps on the pool with these reviews; the student's locked-half
-    presence macro F1 and the training minutes."""
+) -> tuple[Path, float]:
+    """Run the `sentences` and `train` steps on the pool with these reviews; the student and its
+    locked-half presence macro F1."""
     from deberta_rad.sentences import label_sentence_splits
     from deberta_rad.train import train_from_splits
 
@@ -94,7 +94,7 @@ def train_and_score(
     predictions, _ = predict_reports(str(folder / "model"), locked)
     score = presence_metrics(labels_by_id(predictions), {r.report_id: gold[r.report_id] for r in locked})["macro_f1"]
     print(f"{name}: locked-half presence macro F1 {score:.3f} (trained in {minutes:.1f} min)", flush=True)
-    return folder / "model", score, minutes
+    return folder / "model", score
 
 
 def pool_splits(pool: list[Report], seed: int) -> dict[str, list[Report]]:
@@ -109,6 +109,9 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[100, 200, 400])
     parser.add_argument("--epochs", type=int, default=2, help="train.epochs for every student (params: 4)")
     parser.add_argument("--seed", type=int, default=13, help="the random strategy's draw")
+    parser.add_argument(
+        "--train-seeds", type=int, nargs="+", default=None, help="train.seed of each row of students (params: one)"
+    )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--work", type=Path, default=None, help="keep the students here (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="write the table as JSON here")
@@ -134,36 +137,9 @@ def main() -> None:
     )
 
     results: list[dict[str, Any]] = []
-    model, score, minutes = train_and_score("none", work, splits, teacher, {}, params, locked, gold)
-    results.append(
-        {"strategy": "no review", "k": 0, "corrected_reports": 0, "corrected_cells": 0, "f1": score, "minutes": minutes}
-    )
-    predictions, _ = predict_reports(str(model), pool)
-    teacher_labels = labels_by_id(teacher.values())
-    for k in args.budgets:
-        chosen = {
-            "selected": [
-                c.report for c in select_for_review(pool, predictions, teacher_labels, [], k, params.review).chosen
-            ],
-            "random": random.Random(args.seed + k).sample(pool, k),
-        }
-        for strategy, reports in chosen.items():
-            reviews = {r.report_id: simulated_review(teacher[r.report_id], gold[r.report_id]) for r in reports}
-            reviewed = {rid: record for rid, (record, _) in reviews.items()}
-            cells = sum(n for _, n in reviews.values())
-            _, score, minutes = train_and_score(
-                f"{strategy}-{k}", work, splits, teacher, reviewed, params, locked, gold
-            )
-            results.append(
-                {
-                    "strategy": strategy,
-                    "k": k,
-                    "corrected_reports": sum(n > 0 for _, n in reviews.values()),
-                    "corrected_cells": cells,
-                    "f1": score,
-                    "minutes": minutes,
-                }
-            )
+    for seed in args.train_seeds or [params.train.seed]:
+        seeded = params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
+        results += seed_results(seed, args, work, splits, teacher, seeded, pool, locked, gold)
     print(format_table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -171,14 +147,64 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
+def seed_results(
+    seed: int,
+    args: argparse.Namespace,
+    work: Path,
+    splits: dict[str, list[Report]],
+    teacher: dict[str, LabelRecord],
+    params: Params,
+    pool: list[Report],
+    locked: list[Report],
+    gold: PresenceGold,
+) -> list[dict[str, Any]]:
+    """One training seed's row of students: no review, then selected and random review at each K. The
+    no-review student of this seed ranks the pool, as the last champion would."""
+    model, score = train_and_score(f"none-s{seed}", work, splits, teacher, {}, params, locked, gold)
+    rows = [{"strategy": "no review", "k": 0, "seed": seed, "corrected_reports": 0, "corrected_cells": 0, "f1": score}]
+    predictions, _ = predict_reports(str(model), pool)
+    teacher_labels = labels_by_id(teacher.values())
+    for k in args.budgets:
+        chosen = {
+            "selected": [
+                c.report for c in select_for_review(pool, predictions, teacher_labels, [], k, params.review).chosen
+            ],
+            "random": random.Random(args.seed + k + seed).sample(pool, k),
+        }
+        for strategy, reports in chosen.items():
+            reviews = {r.report_id: simulated_review(teacher[r.report_id], gold[r.report_id]) for r in reports}
+            reviewed = {rid: record for rid, (record, _) in reviews.items()}
+            _, score = train_and_score(f"{strategy}-{k}-s{seed}", work, splits, teacher, reviewed, params, locked, gold)
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "k": k,
+                    "seed": seed,
+                    "corrected_reports": sum(n > 0 for _, n in reviews.values()),
+                    "corrected_cells": sum(n for _, n in reviews.values()),
+                    "f1": score,
+                }
+            )
+    return rows
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
+    """One row per strategy and K: corrections and F1 averaged over the training seeds, with their range."""
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in results:
+        cells.setdefault((row["strategy"], row["k"]), []).append(row)
     lines = [
-        "| review | K | reports corrected | findings corrected | locked-half presence macro F1 | train min |",
+        "| review | K | seeds | reports corrected | findings corrected | locked-half presence macro F1 (range) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for row in results:
-        counts = f"{row['k']} | {row['corrected_reports']} | {row['corrected_cells']}"
-        lines.append(f"| {row['strategy']} | {counts} | {row['f1']:.3f} | {row['minutes']:.1f} |")
+    for (strategy, k), rows in cells.items():
+        f1 = [r["f1"] for r in rows]
+        spread = f" ({min(f1):.3f}-{max(f1):.3f})" if len(rows) > 1 else ""
+        corrected = sum(r["corrected_reports"] for r in rows) / len(rows)
+        findings = sum(r["corrected_cells"] for r in rows) / len(rows)
+        lines.append(
+            f"| {strategy} | {k} | {len(rows)} | {corrected:.0f} | {findings:.0f} | {sum(f1) / len(f1):.3f}{spread} |"
+        )
     return "\n".join(lines)
 
 
