@@ -275,7 +275,11 @@ def test_reviews_from_label_studio_become_gold_in_test_and_targets_in_training_a
     from deberta_rad.review import REVIEW_TEACHER, is_gold
 
     ls_env = {"DEBERTA_RAD_LABEL_STUDIO_URL": label_studio.url, "DEBERTA_RAD_LABEL_STUDIO_TOKEN": label_studio.token}
-    select = ["review", "select", "--model", "models/student", "--reports", "data/reports.jsonl", "--budget", "20"]
+    # The generated reports, whose truth the reviewer below knows (the user's own carry none).
+    truth = {r.report_id: apply_no_finding_rule(r.labels) for r in read_label_records(project / "data/gold.jsonl")}
+    pool = [r for r in read_reports(project / "data/reports.jsonl") if r.report_id in truth]
+    write_jsonl(project / "data/review/pool.jsonl", pool)
+    select = ["review", "select", "--model", "models/student", "--reports", "data/review/pool.jsonl", "--budget", "20"]
     run([str(BIN / "deberta-rad"), *select], project)
     chosen = read_reports(project / "data/review/selected.jsonl")
     assert len(chosen) == 20
@@ -287,7 +291,6 @@ def test_reviews_from_label_studio_become_gold_in_test_and_targets_in_training_a
     admin = LabelStudioClient(label_studio.url, label_studio.token)
     project_id, created = admin.ensure_project("deberta-rad review")
     assert not created
-    truth = {r.report_id: apply_no_finding_rule(r.labels) for r in read_label_records(project / "data/gold.jsonl")}
     for task in admin.export_tasks(project_id):
         predicted = annotation_labels(task_opened(label_studio, reviewer, task["id"])["predictions"][0]["result"])
         corrections = {f: s for f, s in truth[task["data"]["report_id"]].items() if predicted[f] != s}
