@@ -27,7 +27,7 @@ from typing import Any
 
 from teachers_iu import DEFAULT_DATA, iu_subsets
 
-from deberta_rad.data import labels_by_id, merge_sources, split_reports, write_jsonl
+from deberta_rad.data import labels_by_id, merge_sources, split_reports, write_split
 from deberta_rad.gold import iu_presence_gold
 from deberta_rad.metrics import presence_metrics
 from deberta_rad.params import Fractions, Params, load_params
@@ -56,18 +56,6 @@ def simulated_review(teacher: LabelRecord, gold: dict[str, bool]) -> tuple[Label
     ), corrected
 
 
-def write_pool_splits(
-    folder: Path, splits: dict[str, list[Report]], teacher: dict[str, LabelRecord], reviewed: dict[str, LabelRecord]
-) -> None:
-    """What the `split` stage writes: train and val of the pool, the locked half as test."""
-    for name, members in splits.items():
-        write_jsonl(folder / name / "reports.jsonl", members)
-        write_jsonl(folder / name / "labels.jsonl", [teacher[r.report_id] for r in members])
-        in_split = [reviewed[r.report_id] for r in members if r.report_id in reviewed]
-        if in_split:
-            write_jsonl(folder / name / "reviewed.jsonl", in_split)
-
-
 def train_and_score(
     name: str,
     work: Path,
@@ -84,7 +72,8 @@ def train_and_score(
     from deberta_rad.train import train_from_splits
 
     folder = work / name
-    write_pool_splits(folder / "splits", splits, teacher, reviewed)
+    for split, members in splits.items():  # what the `split` stage writes; the locked half is the test
+        write_split(folder / "splits" / split, members, teacher, {}, reviewed)
     started = time.perf_counter()
     label_sentence_splits(folder / "splits", None, folder / "sentences", params)
     train_from_splits(

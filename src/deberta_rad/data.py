@@ -261,10 +261,15 @@ def merge_sources(sources: Sequence[tuple[str, list[Report]]]) -> IngestResult:
     return result
 
 
+def hash_position(key: str) -> float:
+    """The key's place in [0, 1) by SHA-256: the same on every machine and in every run."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / 16**12
+
+
 def split_of(group_key: str, seed: int, fractions: Fractions) -> str:
     """Assign a group to a split by a seeded hash: deterministic, and a group never straddles splits.
     New reports do not move old ones between splits, which keeps the relabeling loop leak-free."""
-    position = int(hashlib.sha256(f"{seed}:{group_key}".encode()).hexdigest()[:12], 16) / 16**12
+    position = hash_position(f"{seed}:{group_key}")
     cumulative = 0.0
     for name in SPLITS:
         cumulative += getattr(fractions, name)
@@ -341,17 +346,31 @@ def write_splits(
         raise InputError(f"{labels_path}: {len(unlabelled)} reports have no teacher label, e.g. {unlabelled[:5]}")
     counts = {}
     for name, members in split_reports(reports, seed, fractions, reviewed_gold).items():
-        write_jsonl(out_dir / name / "reports.jsonl", members)
-        write_jsonl(out_dir / name / "labels.jsonl", (teacher[r.report_id] for r in members))
-        write_jsonl(out_dir / name / "gold.jsonl", (gold[r.report_id] for r in members if r.report_id in gold))
         counts[name] = len(members)
-        in_split = [reviewed[r.report_id] for r in members if r.report_id in reviewed]
-        if in_split:
-            write_jsonl(out_dir / name / "reviewed.jsonl", in_split)
-            counts[f"{name} reviewed"] = len(in_split)
-        else:
-            (out_dir / name / "reviewed.jsonl").unlink(missing_ok=True)
+        n_reviewed = write_split(out_dir / name, members, teacher, gold, reviewed)
+        if n_reviewed:
+            counts[f"{name} reviewed"] = n_reviewed
     return counts
+
+
+def write_split(
+    folder: Path,
+    members: Sequence[Report],
+    teacher: Mapping[str, LabelRecord],
+    gold: Mapping[str, LabelRecord],
+    reviewed: Mapping[str, LabelRecord],
+) -> int:
+    """One split's files: its reports, the teacher's labels, any ground truth and any reviewed labels (a
+    `reviewed.jsonl` left from an earlier split goes); returns how many reviewed labels it holds."""
+    write_jsonl(folder / "reports.jsonl", members)
+    write_jsonl(folder / "labels.jsonl", (teacher[r.report_id] for r in members))
+    write_jsonl(folder / "gold.jsonl", (gold[r.report_id] for r in members if r.report_id in gold))
+    in_split = [reviewed[r.report_id] for r in members if r.report_id in reviewed]
+    if in_split:
+        write_jsonl(folder / "reviewed.jsonl", in_split)
+    else:
+        (folder / "reviewed.jsonl").unlink(missing_ok=True)
+    return len(in_split)
 
 
 @dataclass

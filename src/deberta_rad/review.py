@@ -26,6 +26,7 @@ import numpy as np
 from deberta_rad.data import (
     AppendOnlyStore,
     InputError,
+    hash_position,
     normalise_text,
     read_label_records,
     text_hash,
@@ -449,8 +450,7 @@ def append_new_reviews(store: AppendOnlyStore, rows: Sequence[dict], result: Pul
 def is_gold(report_id: str, seed: int, gold_fraction: float) -> bool:
     """Whether a reviewed report is held out as gold: a seeded hash of its id, so adding reviews never
     moves an earlier one between gold and training."""
-    position = int(hashlib.sha256(f"review:{seed}:{report_id}".encode()).hexdigest()[:12], 16) / 16**12
-    return position < gold_fraction
+    return hash_position(f"review:{seed}:{report_id}") < gold_fraction
 
 
 def reviewed_for_split(
