@@ -1,6 +1,6 @@
 """Does radiologist review pay, and does choosing what to review beat chance? Simulated on IU X-ray.
 
-    python benchmarks/review_iu.py [--budgets 100 200 400] [--epochs 2] [--train-seeds 13 14 15] [--json OUT]
+    python benchmarks/review_iu.py [--budgets 100 200 400] [--epochs 4] [--train-seeds 13 14 15] [--json OUT]
 
 The pool is the development half of IU dev (DESIGN.md section 6), labelled by the rule teacher; the
 locked half is only scored (no strategy picks from it). A student is trained on the pool's teacher
@@ -10,8 +10,9 @@ who knows the human MeSH codes (presence only): a finding the codes mark present
 not call present becomes present, one the teacher called present and the codes do not becomes absent,
 every other status stays the teacher's, and No Finding follows the convention. A student is then
 trained with those reviewed labels through the pipeline's own `sentences` and `train` steps (reviewed
-labels replace the teacher's, shown `review.repeat` times), and each student is scored on the locked
-half: presence macro F1 against the MeSH codes. Prints counts and scores only, never report text.
+labels replace the teacher's, and the examples a review changed are shown `review.repeat` times), and
+each student is scored on the locked half: presence macro F1 against the MeSH codes. Prints counts and
+scores only, never report text.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="IU X-ray dev.jsonl (MeSH codes)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[100, 200, 400])
-    parser.add_argument("--epochs", type=int, default=2, help="train.epochs for every student (params: 4)")
+    parser.add_argument("--epochs", type=int, default=None, help="train.epochs for every student (default: params)")
     parser.add_argument("--seed", type=int, default=13, help="the random strategy's draw")
     parser.add_argument(
         "--train-seeds", type=int, nargs="+", default=None, help="train.seed of each row of students (params: one)"
@@ -111,7 +112,9 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.resolve()}/mlflow.db")
 
     base = load_params(args.params)
-    params = base.model_copy(update={"train": base.train.model_copy(update={"epochs": args.epochs})})
+    params = base.model_copy(
+        update={"train": base.train.model_copy(update={"epochs": args.epochs or base.train.epochs})}
+    )
     gold = iu_presence_gold(args.data)
     subsets, _ = iu_subsets(args.data, gold)
     pool = merge_sources([("development", subsets["development"])]).reports
@@ -121,7 +124,7 @@ def main() -> None:
     print(
         f"pool: {len(pool)} distinct development-half reports "
         f"({len(splits['train'])} train, {len(splits['val'])} val); "
-        f"scored: {len(locked)} locked-half reports; {args.epochs} epochs per student",
+        f"scored: {len(locked)} locked-half reports; {params.train.epochs} epochs per student",
         flush=True,
     )
 
@@ -132,7 +135,7 @@ def main() -> None:
     print(format_table(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"epochs": args.epochs, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"epochs": params.train.epochs, "results": results}, indent=2))
         print(f"wrote {args.json}")
 
 

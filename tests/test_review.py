@@ -276,8 +276,7 @@ def test_reviews_correct_the_sentences_and_add_the_report_where_no_sentence_can_
         [(struck, review_a), (missed, review_b)], sentences, {"a": ["s1", "s2"], "b": ["s3"]}
     )
     assert corrected["s1"].labels["Pleural Effusion"] == "not_mentioned"  # struck out by the reviewer
-    assert corrected["s2"].labels["Pneumothorax"] == "absent"
-    assert corrected["s3"].labels["Cardiomegaly"] == "present"
+    assert "s2" not in corrected and "s3" not in corrected  # confirmed: they keep the teacher's provenance
     assert all(r.teacher == REVIEW_TEACHER and r.labels["No Finding"] == "not_mentioned" for r in corrected.values())
     # Report b's effusion is in no sentence the teacher labelled: the whole report carries it.
     ((report, record),) = examples
@@ -292,13 +291,17 @@ def test_reviewer_ids_are_stable_pseudonyms() -> None:
     assert first.startswith("reviewer-") and "dr.who" not in first
 
 
-def test_training_emphasises_the_examples_whose_labels_a_review_gave(tmp_path: Path) -> None:
+def test_training_emphasises_the_examples_whose_labels_a_review_changed(tmp_path: Path) -> None:
     from deberta_rad.train import TrainConfig, reviewed_example_ids
 
-    write_jsonl(
-        tmp_path / "splits/train/reviewed.jsonl", [LabelRecord(report_id="a", labels=NORMAL, teacher=REVIEW_TEACHER)]
-    )
-    assert reviewed_example_ids(TrainConfig(unit="report"), tmp_path / "splits", None) == {"a"}
+    teacher = [
+        LabelRecord(report_id="a", labels=labels(Cardiomegaly="present")),
+        LabelRecord(report_id="b", labels=NORMAL),
+    ]
+    write_jsonl(tmp_path / "splits/train/labels.jsonl", teacher)
+    reviews = [LabelRecord(report_id=rid, labels=NORMAL, teacher=REVIEW_TEACHER) for rid in ("a", "b")]
+    write_jsonl(tmp_path / "splits/train/reviewed.jsonl", reviews)
+    assert reviewed_example_ids(TrainConfig(unit="report"), tmp_path / "splits", None) == {"a"}  # b was confirmed
     sentence_labels = [sentence_record("s-1"), sentence_record("s-2").model_copy(update={"teacher": REVIEW_TEACHER})]
     write_jsonl(tmp_path / "sentences/train/labels.jsonl", sentence_labels)
     assert reviewed_example_ids(TrainConfig(unit="sentence"), tmp_path / "splits", tmp_path / "sentences") == {"s-2"}

@@ -489,7 +489,8 @@ def reviewed_sentence_examples(
     weakest review). Where the sentences then cannot give the reviewer's status (a finding the teacher
     missed: no sentence says which one holds it) the whole report becomes one more example with the
     reviewer's labels. Returns the corrected sentence labels and those report examples, all with the
-    `review` provenance."""
+    `review` provenance: only what the review changed, since a label the reviewer confirmed is the
+    teacher's and the examples with that provenance are the ones `train` shows `review.repeat` times."""
     corrected: dict[str, dict[str, str]] = {}
     for report, review in reviewed:
         for sid in sentences_of[report.report_id]:
@@ -513,7 +514,9 @@ def reviewed_sentence_examples(
                 )
             )
     records = {
-        sid: LabelRecord(report_id=sid, labels=labels, teacher=REVIEW_TEACHER) for sid, labels in corrected.items()
+        sid: LabelRecord(report_id=sid, labels=labels, teacher=REVIEW_TEACHER)
+        for sid, labels in corrected.items()
+        if labels != sentence_labels[sid].labels
     }
     return records, examples
 

@@ -367,7 +367,7 @@ def train_student(
     pretrain stage's adapted encoder, to start from instead of the backbone's own weights. With
     ``resume``, an interrupted run of the same config and data continues from its last checkpoint in
     ``work_dir``; checkpoints of any other run there are cleared first. The ``reviewed`` examples (whose
-    labels a radiologist gave) are shown at least ``config.review_repeat`` times per epoch."""
+    labels a radiologist corrected) are shown at least ``config.review_repeat`` times per epoch."""
     torch.manual_seed(config.seed)
     encoder = str(encoder_dir) if encoder_dir else None
     student = student_from_backbone(config.backbone, 512, config.head_dropout, config.pooling, encoder, config.unit)
@@ -413,10 +413,13 @@ def read_split(splits_dir: Path, name: str) -> tuple[list[Report], list[LabelRec
 
 
 def reviewed_example_ids(config: TrainConfig, splits_dir: Path, sentences_dir: Path | None) -> set[str]:
-    """The training examples whose labels come from a review: the reviewed train reports, or for a
-    sentence-level student the sentences and reports the `sentences` stage labelled from reviews."""
+    """The training examples whose labels a review changed: the reviewed train reports whose labels
+    differ from the teacher's, or for a sentence-level student the sentences and reports the `sentences`
+    stage relabelled from reviews. A label the reviewer confirmed is not shown more often than the
+    teacher's, so students with and without review differ only in the corrections."""
     if config.unit == "report" or sentences_dir is None:
-        return {record.report_id for record in read_reviewed(splits_dir, "train")}
+        teacher = labels_by_id(read_label_records(splits_dir / "train" / "labels.jsonl"))
+        return {r.report_id for r in read_reviewed(splits_dir, "train") if r.labels != teacher.get(r.report_id)}
     records = read_label_records(sentences_dir / "train" / "labels.jsonl")
     return {r.report_id for r in records if r.teacher is not None and r.teacher.name == REVIEW_TEACHER.name}
 
