@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test lint ui clean llm-server platform system-packages review-tools
+.PHONY: install demo test lint ui clean llm-server platform system-packages review-tools bench-gpu
 
 install: $(STAMP)
 
@@ -80,6 +80,12 @@ $(LABEL_STUDIO_VENV)/.installed:
 	$(PYTHON) -m venv $(LABEL_STUDIO_VENV)
 	$(LABEL_STUDIO_VENV)/bin/pip install --quiet 'label-studio==1.23.2'
 	touch $@
+
+# The prepared GPU run (README "GPU benchmark"): gpu.json and a table in .cache/gpu-bench, under 8 minutes on one
+# GPU. `make bench-gpu DRY_RUN=1`: the same steps with tiny sizes on the CPU. No install step: on a device machine
+# the script takes its python3 (PYTHON=...) with the package read from src/.
+bench-gpu:
+	bash benchmarks/gpu.sh $(if $(DRY_RUN),--dry-run)
 
 lint: install
 	$(BIN)/ruff check src tests serving monitoring benchmarks

@@ -110,6 +110,22 @@ def test_the_stage_labels_every_variant_with_the_pipelines_teacher(tmp_path: Pat
     assert [r.labels for r in records] == [r.labels for r in RuleTeacher().label(variants)]
 
 
+def test_a_teacher_that_fails_leaves_the_old_variants_with_their_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    splits = write_split_dirs(tmp_path / "splits", [r for r, _ in generate_corpus(20, seed=3)])
+    augment_splits(splits, tmp_path / "augmented", project_params({"augment": {"per_report": 1}}))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "augmented").iterdir()}
+
+    def failing_teacher(*args: object, **kwargs: object) -> None:
+        raise InputError("the LLM endpoint is down")
+
+    monkeypatch.setattr("deberta_rad.teachers.write_labels", failing_teacher)
+    with pytest.raises(InputError, match="endpoint is down"):  # new variants (another seed), same ids
+        augment_splits(splits, tmp_path / "augmented", project_params({"augment": {"per_report": 1, "seed": 9}}))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "augmented").iterdir()} == before
+
+
 def test_per_report_zero_writes_empty_files_that_train_reads_as_none(tmp_path: Path) -> None:
     train = [report("t1", IU_STYLE)]
     splits = write_split_dirs(tmp_path / "splits", train)

@@ -21,17 +21,18 @@ from pathlib import Path
 
 from deberta_rad.data import (
     InputError,
+    iter_reports,
     labels_by_id,
+    memory_source,
     normalise_text,
     read_label_records,
-    read_reports,
+    replaced_together,
     text_hash,
     write_jsonl,
 )
 from deberta_rad.params import AugmentParams, Params
 from deberta_rad.schema import Report
 from deberta_rad.teachers.rules import split_sentences
-from deberta_rad.train import repeat_factors, status_matrix
 
 AUGMENTED_SUFFIX = "~aug"
 # A section header such as "FINDINGS:" or "IMPRESSION:" at the start of a line.
@@ -94,6 +95,8 @@ def variant_counts(
     """Variants per train report: `per_report` times the report's repeat factor (train.repeat_factors,
     LVIS-style) at `rare_threshold`, so a rare pair such as a present pneumothorax is met in more new
     contexts rather than in more copies of the same text."""
+    from deberta_rad.train import repeat_factors, status_matrix  # lazy: train imports torch
+
     targets = status_matrix([r.report_id for r in train], labels)
     return [config.per_report * int(f) for f in repeat_factors(targets, config.rare_threshold, config.seed)]
 
@@ -133,24 +136,44 @@ def augment_reports(
     return variants, collisions
 
 
-def augment_splits(splits_dir: Path, output_dir: Path, params: Params) -> dict[str, int | str | None]:
+def augment_splits(splits_dir: Path, output_dir: Path, params: Params, workers: int = 1) -> dict[str, int | str | None]:
     """The augment stage: recombine the train split, label the variants with the pipeline's teacher
-    (params `pseudo_label`), write `reports.jsonl` and `labels.jsonl` to `output_dir` (both empty when
-    `augment.per_report` is 0). Returns the counts and, for the LLM teacher, its usage line."""
-    from deberta_rad.teachers import label_with_pipeline_teacher
+    (params `pseudo_label`, on `workers` processes for a local one), write `reports.jsonl` and
+    `labels.jsonl` to `output_dir` (both empty when `augment.per_report` is 0: then the train split is
+    only counted, as a stream). The train split is held whole (any train report may lend a sentence), the
+    held-out splits only as text digests. The two files are put in place together once the variants are
+    labelled (`replaced_together`): a teacher that fails leaves the old pair, never new variants beside old
+    labels of the same ids. Returns the counts and, for the LLM teacher, its usage line."""
+    from deberta_rad.teachers import write_labels
 
     config = params.augment
-    train = read_reports(splits_dir / "train" / "reports.jsonl")
-    labels_path = splits_dir / "train" / "labels.jsonl"
-    try:
-        counts = variant_counts(train, labels_by_id(read_label_records(labels_path)), config)
-    except KeyError as err:  # status_matrix names the unlabelled reports
-        raise InputError(f"{labels_path}: {err.args[0]}") from None
-    held_out = [r.text for name in ("val", "test") for r in read_reports(splits_dir / name / "reports.jsonl")]
-    variants, collisions = augment_reports(train, config, held_out, counts)
-    records, usage = [], None
-    if variants:
-        records, usage = label_with_pipeline_teacher(variants, params.pseudo_label)
-    write_jsonl(output_dir / "reports.jsonl", variants)
-    write_jsonl(output_dir / "labels.jsonl", records)
+    train_path = splits_dir / "train" / "reports.jsonl"
+    with replaced_together(output_dir / "reports.jsonl", output_dir / "labels.jsonl") as (reports_file, labels_file):
+        if config.per_report == 0:
+            n_train = sum(1 for _ in iter_reports(train_path, workers))
+            write_jsonl(reports_file, [])
+            write_jsonl(labels_file, [])
+            return {"train_reports": n_train, "variants": 0, "duplicates_left_out": 0, "usage": None}
+        train = list(iter_reports(train_path, workers))
+        labels_path = splits_dir / "train" / "labels.jsonl"
+        try:
+            counts = variant_counts(train, labels_by_id(read_label_records(labels_path)), config)
+        except KeyError as err:  # status_matrix names the unlabelled reports
+            raise InputError(f"{labels_path}: {err.args[0]}") from None
+        held_out = (
+            r.text for name in ("val", "test") for r in iter_reports(splits_dir / name / "reports.jsonl", workers)
+        )
+        variants, collisions = augment_reports(train, config, held_out, counts)
+        write_jsonl(reports_file, variants)
+        teacher = params.pseudo_label
+        cache = Path(teacher.cache) if teacher.cache else None
+        _, usage = write_labels(
+            labels_file,
+            memory_source(variants),
+            teacher.teacher,
+            workers,
+            teacher.llm_model,
+            cache,
+            batch=teacher.batch,
+        )
     return {"train_reports": len(train), "variants": len(variants), "duplicates_left_out": collisions, "usage": usage}

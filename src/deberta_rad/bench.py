@@ -291,13 +291,16 @@ def training_benchmark(split_dir: Path, params: Params, max_length: int, steps: 
             train_sampling_strategy=sampling,
             disable_tqdm=False,
         )
-        trainer = distillation_trainer(student, config, arguments, dataset, padding=padding, callbacks=[timer])
+        # The Trainer is built inside the measured block: the plain Trainer moves the weights to the GPU when
+        # it is built, DeepSpeed only when training starts, and both sides must count them.
         with working_memory_mb(device) as memory:
+            trainer = distillation_trainer(student, config, arguments, dataset, padding=padding, callbacks=[timer])
             trainer.train()
         seconds = timer.seconds_per_step()
         result[name] = {
             "sampling": sampling,
             "padding": padding,
+            "precision": "bf16" if arguments.bf16 else "fp32",
             "seconds_per_step": seconds,
             "reports_per_s": config.batch_size / seconds,
             **memory,

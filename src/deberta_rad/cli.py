@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -37,6 +38,7 @@ EXPECTED_ELSEWHERE = {
     "deberta_rad.tracking": ("RegistryUnavailableError",),
     "deberta_rad.teachers.llm": ("LLMTeacherError",),
     "deberta_rad.label_studio": ("LabelStudioError",),
+    "deberta_rad.backfill": ("BackfillError",),
 }
 
 
@@ -84,6 +86,13 @@ InputOption = Annotated[Path, typer.Option("--input", "-i", help="Reports: JSONL
 OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Label JSONL to write.")]
 ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml with the knobs.")]
 ModelOption = Annotated[str, typer.Option("--model", help="Model directory or MLflow URI.")]
+WorkersOption = Annotated[
+    int,
+    typer.Option(
+        help="Processes that read (and, for the rule teacher, label) reports; 0: every core this process may use. "
+        "The output is the same for any number."
+    ),
+]
 
 
 def _fail(message: str) -> None:
@@ -106,6 +115,16 @@ def _input_reports(path: Path) -> list[Report]:
     if not reports:
         raise data.InputError(f"{path}: holds no reports")
     return reports
+
+
+def _input_stream(path: Path, workers: int) -> Iterator[Report]:
+    """The reports a command was given, streamed on `workers` processes; an empty input is a mistake,
+    named now (before a model loads)."""
+    reports = data.iter_reports(path, workers)
+    first = next(reports, None)
+    if first is None:
+        raise data.InputError(f"{path}: holds no reports")
+    return itertools.chain([first], reports)
 
 
 def _write_json(path: Path, payload: object) -> None:
@@ -353,16 +372,19 @@ def ingest(
     gold_output: Annotated[Path, typer.Option(help="Ground-truth labels that came with the sources.")] = Path(
         "data/gold.jsonl"
     ),
+    workers: WorkersOption = 0,
 ) -> None:
-    """Read every source in params `ingest.sources`, normalise, de-duplicate, write one reports file."""
+    """Read every source in params `ingest.sources`, normalise, de-duplicate, write one reports file (streamed:
+    memory holds one id and one text digest per report)."""
+    from deberta_rad.parallel import resolve_workers
+
     config = load_params(params).ingest
-    result, gold = data.ingest_sources(config.sources, config.synthetic, config.relabeled)
-    data.write_jsonl(output, result.reports)
-    kept_ids = {r.report_id for r in result.reports}
-    data.write_jsonl(gold_output, [g for g in gold if g.report_id in kept_ids])
+    result = data.ingest_to_files(
+        config.sources, config.synthetic, config.relabeled, output, gold_output, resolve_workers(workers)
+    )
     for source, count in result.per_source.items():
         typer.echo(f"  {source}: {count} reports")
-    typer.echo(f"wrote {len(result.reports)} reports to {output}; dropped {result.duplicates_dropped} exact duplicates")
+    typer.echo(f"wrote {result.kept} reports to {output}; dropped {result.duplicates_dropped} exact duplicates")
 
 
 @app.command()
@@ -394,9 +416,11 @@ def label(
             "within 24 h); an interrupted run's batch is collected by the next run.  [default: no-batch]",
         ),
     ] = None,
+    workers: WorkersOption = 0,
 ) -> None:
-    """Pseudo-label reports with a teacher."""
-    from deberta_rad.teachers import label_reports
+    """Pseudo-label reports with a teacher (the rules and keyword teachers stream, on every core by default)."""
+    from deberta_rad.parallel import resolve_workers
+    from deberta_rad.teachers import write_labels
 
     pipeline = load_params(params).pseudo_label if params else None
     teacher = teacher or (pipeline.teacher if pipeline else "rules")
@@ -405,12 +429,14 @@ def label(
     llm_model = llm_model or (pipeline.llm_model if pipeline else None)
     cache = cache or (Path(pipeline.cache) if pipeline and pipeline.cache else None)
     batch = batch if batch is not None else bool(pipeline and pipeline.batch)
-    reports = _input_reports(input)
-    records, usage = label_reports(teacher, reports, llm_model, cache, llm_response_format, batch)
-    data.write_jsonl(output, records)
+    source = data.report_source(input)
+    source = data.ReportSource(source.parse, data.nonempty(source.units, f"{input}: holds no reports"))
+    count, usage = write_labels(
+        output, source, teacher, resolve_workers(workers), llm_model, cache, llm_response_format, batch
+    )
     if usage:
         typer.echo(usage)
-    typer.echo(f"labelled {len(records)} reports with teacher {teacher!r} into {output}")
+    typer.echo(f"labelled {count} reports with teacher {teacher!r} into {output}")
 
 
 @app.command()
@@ -444,18 +470,21 @@ def split(
     gold: Annotated[Path | None, typer.Option(help="Ground-truth label JSONL, split alongside.")] = None,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o")] = Path("data/splits"),
     params: ParamsOption = Path("params.yaml"),
+    workers: WorkersOption = 0,
 ) -> None:
     """Deterministic train/val/test split, grouped by patient (or by identical text). Reviewed reports
     (params `review.store`) go along with their reviewed labels; `review.gold_fraction` of them are
-    held in the test split as gold."""
+    held in the test split as gold. Streams the reports; the folder is swapped in whole at the end."""
+    from deberta_rad.parallel import resolve_workers
     from deberta_rad.review import reviewed_for_split
 
     config = load_params(params)
-    reviewed, reviewed_gold, outside = reviewed_for_split(
-        Path(config.review.store), data.read_reports(input), config.review
-    )
+    workers = resolve_workers(workers)
+    store = Path(config.review.store)
+    corpus = data.iter_reports(input, workers) if store.is_file() else []
+    reviewed, reviewed_gold, outside = reviewed_for_split(store, corpus, config.review)
     counts = data.write_splits(
-        input, labels, gold, output_dir, config.split.seed, config.split.fractions, reviewed, reviewed_gold
+        input, labels, gold, output_dir, config.split.seed, config.split.fractions, reviewed, reviewed_gold, workers
     )
     typer.echo("split: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
     if outside:
@@ -472,12 +501,14 @@ def augment(
     ),
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o")] = Path("data/augmented"),
     params: ParamsOption = Path("params.yaml"),
+    workers: WorkersOption = 0,
 ) -> None:
     """Recombine train reports into new ones and label them with the pipeline's teacher (params
     `augment`, teacher from `pseudo_label`); `train --augmented` adds them to the train split."""
     from deberta_rad.augment import augment_splits
+    from deberta_rad.parallel import resolve_workers
 
-    summary = _teacher_stage(lambda: augment_splits(splits, output_dir, load_params(params)))
+    summary = _teacher_stage(lambda: augment_splits(splits, output_dir, load_params(params), resolve_workers(workers)))
     typer.echo(
         f"wrote {summary['variants']} teacher-labelled variants of {summary['train_reports']} train reports to "
         f"{output_dir} ({summary['duplicates_left_out']} left out: their text already exists)"
@@ -595,14 +626,56 @@ def predict(
     output: OutputOption,
     model: ModelOption = "models:/deberta-rad@champion",
     batch_size: int = 64,
+    workers: WorkersOption = 1,
 ) -> None:
-    """Label reports with a trained student (a model directory or e.g. models:/deberta-rad@champion)."""
-    from deberta_rad.predict import predict_reports
+    """Label reports with a trained student (a model directory or e.g. models:/deberta-rad@champion),
+    streamed a chunk at a time. Workers only parse the input, so one is the default: more take cores
+    from the model's own threads."""
+    from deberta_rad.parallel import resolve_workers
+    from deberta_rad.predict import predict_to_file
 
-    reports = _input_reports(input)
-    records, speed = predict_reports(model, reports, batch_size)
-    data.write_jsonl(output, records)
-    typer.echo(f"labelled {len(records)} reports into {output} ({speed:.1f} reports/s)")
+    count, speed = predict_to_file(model, _input_stream(input, resolve_workers(workers)), output, batch_size)
+    typer.echo(f"labelled {count} reports into {output} ({speed:.1f} reports/s)")
+
+
+@app.command()
+def backfill(
+    input: Annotated[str, typer.Option("--input", "-i", help="A folder of JSONL/CSV report shards, or their glob.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder of Parquet shards, one per input shard.")],
+    model: ModelOption = "models:/deberta-rad@champion",
+    ray: Annotated[
+        str | None,
+        typer.Option("--ray", help="Ray cluster: HOST:PORT, ray://HOST:PORT, auto (default; or RAY_ADDRESS), local."),
+    ] = None,
+    actors: Annotated[int | None, typer.Option(min=1, help="Labeler actors (default: one per GPU).")] = None,
+    num_gpus_per_actor: Annotated[
+        float | None, typer.Option(min=0, help="GPUs per actor (default: 1 when the cluster has GPUs, else 0).")
+    ] = None,
+    num_cpus_per_actor: Annotated[float, typer.Option(min=0, help="CPUs per actor.")] = 1.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="The engine's largest batch (reports per forward).")] = 64,
+    rows_per_batch: Annotated[int, typer.Option(min=1, help="Reports per Ray Data batch sent to an actor.")] = 1024,
+) -> None:
+    """Label a sharded corpus on a Ray cluster (README 'Backfills on Ray'); shards already written are skipped,
+    so a killed backfill resumes."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        _fail("deberta-rad backfill needs Ray: pip install 'deberta-rad[ray]'")
+    from deberta_rad import backfill as ray_backfill
+
+    result = ray_backfill.backfill(
+        input,
+        output,
+        model,
+        address=ray,
+        actors=actors,
+        gpus_per_actor=num_gpus_per_actor,
+        cpus_per_actor=num_cpus_per_actor,
+        batch_size=batch_size,
+        rows_per_batch=rows_per_batch,
+        verbose=logging.getLogger().isEnabledFor(logging.INFO),
+    )
+    typer.echo(ray_backfill.describe(result, output))
 
 
 @app.command()

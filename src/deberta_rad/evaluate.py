@@ -7,22 +7,45 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from deberta_rad.data import write_text_atomically
 from deberta_rad.metrics import Labels, compute_metrics, presence_metrics
 from deberta_rad.plots import confusion_matrices, confusion_rows, plot_confusion_matrices, write_confusion_plots
-from deberta_rad.schema import FINDINGS, LabelRecord
+from deberta_rad.schema import FINDINGS, STATUS_INDEX, STATUSES, LabelRecord
 from deberta_rad.synthetic import TEACHER as SYNTHETIC_TEACHER
+
+
+class StatusCodes(Mapping[str, Mapping[str, str]]):
+    """report_id -> {finding: status}, the shape metrics read, kept as 13 status bytes per report: the
+    one thing evaluation must hold per report, in about a tenth of the memory of the dicts."""
+
+    def __init__(self, records: Iterable[LabelRecord] = ()) -> None:
+        self.codes: dict[str, bytes] = {}
+        for record in records:
+            self.add(record)
+
+    def add(self, record: LabelRecord) -> None:
+        self.codes[record.report_id] = bytes(STATUS_INDEX[record.labels[f]] for f in FINDINGS)
+
+    def __getitem__(self, report_id: str) -> dict[str, str]:
+        return {f: STATUSES[code] for f, code in zip(FINDINGS, self.codes[report_id], strict=True)}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.codes)
+
+    def __len__(self) -> int:
+        return len(self.codes)
 
 
 def score_files(predictions_path: Path, gold_path: Path, gold_format: str = "auto") -> dict[str, Any]:
     """The `evaluate` command: section-5 metrics for status gold, presence scores for presence gold."""
-    from deberta_rad.data import labels_by_id, read_label_records
+    from deberta_rad.data import iter_label_records
     from deberta_rad.gold import read_gold
 
-    predictions = labels_by_id(read_label_records(predictions_path))
+    predictions = StatusCodes(iter_label_records(predictions_path))
     gold = read_gold(gold_path, gold_format)
     if gold.kind == "presence":
         return presence_metrics(predictions, gold.labels)
@@ -32,7 +55,7 @@ def score_files(predictions_path: Path, gold_path: Path, gold_format: str = "aut
 NO_EVIDENCE = "(no phrase: the teacher did not mention it)"
 
 
-def teacher_disagreements(predictions: Labels, teacher: Sequence[LabelRecord]) -> list[dict[str, Any]]:
+def teacher_disagreements(predictions: Labels, teacher: Iterable[LabelRecord]) -> list[dict[str, Any]]:
     """Cells where the student's status differs from the teacher's, grouped by finding, the two statuses
     and the teacher's evidence phrase (what it read in the report), commonest first. The phrases are
     report text: they belong in a local file, never in MLflow or the metrics."""
@@ -93,30 +116,32 @@ def evaluate_split(
     """The evaluate stage: label a split with the student and score it against the teacher's labels,
     ground truth where the sources carried it, and the reviewed gold (`reviewed.jsonl`) where a
     radiologist reviewed reports of the split. Writes DVC plots and, to ``disagreements_out``, the
-    cells where the student differs from the teacher by finding and phrase; returns the metrics."""
-    from deberta_rad.data import labels_by_id, read_label_records, read_reports
+    cells where the student differs from the teacher by finding and phrase; returns the metrics.
+    Reports and labels stream; what stays per report is its predicted and reference status codes."""
+    from deberta_rad.data import iter_label_records, iter_reports
     from deberta_rad.predict import load_engine
 
-    reports = read_reports(split_dir / "reports.jsonl")
+    reports = iter_reports(split_dir / "reports.jsonl")  # a missing split fails before the model loads
     engine = load_engine(model_dir, batch_size=batch_size)
     started = time.perf_counter()
-    records = engine.label(reports, model_name=str(model_dir), progress=True)
+    stream = engine.label_stream(reports, model_name=str(model_dir), progress=True)
+    predictions = StatusCodes(stream)
     seconds = time.perf_counter() - started
-    predictions = labels_by_id(records)
-    results: dict[str, Any] = {"inference": {"reports": len(reports), "reports_per_s": len(reports) / seconds}}
+    results: dict[str, Any] = {"inference": {"reports": len(predictions), "reports_per_s": len(predictions) / seconds}}
     for reference, name in (("labels", "teacher"), ("gold", "gold"), ("reviewed", "reviewed")):
         path = split_dir / f"{reference}.jsonl"
-        references = read_label_records(path) if path.is_file() else []
-        if not references:
+        if not path.is_file():
             continue
-        gold = labels_by_id(references)
-        results[name] = {"source": label_source(references), **compute_metrics(predictions, gold)}
+        gold = StatusCodes()
+        source = label_source(_added(iter_label_records(path), gold))
+        if not gold:
+            continue
+        results[name] = {"source": source, **compute_metrics(predictions, gold)}
         if name == "teacher":
-            cells = teacher_disagreements(predictions, references)
+            cells = teacher_disagreements(predictions, iter_label_records(path))
             results[name]["disagreements"] = disagreement_counts(cells)
             if disagreements_out:
-                disagreements_out.parent.mkdir(parents=True, exist_ok=True)
-                disagreements_out.write_text(format_disagreements(cells))
+                write_text_atomically(disagreements_out, format_disagreements(cells))
         plot_confusion_matrices(confusion_matrices(predictions, gold), plots_dir / f"confusion_{name}.png")
         write_confusion_plots(confusion_rows(predictions, gold), plots_dir / "confusion" / name)
         rows = [{"finding": f, "f1": m["f1"]} for f, m in results[name]["per_finding"].items() if m["f1"] is not None]
@@ -124,7 +149,14 @@ def evaluate_split(
     return results
 
 
-def label_source(records: Sequence[LabelRecord]) -> str:
+def _added(records: Iterable[LabelRecord], codes: StatusCodes) -> Iterator[LabelRecord]:
+    """Pass records through, keeping each one's status codes on the way."""
+    for record in records:
+        codes.add(record)
+        yield record
+
+
+def label_source(records: Iterable[LabelRecord]) -> str:
     """Who made a reference's labels: "synthetic" for the embedded generator's ground truth (its own
     conventions, not evidence of quality on real reports), else the teachers, e.g. "rules/vocabulary-2.0.0"."""
     names = sorted({f"{r.teacher.name}/{r.teacher.model}" if r.teacher else "unknown" for r in records})

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from deberta_rad.data import write_atomically
+from deberta_rad.data import write_atomically, write_jsonl
 from deberta_rad.model import Student
+from deberta_rad.parallel import chunked
 from deberta_rad.schema import FINDINGS, STATUSES, LabelRecord, Report, TeacherInfo
 from deberta_rad.sentences import aggregate_reports, report_sentences
 from deberta_rad.settings import get_settings
@@ -39,6 +40,9 @@ DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 65536}
 ONNX_OPSET = 17
 # Part of the ONNX cache key: graphs exported another way are not reused.
 ONNX_RECIPE = f"torchscript-opset{ONNX_OPSET}-eager-attention-ort-fusion"
+# Reports per chunk when labelling a stream: enough for well-filled length-sorted batches, and far
+# more than a pipeline's test split, whose predictions are then those of one `label` call.
+STREAM_CHUNK_REPORTS = 8192
 
 
 class EngineConfigError(ValueError):
@@ -283,6 +287,18 @@ class LabelingEngine:
                 bar.update(len(rows))
         return probabilities
 
+    def label_stream(
+        self,
+        reports: Iterable[Report],
+        model_name: str,
+        progress: bool = False,
+        chunk_size: int = STREAM_CHUNK_REPORTS,
+    ) -> Iterator[LabelRecord]:
+        """`label` over a stream, a chunk at a time (each chunk length-sorted within itself), so memory does
+        not grow with the input; an input within one chunk gets exactly `label`'s records."""
+        for chunk in chunked(reports, chunk_size):
+            yield from self.label(chunk, model_name, progress)
+
     def label(self, reports: Sequence[Report], model_name: str, progress: bool = False) -> list[LabelRecord]:
         """Label records with probabilities, tagged with the model that made them."""
         predictions = self.predict([r.text for r in reports], progress=progress)
@@ -326,12 +342,26 @@ def prediction_record(
     )
 
 
-def predict_reports(model_ref: str, reports: Sequence[Report], batch_size: int = 64) -> tuple[list[LabelRecord], float]:
-    """Label reports with a model directory or MLflow URI; returns the records and reports/s."""
+def engine_for(model_ref: str, batch_size: int = 64) -> tuple[LabelingEngine, str]:
+    """The engine on a model directory or MLflow URI, and the model's name for the records."""
     from deberta_rad.registry import resolve_model
 
     model_dir, model_name = resolve_model(model_ref)
-    engine = load_engine(model_dir, batch_size=batch_size)
+    return load_engine(model_dir, batch_size=batch_size), model_name
+
+
+def predict_reports(model_ref: str, reports: Sequence[Report], batch_size: int = 64) -> tuple[list[LabelRecord], float]:
+    """Label reports with a model directory or MLflow URI; returns the records and reports/s."""
+    engine, model_name = engine_for(model_ref, batch_size)
     started = time.perf_counter()
     records = engine.label(reports, model_name=model_name, progress=True)
     return records, len(reports) / max(time.perf_counter() - started, 1e-9)
+
+
+def predict_to_file(model_ref: str, reports: Iterable[Report], output: Path, batch_size: int = 64) -> tuple[int, float]:
+    """Label a stream of reports into label JSONL (atomically), a chunk at a time; returns the count and
+    reports/s."""
+    engine, model_name = engine_for(model_ref, batch_size)
+    started = time.perf_counter()
+    count = write_jsonl(output, engine.label_stream(reports, model_name, progress=True))
+    return count, count / max(time.perf_counter() - started, 1e-9)

@@ -454,13 +454,13 @@ def is_gold(report_id: str, seed: int, gold_fraction: float) -> bool:
 
 
 def reviewed_for_split(
-    store: Path, corpus: Sequence[Report], config: ReviewParams
+    store: Path, corpus: Iterable[Report], config: ReviewParams
 ) -> tuple[dict[str, LabelRecord], set[str], list[str]]:
     """For the split stage: the reviewed labels of the corpus's reports, the ids held out as gold, and
     the reviewed ids the corpus lacks. A reviewed id whose text differs from the corpus's is an error:
-    its review is of another report."""
+    its review is of another report. The corpus streams; a text digest is kept only for reviewed ids."""
     rows = reviewed_records(store) if store.is_file() else {}
-    texts = {r.report_id: text_hash(r.text) for r in corpus}
+    texts = {r.report_id: text_hash(r.text) for r in corpus if r.report_id in rows}
     clashes = [rid for rid, row in rows.items() if rid in texts and text_hash(row.get("text", "")) != texts[rid]]
     if clashes:
         raise InputError(

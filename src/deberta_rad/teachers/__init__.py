@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import cache, partial
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from deberta_rad.data import ReportSource, jsonl_line, parse_units, parsed_reports, write_jsonl, write_lines
+from deberta_rad.parallel import ordered_map
 from deberta_rad.params import PseudoLabelParams
 from deberta_rad.schema import LabelRecord, Report, TeacherInfo
 
@@ -21,6 +24,8 @@ class Teacher(Protocol):
 
 
 TEACHER_NAMES = ("rules", "keyword", "llm")
+# Teachers that label each report on its own, on this machine: they stream, spread over worker processes.
+LOCAL_TEACHERS = ("rules", "keyword")
 
 
 def get_teacher(name: str, **options: object) -> Teacher:
@@ -86,3 +91,38 @@ def label_with_pipeline_teacher(
     """Label with the teacher params.yaml `pseudo_label` names (the stages that label new text)."""
     cache = Path(pseudo_label.cache) if pseudo_label.cache else None
     return label_reports(pseudo_label.teacher, reports, pseudo_label.llm_model, cache, batch=pseudo_label.batch)
+
+
+@cache
+def local_teacher(name: str) -> Teacher:
+    """One instance per process of a local teacher (a worker builds it on its first chunk)."""
+    return get_teacher(name)
+
+
+def label_chunk(teacher: str, parse: Callable[[str, Any], Report], units: list[tuple[str, Any]]) -> list[str]:
+    """A worker's task: parse a chunk of a source's units and label them, as label JSONL lines."""
+    return [jsonl_line(record) for record in local_teacher(teacher).label(parse_units(parse, units))]
+
+
+def write_labels(
+    output: Path,
+    source: ReportSource,
+    teacher: str,
+    workers: int = 1,
+    llm_model: str | None = None,
+    cache: Path | None = None,
+    response_format: str | None = None,
+    batch: bool = False,
+) -> tuple[int, str | None]:
+    """Label a source with a teacher by name into label JSONL (atomically, in input order); returns the
+    count and, for the LLM, its usage and cost line. A local teacher streams on `workers` processes with
+    the same bytes for any number; the LLM teacher takes the reports whole, since its request budget,
+    its de-duplication of texts and a Batch API job each span one run."""
+    if teacher in LOCAL_TEACHERS:
+        lines = ordered_map(partial(label_chunk, teacher, source.parse), source.units, workers)
+        return write_lines(output, lines), None
+    reports = list(parsed_reports(source, workers))
+    if not reports:  # nothing to send: no endpoint is needed
+        return write_jsonl(output, []), None
+    records, usage = label_reports(teacher, reports, llm_model, cache, response_format, batch)
+    return write_jsonl(output, records), usage
