@@ -1,6 +1,8 @@
 """Does radiologist review pay, and does choosing what to review beat chance? Simulated on IU X-ray.
 
     python benchmarks/review_iu.py [--budgets 100 200 400] [--epochs 4] [--train-seeds 13 14 15] [--json OUT]
+    python benchmarks/review_iu.py --ranker WORK/none-s13/model --budgets 400 --strategies random  # one cell
+    python benchmarks/review_iu.py --combine run1.json run2.json  # their rows in one table
 
 The pool is the development half of IU dev (DESIGN.md section 6), labelled by the rule teacher; the
 locked half is only scored (no strategy picks from it). A student is trained on the pool's teacher
@@ -81,10 +83,15 @@ def train_and_score(
         folder / "splits", folder / "model", params, folder / "checkpoints", False, None, None, folder / "sentences"
     )
     minutes = (time.perf_counter() - started) / 60
-    predictions, _ = predict_reports(str(folder / "model"), locked)
-    score = presence_metrics(labels_by_id(predictions), {r.report_id: gold[r.report_id] for r in locked})["macro_f1"]
+    score = locked_half_f1(folder / "model", locked, gold)
     print(f"{name}: locked-half presence macro F1 {score:.3f} (trained in {minutes:.1f} min)", flush=True)
     return folder / "model", score
+
+
+def locked_half_f1(model: Path, locked: list[Report], gold: PresenceGold) -> float:
+    """A student's presence macro F1 on the locked half against the MeSH codes."""
+    predictions, _ = predict_reports(str(model), locked)
+    return presence_metrics(labels_by_id(predictions), {r.report_id: gold[r.report_id] for r in locked})["macro_f1"]
 
 
 def pool_splits(pool: list[Report], seed: int) -> dict[str, list[Report]]:
@@ -105,7 +112,30 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--work", type=Path, default=None, help="keep the students here (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="write the table as JSON here")
+    parser.add_argument(
+        "--ranker",
+        type=Path,
+        default=None,
+        help="a no-review student an earlier run of the same seed trained (its --work folder's none-sSEED/model): "
+        "it ranks the pool and is the no-review row, so budgets can run in parallel processes",
+    )
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=["selected", "random", "all"],
+        default=["selected", "random"],
+        help="which to train (all: the whole pool reviewed, the ceiling of what review can teach here)",
+    )
+    parser.add_argument(
+        "--combine", type=Path, nargs="+", default=None, help="print one table from the --json files of several runs"
+    )
     args = parser.parse_args()
+    if args.combine:
+        rows = [row for path in args.combine for row in json.loads(path.read_text())["results"]]
+        print(format_table(list({(r["strategy"], r["k"], r["seed"]): r for r in rows}.values())))  # one no-review row
+        return
+    if args.ranker and len(args.train_seeds or [None]) > 1:
+        raise SystemExit("--ranker is one seed's no-review student: pass a single --train-seeds")
     if not args.data.is_file():
         raise SystemExit(f"IU data not found at {args.data} (expected ../shared/data beside the repo)")
     work = args.work or Path(tempfile.mkdtemp(prefix="review-iu-"))
@@ -152,7 +182,11 @@ def seed_results(
 ) -> list[dict[str, Any]]:
     """One training seed's row of students: no review, then selected and random review at each K. The
     no-review student of this seed ranks the pool, as the last champion would."""
-    model, score = train_and_score(f"none-s{seed}", work, splits, teacher, {}, params, locked, gold)
+    if args.ranker:
+        model, score = args.ranker, locked_half_f1(args.ranker, locked, gold)
+        print(f"none-s{seed} (--ranker {model}): locked-half presence macro F1 {score:.3f}", flush=True)
+    else:
+        model, score = train_and_score(f"none-s{seed}", work, splits, teacher, {}, params, locked, gold)
     rows = [{"strategy": "no review", "k": 0, "seed": seed, "corrected_reports": 0, "corrected_cells": 0, "f1": score}]
     predictions, _ = predict_reports(str(model), pool)
     teacher_labels = labels_by_id(teacher.values())
@@ -162,21 +196,24 @@ def seed_results(
                 c.report for c in select_for_review(pool, predictions, teacher_labels, [], k, params.review).chosen
             ],
             "random": random.Random(args.seed + k + seed).sample(pool, k),
+            "all": pool,  # the ceiling: every pool report reviewed, whatever K
         }
-        for strategy, reports in chosen.items():
+        for strategy in args.strategies:
+            reports = chosen[strategy]
             reviews = {r.report_id: simulated_review(teacher[r.report_id], gold[r.report_id]) for r in reports}
             reviewed = {rid: record for rid, (record, _) in reviews.items()}
             _, score = train_and_score(f"{strategy}-{k}-s{seed}", work, splits, teacher, reviewed, params, locked, gold)
             rows.append(
                 {
                     "strategy": strategy,
-                    "k": k,
+                    "k": len(reports),
                     "seed": seed,
                     "corrected_reports": sum(n > 0 for _, n in reviews.values()),
                     "corrected_cells": sum(n for _, n in reviews.values()),
                     "f1": score,
                 }
             )
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
