@@ -43,6 +43,20 @@ def needs_shared(path: Path) -> pytest.MarkDecorator:
     return pytest.mark.skipif(not path.is_file(), reason=f"{path} is absent (../shared is not beside the repo)")
 
 
+def run_bounded(args: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess[str]:
+    """Run in a new session and, past the timeout, kill the whole group (the launcher's ranks too)."""
+    with subprocess.Popen(
+        args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs
+    ) as process:
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+            pytest.fail(f"{' '.join(args)} still running after {timeout} s:\n{output[-4000:]}")
+    return subprocess.CompletedProcess(args, process.returncode, output)
+
+
 @pytest.fixture
 def isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh embedded SQLite MLflow store for one test (never the repo's mlflow.db)."""

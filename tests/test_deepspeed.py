@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
-from conftest import free_port, write_params
+from conftest import free_port, run_bounded, write_params
 from tiny_backbones import tiny_deberta_backbone
 
 from deberta_rad.data import split_reports, write_jsonl
@@ -27,20 +25,6 @@ FRACTIONS = Fractions(train=0.8, val=0.2, test=0.0)
 RATES = {"learning_rate": 1e-3, "head_learning_rate": 1e-2}
 
 pytestmark = pytest.mark.slow
-
-
-def run_bounded(args: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess[str]:
-    """Run in a new session and, past the timeout, kill the whole group (the launcher's ranks too)."""
-    with subprocess.Popen(
-        args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs
-    ) as process:
-        try:
-            output, _ = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-            pytest.fail(f"{' '.join(args)} still running after {timeout} s:\n{output[-4000:]}")
-    return subprocess.CompletedProcess(args, process.returncode, output)
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_bounded
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = {
@@ -28,22 +28,7 @@ def run_dry(out: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DEBERTA_RAD_", "MLFLOW_"))}
     env["PYTHON"] = sys.executable
     args = ["bash", str(REPO / "benchmarks" / "gpu.sh"), "--dry-run", "--out", str(out)]
-    with subprocess.Popen(
-        args,
-        cwd=out.parent,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    ) as process:
-        try:
-            output, _ = process.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            output, _ = process.communicate()
-            pytest.fail(f"gpu.sh --dry-run still running after {TIMEOUT_S} s:\n{output[-4000:]}")
-    return subprocess.CompletedProcess(args, process.returncode, output)
+    return run_bounded(args, TIMEOUT_S, cwd=out.parent, env=env)
 
 
 @pytest.mark.timeout(TIMEOUT_S + 60)
