@@ -33,6 +33,7 @@ from openai.types.chat import ChatCompletion
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from deberta_rad.parallel import chunked
 from deberta_rad.teachers.cache import LabelCache
 from deberta_rad.teachers.llm import (
     EndpointRejected,
@@ -78,7 +79,7 @@ async def label_by_batch(
         tqdm.write(f"LLM teacher: collecting batch {batch_id}, left in flight by an earlier run", file=sys.stderr)
         await _collect(teacher, client, cache, batch_id, jobs, state)
     while state.may_send() and (unanswered := _unanswered(jobs.values(), state, teacher.max_retries)):
-        for chunk in _chunks(_within_budget(unanswered, state), MAX_BATCH_REQUESTS):
+        for chunk in chunked(_within_budget(unanswered, state), MAX_BATCH_REQUESTS):
             batch_id = await _submit(teacher, client, cache, chunk, state)
             if batch_id is None:
                 return
@@ -107,10 +108,6 @@ def _within_budget(jobs: list[LabelJob], state: RunState) -> list[LabelJob]:
     if room < len(jobs):
         state.summary.stopped_by_budget = True
     return jobs[:room]
-
-
-def _chunks(jobs: list[LabelJob], size: int) -> list[list[LabelJob]]:
-    return [jobs[start : start + size] for start in range(0, len(jobs), size)]
 
 
 def _give_up_on(jobs: Iterable[LabelJob], state: RunState, max_retries: int) -> None:
