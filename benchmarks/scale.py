@@ -224,9 +224,20 @@ def student_dir(model: str | None, work_dir: Path) -> Path | None:
     return path
 
 
+def positive_int(value: str) -> int:
+    """A corpus size: a whole number of reports, at least one (the exponents are fitted on logarithms)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of reports (1 or more)")
+    return number
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 100000])
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[10000, 100000])
     parser.add_argument("--workers", type=int, default=0, help="passed to each stage (0: every core)")
     parser.add_argument("--model", help="a student directory, or minilm (untrained); none: no predict stage")
     parser.add_argument("--augment-per-report", type=int, default=0, help="augment.per_report (params default 0)")

@@ -28,7 +28,7 @@ from deberta_rad.comparison import (
 )
 from deberta_rad.evaluate import NO_EVIDENCE, disagreement_counts, format_disagreements, teacher_disagreements
 from deberta_rad.metrics import _encode_statuses, compute_metrics, format_metrics_table, presence_metrics
-from deberta_rad.plots import confusion_matrices, confusion_rows, plot_confusion_matrices
+from deberta_rad.plots import confusion_matrices, plot_confusion_matrices, write_confusion_plots
 from deberta_rad.schema import FINDINGS, SCORED_STATUSES, STATUSES, LabelRecord, apply_no_finding_rule
 
 ALL_NOT_MENTIONED = dict.fromkeys(FINDINGS, "not_mentioned")
@@ -371,16 +371,18 @@ def test_confusion_matrices_match_sklearn(random_case: tuple[dict, dict]) -> Non
         assert cms[finding] == expected.tolist()
 
 
-def test_confusion_rows_are_one_per_cell(hand_case: tuple[dict, dict]) -> None:
+def test_confusion_plot_files_hold_one_cell_per_report_as_dvc_json(tmp_path, hand_case: tuple[dict, dict]) -> None:
     pred, gold = hand_case
-    rows = confusion_rows(pred, gold)
-    assert len(rows) == len(gold) * len(FINDINGS)
-    assert set(rows[0]) == {"finding", "actual", "predicted"}
-    counts = Counter((r["finding"], r["actual"], r["predicted"]) for r in rows)
+    write_confusion_plots(pred, gold, tmp_path)
     cms = confusion_matrices(pred, gold)
     for finding, cm in cms.items():
+        text = (tmp_path / f"{finding.lower().replace(' ', '_')}.json").read_text()
+        cells = json.loads(text)
+        assert text == json.dumps(cells)  # the bytes json.dumps gives the whole list, as DVC reads them
+        assert len(cells) == len(gold)
+        counts = Counter((c["actual"], c["predicted"]) for c in cells)
         for (i, j), n in np.ndenumerate(np.array(cm)):
-            assert counts[(finding, STATUSES[i], STATUSES[j])] == n
+            assert counts[(STATUSES[i], STATUSES[j])] == n
 
 
 def test_plot_confusion_matrices_writes_png(tmp_path, hand_case: tuple[dict, dict]) -> None:

@@ -281,6 +281,34 @@ def test_budget_on_tokens_stops_once_reached(fake: FakeOpenAI, tmp_path: Path) -
     assert len(fake.requests) == 3  # 2 requests stay under the budget, the third crosses it
 
 
+def test_a_streamed_run_is_one_run_over_its_chunks(tmp_path: Path) -> None:
+    """Chunks of two reports: one probe, one summary, records in input order, and r6 (r3's text, in a
+    later chunk) answered from the run's cache, with no cache folder."""
+    with serve() as server:
+        teacher = make_teacher(server, tmp_path, cache_dir=None, response_format="auto")
+        records = list(teacher.label_stream(iter(REPORTS), chunk_size=2))
+        assert_labelled_as_served(records)
+        summary = teacher.last_run
+        assert summary is not None and summary.reports == len(REPORTS)
+        assert (summary.requests_sent, summary.cache_hits) == (DISTINCT_TEXTS, 1)
+        assert (summary.response_mode, summary.response_mode_source) == ("json_schema", "probed")
+        assert len(probes(server)) == 1
+
+
+def test_a_streamed_run_spends_one_budget_and_stops_at_the_chunk_it_runs_out_in(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    teacher = make_teacher(fake, tmp_path, concurrency=1, max_requests=3)
+    stream = teacher.label_stream(iter(REPORTS), chunk_size=2)
+    assert [r.report_id for r in (next(stream), next(stream))] == ["r1", "r2"]
+    with pytest.raises(BudgetExhausted) as caught:
+        list(stream)
+    summary = caught.value.summary
+    assert summary is teacher.last_run and summary.requests_sent == 3 and summary.reports == 4
+    assert summary.unlabelled_ids == ["r4"]
+    assert len(fake.requests) == 3
+
+
 def test_an_interrupted_run_loses_only_requests_in_flight(tmp_path: Path) -> None:
     with serve(slow_s=6.0) as server:
         server.fault_on_report("Cardiomegaly", "slow")

@@ -25,8 +25,9 @@ from deberta_rad.data import (
     write_jsonl,
     write_lines,
     write_splits,
+    write_text_atomically,
 )
-from deberta_rad.evaluate import StatusCodes
+from deberta_rad.metrics import StatusCodes
 from deberta_rad.params import Fractions
 from deberta_rad.schema import FINDINGS, LabelRecord, Report
 from deberta_rad.synthetic import generate_corpus
@@ -209,3 +210,13 @@ def test_files_replaced_together_keep_the_old_pair_when_the_body_or_the_swap_fai
             path.write_text("new")
     assert [p.read_text() for p in pair] == ["old", "old"]
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["labels.jsonl", "out", "reports.jsonl"]
+
+
+def test_an_atomically_written_file_gets_the_mode_of_any_new_file(tmp_path: Path) -> None:
+    """Not mkstemp's 0600: a team's shared checkout reads the pipeline's outputs under its umask."""
+    umask = os.umask(0o027)
+    try:
+        write_text_atomically(tmp_path / "out.txt", "x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o640

@@ -321,6 +321,14 @@ def parent_folder(path: Path) -> Iterator[None]:
         raise
 
 
+def new_file_mode() -> int:
+    """The mode `open` gives a new file under this process's umask (os.umask is the only portable way to
+    read it, so it is set and put back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomically(path: Path, write: Callable[[Path], None], suffix: str = ".tmp") -> None:
     """Let ``write`` fill a temporary file in the same folder, then rename it into place: a failure or a
     crash leaves the old file (or none), and a concurrent reader never sees half a file."""
@@ -328,6 +336,7 @@ def write_atomically(path: Path, write: Callable[[Path], None], suffix: str = ".
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
         os.close(handle)
         try:
+            os.chmod(temporary, new_file_mode())  # mkstemp's 0600 would make the output private to its writer
             write(Path(temporary))
             os.replace(temporary, path)
         finally:

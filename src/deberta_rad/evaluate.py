@@ -12,32 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from deberta_rad.data import write_text_atomically
-from deberta_rad.metrics import Labels, compute_metrics, presence_metrics
-from deberta_rad.plots import confusion_matrices, confusion_rows, plot_confusion_matrices, write_confusion_plots
-from deberta_rad.schema import FINDINGS, STATUS_INDEX, STATUSES, LabelRecord
+from deberta_rad.metrics import Labels, StatusCodes, compute_metrics, presence_metrics
+from deberta_rad.plots import confusion_matrices, plot_confusion_matrices, write_confusion_plots
+from deberta_rad.schema import FINDINGS, LabelRecord
 from deberta_rad.synthetic import TEACHER as SYNTHETIC_TEACHER
-
-
-class StatusCodes(Mapping[str, Mapping[str, str]]):
-    """report_id -> {finding: status}, the shape metrics read, kept as 13 status bytes per report: the
-    one thing evaluation must hold per report, in about a tenth of the memory of the dicts."""
-
-    def __init__(self, records: Iterable[LabelRecord] = ()) -> None:
-        self.codes: dict[str, bytes] = {}
-        for record in records:
-            self.add(record)
-
-    def add(self, record: LabelRecord) -> None:
-        self.codes[record.report_id] = bytes(STATUS_INDEX[record.labels[f]] for f in FINDINGS)
-
-    def __getitem__(self, report_id: str) -> dict[str, str]:
-        return {f: STATUSES[code] for f, code in zip(FINDINGS, self.codes[report_id], strict=True)}
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.codes)
-
-    def __len__(self) -> int:
-        return len(self.codes)
 
 
 def score_files(predictions_path: Path, gold_path: Path, gold_format: str = "auto") -> dict[str, Any]:
@@ -143,7 +121,7 @@ def evaluate_split(
             if disagreements_out:
                 write_text_atomically(disagreements_out, format_disagreements(cells))
         plot_confusion_matrices(confusion_matrices(predictions, gold), plots_dir / f"confusion_{name}.png")
-        write_confusion_plots(confusion_rows(predictions, gold), plots_dir / "confusion" / name)
+        write_confusion_plots(predictions, gold, plots_dir / "confusion" / name)
         rows = [{"finding": f, "f1": m["f1"]} for f, m in results[name]["per_finding"].items() if m["f1"] is not None]
         (plots_dir / f"per_finding_f1_{name}.json").write_text(json.dumps(rows, indent=1))
     return results

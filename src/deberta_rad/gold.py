@@ -24,11 +24,11 @@ from deberta_rad.data import (
     InputError,
     csv_id_column,
     csv_report_id,
+    iter_label_records,
     json_lines,
-    labels_by_id,
-    read_label_records,
     utf8_lines,
 )
+from deberta_rad.metrics import StatusCodes
 from deberta_rad.schema import CHEXPERT_TO_STATUS, FINDINGS, STATUSES, apply_no_finding_rule
 
 StatusGold = dict[str, dict[str, str]]
@@ -106,7 +106,7 @@ class GoldSet:
     the findings the source codes (schema order): the only ones that can be scored against it."""
 
     kind: Literal["status", "presence"]
-    labels: StatusGold | PresenceGold
+    labels: StatusGold | StatusCodes | PresenceGold
     findings: tuple[str, ...] = FINDINGS
 
     @property
@@ -115,9 +115,10 @@ class GoldSet:
         return [f for f in FINDINGS if f not in self.findings]
 
 
-def read_label_jsonl(path: str | Path) -> StatusGold:
-    """Label-record JSONL (schema.LabelRecord), validated record by record."""
-    return labels_by_id(read_label_records(path))
+def read_label_jsonl(path: str | Path) -> StatusCodes:
+    """Label-record JSONL (schema.LabelRecord), validated record by record as it streams, kept as status
+    codes (a corpus-sized gold file costs 13 bytes per report, not a dict of dicts)."""
+    return StatusCodes(iter_label_records(path))
 
 
 def read_chexpert_csv(path: str | Path) -> GoldSet:

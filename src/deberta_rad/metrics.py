@@ -22,12 +22,12 @@ disagreements) and are listed in ``findings_not_scored``, never counted as gold 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from deberta_rad.schema import FINDINGS, SCORED_STATUSES, STATUS_INDEX, STATUSES
+from deberta_rad.schema import FINDINGS, SCORED_STATUSES, STATUS_INDEX, STATUSES, LabelRecord
 
 Labels = Mapping[str, Mapping[str, str]]
 
@@ -47,6 +47,29 @@ PRESENCE_LIMITATION = (
 # ----------------------------------------------------------------------------------------------
 # Encoding dicts into matrices
 # ----------------------------------------------------------------------------------------------
+
+
+class StatusCodes(Mapping[str, Mapping[str, str]]):
+    """report_id -> {finding: status}, the shape metrics read, kept as 13 status bytes per report: the
+    one thing evaluation must hold per report (predictions and gold alike), in about a tenth of the
+    memory of the dicts."""
+
+    def __init__(self, records: Iterable[LabelRecord] = ()) -> None:
+        self.codes: dict[str, bytes] = {}
+        for record in records:
+            self.add(record)
+
+    def add(self, record: LabelRecord) -> None:
+        self.codes[record.report_id] = bytes(STATUS_INDEX[record.labels[f]] for f in FINDINGS)
+
+    def __getitem__(self, report_id: str) -> dict[str, str]:
+        return {f: STATUSES[code] for f, code in zip(FINDINGS, self.codes[report_id], strict=True)}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.codes)
+
+    def __len__(self) -> int:
+        return len(self.codes)
 
 
 def _gold_ids(gold: Mapping[str, Any]) -> list[str]:
@@ -92,7 +115,10 @@ def _encode(
 
 
 def _encode_statuses(source: str, labels: Labels, ids: list[str]) -> np.ndarray:
-    """Status-index matrix [N, 13] (schema.STATUS_INDEX) for the given report ids."""
+    """Status-index matrix [N, 13] (schema.STATUS_INDEX) for the given report ids: from StatusCodes'
+    bytes directly (one byte per cell, no row objects), else label by label."""
+    if isinstance(labels, StatusCodes):
+        return np.frombuffer(b"".join(labels.codes[rid] for rid in ids), dtype=np.uint8).reshape(len(ids), N_FINDINGS)
     return _encode(source, labels, ids, STATUS_INDEX)
 
 

@@ -20,16 +20,6 @@ def confusion_matrices(predictions: Labels, gold: Labels) -> dict[str, list[list
     return {f: cm.tolist() for f, cm in zip(FINDINGS, _confusion(pred, gold_matrix), strict=True)}
 
 
-def confusion_rows(predictions: Labels, gold: Labels) -> list[dict[str, str]]:
-    """One ``{finding, actual, predicted}`` row per cell, the input DVC's confusion plot template reads."""
-    _, pred, gold_matrix = _aligned_matrices(predictions, gold)
-    return [
-        {"finding": FINDINGS[f], "actual": STATUSES[g], "predicted": STATUSES[p]}
-        for g_row, p_row in zip(gold_matrix.tolist(), pred.tolist(), strict=True)
-        for f, (g, p) in enumerate(zip(g_row, p_row, strict=True))
-    ]
-
-
 def plot_confusion_matrices(cms: Mapping[str, list[list[int]]], out_png: Path) -> Path:
     """Grid of per-finding confusion heatmaps (colour = row share, text = count) saved as a PNG."""
     from matplotlib.figure import Figure  # lazy: plotting is the only matplotlib user here
@@ -60,10 +50,20 @@ def plot_confusion_matrices(cms: Mapping[str, list[list[int]]], out_png: Path) -
     return out_png
 
 
-def write_confusion_plots(rows: list[dict[str, str]], out_dir: Path) -> None:
-    """One `{actual, predicted}` file per finding, the data DVC's `confusion` template draws (dvc.yaml
-    declares the folder), so `dvc plots diff` shows each finding's matrix for two versions side by side."""
+# Each cell of DVC's confusion data as JSON (gold status row x predicted status column), made once.
+CELL_JSON = [[json.dumps({"actual": actual, "predicted": predicted}) for predicted in STATUSES] for actual in STATUSES]
+
+
+def write_confusion_plots(predictions: Labels, gold: Labels, out_dir: Path) -> None:
+    """One `{actual, predicted}` file per finding, one entry per report, the data DVC's `confusion`
+    template draws (dvc.yaml declares the folder), so `dvc plots diff` shows each finding's matrix for two
+    versions side by side. Written an entry at a time: a split's cells are never all held as objects."""
+    _, pred, gold_matrix = _aligned_matrices(predictions, gold)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for finding in FINDINGS:
-        cells = [{"actual": r["actual"], "predicted": r["predicted"]} for r in rows if r["finding"] == finding]
-        (out_dir / f"{finding.lower().replace(' ', '_')}.json").write_text(json.dumps(cells))
+    for f, finding in enumerate(FINDINGS):
+        cells = (CELL_JSON[g][p] for g, p in zip(gold_matrix[:, f].tolist(), pred[:, f].tolist(), strict=True))
+        with (out_dir / f"{finding.lower().replace(' ', '_')}.json").open("w", encoding="utf-8") as out:
+            out.write("[")
+            for i, cell in enumerate(cells):
+                out.write(f", {cell}" if i else cell)
+            out.write("]")

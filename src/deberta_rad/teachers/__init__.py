@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cache, partial
+from itertools import chain
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,7 +43,11 @@ def get_teacher(name: str, **options: object) -> Teacher:
         from deberta_rad.teachers.llm import LLMTeacher
 
         return LLMTeacher(**options)
-    raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHER_NAMES)}")
+    raise unknown_teacher(name)
+
+
+def unknown_teacher(name: str) -> ValueError:
+    return ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHER_NAMES)}")
 
 
 def llm_options(
@@ -116,13 +121,19 @@ def write_labels(
 ) -> tuple[int, str | None]:
     """Label a source with a teacher by name into label JSONL (atomically, in input order); returns the
     count and, for the LLM, its usage and cost line. A local teacher streams on `workers` processes with
-    the same bytes for any number; the LLM teacher takes the reports whole, since its request budget,
-    its de-duplication of texts and a Batch API job each span one run."""
+    the same bytes for any number; the LLM teacher streams a chunk at a time as one run (one budget, one
+    answer cache, one summary: `LLMTeacher.label_stream`)."""
     if teacher in LOCAL_TEACHERS:
         lines = ordered_map(partial(label_chunk, teacher, source.parse), source.units, workers)
         return write_lines(output, lines), None
-    reports = list(parsed_reports(source, workers))
-    if not reports:  # nothing to send: no endpoint is needed
+    if teacher != "llm":
+        raise unknown_teacher(teacher)
+    from deberta_rad.teachers.llm import LLMTeacher
+
+    reports = parsed_reports(source, workers)
+    first = next(reports, None)
+    if first is None:  # nothing to send: no endpoint is needed
         return write_jsonl(output, []), None
-    records, usage = label_reports(teacher, reports, llm_model, cache, response_format, batch)
-    return write_jsonl(output, records), usage
+    labeler = LLMTeacher(**llm_options(llm_model, cache, response_format, batch))
+    count = write_jsonl(output, labeler.label_stream(chain([first], reports)))
+    return count, labeler.last_run.describe() if labeler.last_run else None

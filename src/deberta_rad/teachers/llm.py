@@ -33,7 +33,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from deberta_rad.data import text_hash
 from deberta_rad.net import is_loopback_host
+from deberta_rad.parallel import chunked
 from deberta_rad.schema import FINDINGS, STATUSES, LabelRecord, Report, Status, TeacherInfo, apply_no_finding_rule
 from deberta_rad.settings import get_settings
 from deberta_rad.teachers.cache import CachedAnswer, LabelCache
@@ -62,6 +63,8 @@ MAX_IDS_IN_ERROR = 20
 # server that refuses the request format or overflows its context fails every report the same way.
 FAIL_FAST_REPORTS = 3
 MAX_SERVER_MESSAGE_CHARS = 300
+# Reports a streamed run holds at a time (label_stream): OpenAI's limit of requests per Batch API batch.
+STREAM_CHUNK_REPORTS = 50_000
 # Structured-output modes, strictest first (the probe's order): OpenAI's JSON schema (OpenAI, Azure,
 # vLLM, llama-server, Ollama >= 0.5); llama-cpp-python's json_object with a `schema`; a plain JSON
 # object with the schema stated in the prompt, which any JSON mode takes.
@@ -642,31 +645,61 @@ class LLMTeacher:
         summary, also kept in ``last_run``) when any report stays unlabelled; every answer received is
         cached first.
         """
+        summary = self._start_run()
+        try:
+            with LabelCache(self.cache_dir) as cache:
+                return await self._label_chunk(reports, cache, summary), summary
+        finally:
+            log.info(summary.describe())
+
+    def label_stream(self, reports: Iterable[Report], chunk_size: int = STREAM_CHUNK_REPORTS) -> Iterator[LabelRecord]:
+        """Label reports as they stream, a chunk at a time, as one run: one request budget, one answer cache
+        (a text answered in an earlier chunk is not asked again, even without a cache folder), one summary
+        in ``last_run``; memory holds one chunk's reports. Like :meth:`label` it raises when a chunk is left
+        incomplete, after yielding the records of the chunks before it (a Batch API run waits for each
+        chunk's batches in turn)."""
+        summary = self._start_run()
+        try:
+            with LabelCache(self.cache_dir) as cache:
+                for chunk in chunked(reports, chunk_size):
+                    yield from asyncio.run(self._label_chunk(chunk, cache, summary))
+        finally:
+            log.info(summary.describe())
+
+    def _start_run(self) -> RunSummary:
+        self.last_run = RunSummary(self.model, self.prompt.version)
+        return self.last_run
+
+    async def _label_chunk(
+        self, reports: Sequence[Report], cache: LabelCache, summary: RunSummary
+    ) -> list[LabelRecord]:
+        """Label a run's next reports, adding to its summary (whose counts the budget reads)."""
+        first = summary.reports == 0
         hashes = [text_hash(r.text) for r in reports]
         jobs = _group_by_text(reports, hashes)
-        summary = RunSummary(self.model, self.prompt.version, reports=len(reports), unique_texts=len(jobs))
-        self.last_run = summary
+        summary.reports += len(reports)
+        summary.unique_texts += len(jobs)
         api_key = self.secret() or NO_KEY_PLACEHOLDER
         async with openai.AsyncOpenAI(
             base_url=self.base_url, api_key=api_key, max_retries=0, timeout=self.timeout_s
         ) as client:
-            with LabelCache(self.cache_dir) as cache:
-                state = await self._label_uncached(client, cache, jobs, summary)
+            state = await self._label_uncached(client, cache, jobs, summary, first)
         self._finish_summary(reports, hashes, state)
-        log.info(summary.describe())
         self._raise_if_incomplete(state)
-        return self._records(reports, hashes, state.answers), summary
+        return self._records(reports, hashes, state.answers)
 
     async def _label_uncached(
-        self, client: openai.AsyncOpenAI, cache: LabelCache, jobs: dict[str, LabelJob], summary: RunSummary
+        self, client: openai.AsyncOpenAI, cache: LabelCache, jobs: dict[str, LabelJob], summary: RunSummary, first: bool
     ) -> RunState:
-        """Take what the cache holds for this endpoint's structured-output mode, then ask for the rest."""
+        """Take what the cache holds for this endpoint's structured-output mode (settled on a run's first
+        chunk), then ask for the rest."""
         state = RunState(summary, self.max_requests, self.max_tokens_budget, {})
         if not jobs:
             return state
-        summary.response_mode, summary.response_mode_source = await self._response_mode(client, cache)
+        if first:
+            summary.response_mode, summary.response_mode_source = await self._response_mode(client, cache)
         answers = cache.get_many(jobs, self.model, self.prompt.version, summary.response_mode)
-        summary.cache_hits = len(answers)
+        summary.cache_hits += len(answers)
         state.answers.update(answers)
         pending = [job for digest, job in jobs.items() if digest not in answers]
         if pending and self.batch:
