@@ -29,9 +29,13 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/dvc repro
 
+# One pytest-xdist worker per core, each taking whole files (their module fixtures are built once); most of
+# the suite waits on servers and process start-up, so two workers nearly halve it on 2 cores.
+TEST_WORKERS ?= auto
+
 test: install llm-server system-packages review-tools
 	$(BIN)/ruff check src tests serving monitoring benchmarks
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Real components that are not Python packages, from Debian's packages where missing (CI runs as root):
 # PostgreSQL for the team platform; Chromium and its WebDriver for the MLflow UI promotion test; Prometheus

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+# `make test` runs the suite in one pytest-xdist worker per core; each worker's torch, and the training
+# processes it starts, then take one core's share of threads, since two workers' torch each spreading over
+# every core slow each other down many times over. Set before numpy or torch is imported.
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+
+import json
 import signal
 import subprocess
 import threading
@@ -36,6 +43,17 @@ RADLABELS = SHARED_DATA / "radlabels-synthetic" / "reports.jsonl"
 # No model hub here or in CI: transformers must never try the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+# The longest files first: `make test` hands whole files to its workers (--dist loadfile, so a module's
+# fixtures are built once), in collection order, and a long file picked up last would leave one worker
+# running it alone at the end.
+LONGEST_FILES_FIRST = ("test_pipeline.py", "test_platform.py", "test_packaging.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 def needs_shared(path: Path) -> pytest.MarkDecorator:
