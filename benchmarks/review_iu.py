@@ -181,25 +181,24 @@ def seed_results(
     gold: PresenceGold,
 ) -> list[dict[str, Any]]:
     """One training seed's row of students: no review, then selected and random review at each K. The
-    no-review student of this seed ranks the pool, as the last champion would."""
+    no-review student of this seed ranks the pool, as the last champion would; without `selected` among
+    the strategies nothing ranks, and no no-review student is trained (another process's row has it)."""
+    rows: list[dict[str, Any]] = []
+    predictions: list[LabelRecord] = []
     if args.ranker:
         model, score = args.ranker, locked_half_f1(args.ranker, locked, gold)
         print(f"none-s{seed} (--ranker {model}): locked-half presence macro F1 {score:.3f}", flush=True)
-    else:
+    elif "selected" in args.strategies:
         model, score = train_and_score(f"none-s{seed}", work, splits, teacher, {}, params, locked, gold)
-    rows = [{"strategy": "no review", "k": 0, "seed": seed, "corrected_reports": 0, "corrected_cells": 0, "f1": score}]
-    predictions, _ = predict_reports(str(model), pool)
+    if "selected" in args.strategies or args.ranker:
+        rows.append(
+            {"strategy": "no review", "k": 0, "seed": seed, "corrected_reports": 0, "corrected_cells": 0, "f1": score}
+        )
+        predictions, _ = predict_reports(str(model), pool)
     teacher_labels = labels_by_id(teacher.values())
     for k in args.budgets:
-        chosen = {
-            "selected": [
-                c.report for c in select_for_review(pool, predictions, teacher_labels, [], k, params.review).chosen
-            ],
-            "random": random.Random(args.seed + k + seed).sample(pool, k),
-            "all": pool,  # the ceiling: every pool report reviewed, whatever K
-        }
         for strategy in args.strategies:
-            reports = chosen[strategy]
+            reports = chosen_for_review(strategy, k, seed, args.seed, pool, predictions, teacher_labels, params)
             reviews = {r.report_id: simulated_review(teacher[r.report_id], gold[r.report_id]) for r in reports}
             reviewed = {rid: record for rid, (record, _) in reviews.items()}
             _, score = train_and_score(f"{strategy}-{k}-s{seed}", work, splits, teacher, reviewed, params, locked, gold)
@@ -215,6 +214,25 @@ def seed_results(
             )
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def chosen_for_review(
+    strategy: str,
+    k: int,
+    seed: int,
+    draw_seed: int,
+    pool: list[Report],
+    predictions: list[LabelRecord],
+    teacher_labels: dict[str, dict[str, str]],
+    params: Params,
+) -> list[Report]:
+    """The K reports a strategy sends to the reviewer: `review select`'s ranking, a seeded random draw,
+    or the whole pool (`all`, the ceiling of what review can teach here)."""
+    if strategy == "selected":
+        return [c.report for c in select_for_review(pool, predictions, teacher_labels, [], k, params.review).chosen]
+    if strategy == "random":
+        return random.Random(draw_seed + k + seed).sample(pool, k)
+    return pool
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
