@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from deberta_rad.cli import app
 from deberta_rad.metrics import compute_metrics
 from deberta_rad.model import student_from_backbone
+from deberta_rad.params import PromoteParams
 from deberta_rad.promote import EVALUATION_DATA_TAG, format_gate_table, gate_reference, promotion_gate
 from deberta_rad.registry import CHAMPION, finding_f1_tag, register_model, resolve_model
 from deberta_rad.schema import FINDINGS, STATUSES
@@ -252,20 +253,29 @@ def test_versions_evaluated_on_other_data_are_not_compared() -> None:
     assert other_reference.problems == ["version 2 (candidate) has no evaluation against 'gold'"]
 
 
+AUTO = PromoteParams(reference="auto")
+
+
 def test_auto_reference_is_gold_only_when_both_versions_have_it() -> None:
     metrics = synthetic_evaluation(seed=2, error_rate=0.1)
     with_gold, teacher_only = version("1", metrics, "a"), version("2", {"teacher": metrics["teacher"]}, "a")
-    assert gate_reference("auto", with_gold, with_gold) == "gold"
-    assert gate_reference("auto", with_gold, teacher_only) == "teacher"
-    assert gate_reference("gold", with_gold, teacher_only) == "gold"
+    assert gate_reference(AUTO, with_gold, with_gold) == "gold"
+    assert gate_reference(AUTO, with_gold, teacher_only) == "teacher"
+    assert gate_reference(PromoteParams(reference="gold"), with_gold, teacher_only) == "gold"
 
 
-def test_auto_reference_prefers_the_reviewed_gold_when_both_versions_were_scored_on_it() -> None:
-    metrics = synthetic_evaluation(seed=2, error_rate=0.1)
+def test_auto_reference_prefers_the_reviewed_gold_once_both_versions_were_scored_on_enough_of_it() -> None:
+    metrics = synthetic_evaluation(seed=2, error_rate=0.1)  # 300 reports
     reviewed = version("1", {**metrics, "reviewed": metrics["gold"]}, "a")
     also_reviewed = version("2", {**metrics, "reviewed": metrics["gold"]}, "a")
-    assert gate_reference("auto", reviewed, also_reviewed) == "reviewed"
-    assert gate_reference("auto", reviewed, version("3", metrics, "a")) == "gold"
+    assert reviewed.tags["eval.reviewed.n_reports"] == "300"
+    assert gate_reference(AUTO, reviewed, also_reviewed) == "reviewed"
+    assert gate_reference(AUTO, reviewed, version("3", metrics, "a")) == "gold"
+    # The first reviews are too few to judge two versions by: gold (or the teacher) until there are enough.
+    assert gate_reference(PromoteParams(reference="auto", min_reviewed_reports=301), reviewed, also_reviewed) == "gold"
+    uncounted = version("4", {**metrics, "reviewed": metrics["gold"]}, "a")
+    del uncounted.tags["eval.reviewed.n_reports"]  # registered before the count was tagged
+    assert gate_reference(AUTO, reviewed, uncounted) == "gold"
 
 
 def test_a_drop_within_the_threshold_passes() -> None:

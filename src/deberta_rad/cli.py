@@ -1030,7 +1030,7 @@ def promote(
         return
     gate = None
     if champion is not None:
-        reference = promotion.gate_reference(config.reference, champion, candidate)
+        reference = promotion.gate_reference(config, champion, candidate)
         gate = promotion.promotion_gate(champion, candidate, reference, config.max_finding_drop)
         typer.echo(promotion.format_gate_table(gate))
         if not gate.passed and not force:

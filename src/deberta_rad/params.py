@@ -194,6 +194,7 @@ class TuneParams(Section):
 class PromoteParams(Section):
     reference: Literal["auto", "reviewed", "gold", "teacher"] = "auto"
     max_finding_drop: Annotated[float, Field(ge=0, le=1)] = 0.05
+    min_reviewed_reports: Annotated[int, Field(ge=1)] = 100
 
 
 class MonitoringParams(Section):

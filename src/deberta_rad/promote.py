@@ -127,16 +127,26 @@ def comparability_problems(champion: ModelVersion, candidate: ModelVersion, refe
     return [f"scored on one version only: {', '.join(one_sided)}"] if one_sided else []
 
 
-def gate_reference(reference: str, champion: ModelVersion, candidate: ModelVersion) -> str:
-    """`auto`: the reviewed gold when both versions were scored against it (a radiologist's labels),
-    else ground truth when both were (sources that carry gold), else the teacher labels; any other
-    value is used as it is."""
-    if reference != "auto":
-        return reference
-    for preferred in ("reviewed", "gold"):
-        if all(f"eval.{preferred}.macro_f1" in version.tags for version in (champion, candidate)):
-            return preferred
+def gate_reference(config: PromoteParams, champion: ModelVersion, candidate: ModelVersion) -> str:
+    """`auto`: the reviewed gold when both versions were scored on at least `min_reviewed_reports` of it
+    (a radiologist's labels, but on the first few dozen reviews the gate would be a coin toss), else
+    ground truth when both were scored against it (sources that carry gold), else the teacher labels;
+    any other value is used as it is."""
+    if config.reference != "auto":
+        return config.reference
+    if all(_reviewed_reports(version) >= config.min_reviewed_reports for version in (champion, candidate)):
+        return "reviewed"
+    if all("eval.gold.macro_f1" in version.tags for version in (champion, candidate)):
+        return "gold"
     return "teacher"
+
+
+def _reviewed_reports(version: ModelVersion) -> int:
+    """How many reviewed gold reports a version was scored on (0 when none, or when it was registered
+    before the count was tagged)."""
+    if "eval.reviewed.macro_f1" not in version.tags:
+        return 0
+    return int(version.tags.get("eval.reviewed.n_reports", 0))
 
 
 def promotion_gate(
@@ -310,9 +320,7 @@ def review_promotion(
     ``strict`` `champion` goes back to ``previous``."""
     gate = None
     if previous is not None:
-        gate = promotion_gate(
-            previous, candidate, gate_reference(config.reference, previous, candidate), config.max_finding_drop
-        )
+        gate = promotion_gate(previous, candidate, gate_reference(config, previous, candidate), config.max_finding_drop)
     verdict, detail = _verdict(gate)
     refused = verdict in REFUSED
     reverted = strict and refused and previous is not None

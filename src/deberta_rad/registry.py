@@ -161,8 +161,9 @@ def finding_f1_tag(reference: str, finding: str) -> str:
 def evaluation_tags(metrics: Mapping) -> dict[str, str]:
     """Evaluation figures as version tags: the headline ones, which the registry UI shows next to each
     version, and every finding's F1, which the promotion gate compares. A version's tags are its own
-    (the run's `test.*` metrics are overwritten when one run is registered twice); n/a is left out."""
-    headline = ("macro_f1", "agreement", "kappa")
+    (the run's `test.*` metrics are overwritten when one run is registered twice), with the number of
+    reports scored, which tells the gate how far a reference can be trusted; n/a is left out."""
+    headline = ("macro_f1", "agreement", "kappa", "n_reports")
     tags = {}
     for reference, scores in metrics.items():
         if not isinstance(scores, Mapping):
@@ -172,7 +173,11 @@ def evaluation_tags(metrics: Mapping) -> dict[str, str]:
             finding_f1_tag(reference, finding): finding_scores.get("f1")
             for finding, finding_scores in (scores.get("per_finding") or {}).items()
         }
-    return {key: f"{value:.4f}" for key, value in tags.items() if isinstance(value, int | float)}
+    return {
+        key: str(value) if isinstance(value, int) else f"{value:.4f}"
+        for key, value in tags.items()
+        if isinstance(value, int | float)
+    }
 
 
 def register_model(model_dir: Path, metrics: Mapping) -> dict:
