@@ -30,15 +30,7 @@ from typing import Any
 
 from teachers_iu import DEFAULT_DATA, iu_subsets
 
-from deberta_rad.data import (
-    labels_by_id,
-    merge_sources,
-    read_label_records,
-    read_reports,
-    split_reports,
-    write_jsonl,
-    write_split,
-)
+from deberta_rad.data import labels_by_id, merge_sources, split_reports, write_split
 from deberta_rad.gold import iu_presence_gold
 from deberta_rad.metrics import presence_metrics
 from deberta_rad.params import Fractions, Params, load_params
@@ -76,11 +68,9 @@ def train_and_score(
     params: Params,
     locked: list[Report],
     gold: PresenceGold,
-    report_examples: bool = True,
 ) -> tuple[Path, float]:
     """Run the `sentences` and `train` steps on the pool with these reviews; the student and its
-    locked-half presence macro F1. Without `report_examples`, the whole-report examples the `sentences`
-    step adds for a reviewed finding that no sentence carries are taken out again (an ablation)."""
+    locked-half presence macro F1."""
     from deberta_rad.sentences import label_sentence_splits
     from deberta_rad.train import train_from_splits
 
@@ -89,8 +79,6 @@ def train_and_score(
         write_split(folder / "splits" / split, members, teacher, {}, reviewed)
     started = time.perf_counter()
     label_sentence_splits(folder / "splits", None, folder / "sentences", params)
-    if not report_examples:
-        drop_review_report_examples(folder / "sentences" / "train")
     train_from_splits(
         folder / "splits", folder / "model", params, folder / "checkpoints", False, None, None, folder / "sentences"
     )
@@ -98,15 +86,6 @@ def train_and_score(
     score = locked_half_f1(folder / "model", locked, gold)
     print(f"{name}: locked-half presence macro F1 {score:.3f} (trained in {minutes:.1f} min)", flush=True)
     return folder / "model", score
-
-
-def drop_review_report_examples(train: Path) -> None:
-    """Take the `sentences` step's whole-report review examples (ids `review-<report>`) out of its train
-    folder, keeping its corrected sentence labels."""
-    kept = [r for r in read_reports(train / "reports.jsonl") if not r.report_id.startswith("review-")]
-    ids = {r.report_id for r in kept}
-    write_jsonl(train / "reports.jsonl", kept)
-    write_jsonl(train / "labels.jsonl", [r for r in read_label_records(train / "labels.jsonl") if r.report_id in ids])
 
 
 def locked_half_f1(model: Path, locked: list[Report], gold: PresenceGold) -> float:
@@ -148,10 +127,11 @@ def main() -> None:
         help="which to train (all: the whole pool reviewed, the ceiling of what review can teach here)",
     )
     parser.add_argument(
-        "--no-report-examples",
-        dest="report_examples",
-        action="store_false",
-        help="ablation: train without the whole-report examples review adds for findings no sentence carries",
+        "--report-examples",
+        choices=["params", "on", "off"],
+        default="params",
+        help="sentences.review_report_examples for every student: a reviewed finding no sentence carries as a "
+        "whole-report example (on) or not at all (off)",
     )
     parser.add_argument(
         "--combine", type=Path, nargs="+", default=None, help="print one table from the --json files of several runs"
@@ -169,8 +149,14 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.resolve()}/mlflow.db")
 
     base = load_params(args.params)
+    report_examples = (
+        base.sentences.review_report_examples if args.report_examples == "params" else args.report_examples == "on"
+    )
     params = base.model_copy(
-        update={"train": base.train.model_copy(update={"epochs": args.epochs or base.train.epochs})}
+        update={
+            "train": base.train.model_copy(update={"epochs": args.epochs or base.train.epochs}),
+            "sentences": base.sentences.model_copy(update={"review_report_examples": report_examples}),
+        }
     )
     gold = iu_presence_gold(args.data)
     subsets, _ = iu_subsets(args.data, gold)
@@ -228,13 +214,13 @@ def seed_results(
             reports = chosen_for_review(strategy, k, seed, args.seed, pool, predictions, teacher_labels, params)
             reviews = {r.report_id: simulated_review(teacher[r.report_id], gold[r.report_id]) for r in reports}
             reviewed = {rid: record for rid, (record, _) in reviews.items()}
-            name = f"{strategy}-{k}-s{seed}" + ("" if args.report_examples else "-sentences-only")
-            _, score = train_and_score(
-                name, work, splits, teacher, reviewed, params, locked, gold, report_examples=args.report_examples
-            )
+            name = f"{strategy}-{k}-s{seed}" + ("" if params.sentences.review_report_examples else "-sentences-only")
+            _, score = train_and_score(name, work, splits, teacher, reviewed, params, locked, gold)
             rows.append(
                 {
-                    "strategy": strategy if args.report_examples else f"{strategy}, sentence corrections only",
+                    "strategy": strategy
+                    if params.sentences.review_report_examples
+                    else f"{strategy}, sentence corrections only",
                     "k": len(reports),
                     "seed": seed,
                     "corrected_reports": sum(n > 0 for _, n in reviews.values()),

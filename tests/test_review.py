@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import project_params
 
 from deberta_rad.data import AppendOnlyStore, InputError, read_label_records, write_jsonl, write_splits
 from deberta_rad.params import Fractions, Params, ReviewParams
@@ -282,6 +283,37 @@ def test_reviews_correct_the_sentences_and_add_the_report_where_no_sentence_can_
     ((report, record),) = examples
     assert report.report_id == "review-b" and report.text == missed.text
     assert record.labels["Pleural Effusion"] == "present" and record.teacher == REVIEW_TEACHER
+
+
+@pytest.mark.parametrize("report_examples", [True, False])
+def test_the_sentences_stage_takes_a_missed_finding_as_a_report_example_only_when_params_say_so(
+    tmp_path: Path, report_examples: bool
+) -> None:
+    from deberta_rad.data import write_split
+    from deberta_rad.sentences import label_sentence_splits
+    from deberta_rad.teachers import get_teacher
+
+    missed = Report(report_id="b", text="The heart is enlarged. The costophrenic angle is blunted.")
+    normal = Report(report_id="c", text="No pleural effusion. Lungs are clear.")
+    teacher = {r.report_id: r for r in get_teacher("rules").label([missed, normal])}
+    assert teacher["b"].labels["Pleural Effusion"] != "present"  # the rules miss the blunted angle
+    review = LabelRecord(
+        report_id="b",
+        labels=apply_no_finding_rule({**teacher["b"].labels, "Pleural Effusion": "present"}),
+        teacher=REVIEW_TEACHER,
+    )
+    write_split(tmp_path / "splits/train", [missed], teacher, {}, {"b": review})
+    write_split(tmp_path / "splits/val", [normal], teacher, {}, {})
+    write_split(tmp_path / "splits/test", [], teacher, {}, {})
+    params = project_params({"sentences": {"review_report_examples": report_examples, "mention_swaps": 0}})
+
+    summary = label_sentence_splits(tmp_path / "splits", None, tmp_path / "sentences", params)
+
+    train = {r.report_id: r for r in read_label_records(tmp_path / "sentences/train/labels.jsonl")}
+    assert ("review-b" in train) == report_examples
+    assert summary["reviewed_reports_left_out"] == (0 if report_examples else 1)
+    if report_examples:
+        assert train["review-b"].labels["Pleural Effusion"] == "present"
 
 
 def test_reviewer_ids_are_stable_pseudonyms() -> None:

@@ -135,13 +135,15 @@ def label_sentence_splits(
     if everything:
         records, usage = label_with_pipeline_teacher(list(everything.values()), params.pseudo_label)
     by_id = {record.report_id: without_no_finding(record) for record in records}
-    n_reviewed = 0
+    n_reviewed = n_left_out = 0
     if unit == "sentence":
         from deberta_rad.review import reviewed_sentence_examples
 
         reviewed = reviewed_train_reports(splits_dir)
         sentences_of = {r.report_id: [sentence_id(s) for s in report_sentences(r.text)] for r, _ in reviewed}
         corrected, examples = reviewed_sentence_examples(reviewed, by_id, sentences_of)
+        if not config.review_report_examples:  # the reviews stay in the store and in val and test as gold
+            n_left_out, examples = len(examples), []
         by_id |= corrected | {record.report_id: record for _, record in examples}
         splits["train"] += [report for report, _ in examples]
         n_reviewed = len(corrected) + len(examples)
@@ -155,6 +157,7 @@ def label_sentence_splits(
         "swaps": n_swaps,
         "val": len(splits["val"]),
         "reviewed": n_reviewed,
+        "reviewed_reports_left_out": n_left_out,
         "usage": usage,
     }
 
