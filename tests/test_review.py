@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import project_params
 
-from deberta_rad.data import AppendOnlyStore, InputError, read_label_records, write_jsonl, write_splits
+from deberta_rad.data import AppendOnlyStore, InputError, read_label_records, write_jsonl, write_split, write_splits
 from deberta_rad.params import Fractions, Params, ReviewParams
 from deberta_rad.review import (
     REVIEW_TEACHER,
@@ -289,7 +289,6 @@ def test_reviews_correct_the_sentences_and_add_the_report_where_no_sentence_can_
 def test_the_sentences_stage_takes_a_missed_finding_as_a_report_example_only_when_params_say_so(
     tmp_path: Path, report_examples: bool
 ) -> None:
-    from deberta_rad.data import write_split
     from deberta_rad.sentences import label_sentence_splits
     from deberta_rad.teachers import get_teacher
 
