@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -144,6 +144,18 @@ def noisy_copy(rng: np.random.Generator, labels: dict, error_rate: float) -> dic
         rid: {f: (STATUSES[rng.integers(len(STATUSES))] if rng.random() < error_rate else s) for f, s in row.items()}
         for rid, row in labels.items()
     }
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.5) -> object:
+    """Poll ``condition`` until it returns something truthy, which it returns; fail naming ``what`` if not within
+    ``timeout_s``. Bounded by time, not by a number of tries, since a loaded machine makes each try slower."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(interval_s)
+    pytest.fail(f"not within {timeout_s} s: {what}")
 
 
 def wait_for_http(url: str, server: subprocess.Popen, log: Path, timeout_s: float) -> None:

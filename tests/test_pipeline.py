@@ -12,14 +12,13 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
-from conftest import RADLABELS, REPO, needs_shared
+from conftest import RADLABELS, REPO, needs_shared, wait_until
 from fake_openai import expected_labels, serve
 from label_studio_server import LabelStudioServer, add_reviewer, submit, task_opened
 from monitoring_stack import monitoring_stack
@@ -374,16 +373,6 @@ def label_through_service(url: str, reports: list[Report], batch: int = 50) -> N
 def judged(work: Path, institution: str) -> list[dict]:
     """The monitor's judged windows of an institution (its history)."""
     return [w for w in read_history(work / "monitor/history.jsonl") if w["institution"] == institution]
-
-
-def wait_until(condition: Callable[[], object], timeout_s: float, what: str) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.5)
-    pytest.fail(f"not within {timeout_s} s: {what}")
 
 
 @needs_shared(RADLABELS)

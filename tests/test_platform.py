@@ -11,13 +11,13 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, free_port, mlflow_store, stop_server, wait_for_http
+from conftest import REPO, free_port, mlflow_store, stop_server, wait_for_http, wait_until
 from test_pipeline import BIN, clean_env, copy_of_repo, run
 from test_webhooks import AlertSink, evaluated
 
@@ -212,16 +212,6 @@ def served_version(service: Service) -> str:
     return requests.post(f"{service.url}/label", json=body, timeout=60).json()["model_version"]
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout_s: float = 120) -> float:
-    """Poll ``check`` until it holds; the time.time() when it first did."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return time.time()
-        time.sleep(0.2)
-    pytest.fail(f"{what}: not within {timeout_s} s")
-
-
 def promote_in_ui(platform: PlatformPaths, service: Service, version: str, screenshot: Path) -> float:
     """As the promoter, make ``version`` champion in the MLflow UI; seconds from "Save aliases" to the
     service's first answer from that version."""
@@ -230,8 +220,11 @@ def promote_in_ui(platform: PlatformPaths, service: Service, version: str, scree
     state = read_state(platform)
     with chromium("promoter", load_secrets(platform)["promoter"]) as browser:
         saved_at = add_alias_in_ui(browser, state.tracking_uri, "deberta-rad", version, "champion", screenshot)
-    answered_at = wait_for(
-        f"the service answering with version {version}", lambda: served_version(service) == f"deberta-rad/{version}"
+    answered_at = wait_until(  # the time of the first answer from that version
+        lambda: served_version(service) == f"deberta-rad/{version}" and time.time(),
+        timeout_s=120,
+        what=f"the service answering with version {version}",
+        interval_s=0.2,
     )
     return round(answered_at - saved_at, 2)
 
@@ -276,13 +269,14 @@ def test_a_ui_promotion_reaches_the_service_at_once_with_its_gate_verdict(platfo
 
             with as_user("promoter", secrets["promoter"]):  # through the API: the gate refuses, strict reverts
                 client.set_registered_model_alias("deberta-rad", "champion", worse)
-                wait_for(
-                    "champion moved back",
+                wait_until(
                     lambda: str(client.get_model_version_by_alias("deberta-rad", "champion").version) == hooked,
+                    timeout_s=120,
+                    what="champion moved back",
                 )
                 tags = client.get_model_version("deberta-rad", worse).tags
             assert tags["promotion.gate"] == "refused" and "moved back" in tags["promotion.reverted"]
-            wait_for("the alert", lambda: bool(alerts.received))
+            wait_until(lambda: alerts.received, timeout_s=120, what="the alert")
             assert alerts.received[0]["version"] == worse and alerts.received[0]["reverted"] is True
             assert served_version(service) == f"deberta-rad/{hooked}"
     finally:
