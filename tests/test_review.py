@@ -285,6 +285,33 @@ def test_reviews_correct_the_sentences_and_add_the_report_where_no_sentence_can_
     assert record.labels["Pleural Effusion"] == "present" and record.teacher == REVIEW_TEACHER
 
 
+def test_a_finding_the_reviewer_rates_stronger_is_raised_in_the_sentence_that_hedged_it() -> None:
+    sentences = {
+        "hedge": sentence_record("hedge", Pleural_Effusion="uncertain"),  # "Possible small left effusion."
+        "negation": sentence_record("negation", Pleural_Effusion="absent"),  # "No effusion on the right."
+        "heart": sentence_record("heart"),  # "Heart size normal."
+    }
+    hedged = Report(report_id="a", text="Possible small left effusion. No effusion on the right. Heart size normal.")
+    read_as_present = LabelRecord(report_id="a", labels=labels(Pleural_Effusion="present"), teacher=REVIEW_TEACHER)
+    sentences_of = {"a": ["hedge", "negation", "heart"], "b": ["hedge", "heart"]}
+
+    corrected, examples = reviewed_sentence_examples([(hedged, read_as_present)], sentences, sentences_of)
+
+    assert corrected["hedge"].labels["Pleural Effusion"] == "present"
+    assert "negation" not in corrected and "heart" not in corrected  # the strongest mention only
+    assert examples == []  # the sentences carry the review: no whole-report example
+
+    # Another reviewed report holds the same sentence and keeps it hedged: the sentence stays as the
+    # weaker review has it, and report a's effusion can only come as a whole-report example.
+    kept = Report(report_id="b", text="Possible small left effusion. Heart size normal.")
+    kept_hedged = LabelRecord(report_id="b", labels=labels(Pleural_Effusion="uncertain"), teacher=REVIEW_TEACHER)
+    corrected, examples = reviewed_sentence_examples(
+        [(hedged, read_as_present), (kept, kept_hedged)], sentences, sentences_of
+    )
+    assert "hedge" not in corrected
+    assert [report.report_id for report, _ in examples] == ["review-a"]
+
+
 @pytest.mark.parametrize("report_examples", [True, False])
 def test_the_sentences_stage_takes_a_missed_finding_as_a_report_example_only_when_params_say_so(
     tmp_path: Path, report_examples: bool
@@ -292,13 +319,13 @@ def test_the_sentences_stage_takes_a_missed_finding_as_a_report_example_only_whe
     from deberta_rad.sentences import label_sentence_splits
     from deberta_rad.teachers import get_teacher
 
-    missed = Report(report_id="b", text="The heart is enlarged. The costophrenic angle is blunted.")
+    missed = Report(report_id="b", text="The heart is enlarged. Deformity of the left sixth rib.")
     normal = Report(report_id="c", text="No pleural effusion. Lungs are clear.")
     teacher = {r.report_id: r for r in get_teacher("rules").label([missed, normal])}
-    assert teacher["b"].labels["Pleural Effusion"] != "present"  # the rules miss the blunted angle
+    assert teacher["b"].labels["Fracture"] == "not_mentioned"  # the rules do not read the deformity as one
     review = LabelRecord(
         report_id="b",
-        labels=apply_no_finding_rule({**teacher["b"].labels, "Pleural Effusion": "present"}),
+        labels=apply_no_finding_rule({**teacher["b"].labels, "Fracture": "present"}),
         teacher=REVIEW_TEACHER,
     )
     write_split(tmp_path / "splits/train", [missed], teacher, {}, {"b": review})
@@ -312,7 +339,7 @@ def test_the_sentences_stage_takes_a_missed_finding_as_a_report_example_only_whe
     assert ("review-b" in train) == report_examples
     assert summary["reviewed_reports_left_out"] == (0 if report_examples else 1)
     if report_examples:
-        assert train["review-b"].labels["Pleural Effusion"] == "present"
+        assert train["review-b"].labels["Fracture"] == "present"
 
 
 def test_reviewer_ids_are_stable_pseudonyms() -> None:

@@ -95,7 +95,7 @@ class SentencesParams(Section):
     """The sentence-level student's extra examples (sentences.py): sentences of the embedded generator's
     reports (how many reports, 0: none, and its seed) and mention swaps per train sentence (and seed),
     drawing also from the names the rule vocabulary spells out or not; and whether a reviewed finding
-    that no sentence carries becomes a whole-report example."""
+    that no sentence mentions becomes a whole-report example."""
 
     synthetic_reports: Count = 0
     synthetic_seed: int = 7

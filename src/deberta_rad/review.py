@@ -476,6 +476,16 @@ def weaker(a: str, b: str) -> str:
     return a if STATUS_RANK[a] <= STATUS_RANK[b] else b
 
 
+def overruled_mentions(statuses: Mapping[str, str], reviewed: str) -> list[str]:
+    """Of a report's sentences' statuses for one finding, the sentences a review rating it stronger than all
+    of them overrules: those that mention it most strongly (the hedge or the negation the reviewer read
+    otherwise). None when the review is no stronger, or when no sentence mentions the finding at all."""
+    strongest = max(statuses.values(), key=STATUS_RANK.get, default="not_mentioned")
+    if strongest == "not_mentioned" or STATUS_RANK[strongest] >= STATUS_RANK[reviewed]:
+        return []
+    return [sid for sid, status in statuses.items() if status == strongest]
+
+
 def reviewed_sentence_examples(
     reviewed: Sequence[tuple[Report, LabelRecord]],
     sentence_labels: Mapping[str, LabelRecord],
@@ -483,21 +493,30 @@ def reviewed_sentence_examples(
 ) -> tuple[dict[str, LabelRecord], list[tuple[Report, LabelRecord]]]:
     """What a sentence-level student learns from reviewed reports, whose labels belong to the report.
 
-    Each sentence of a reviewed report keeps the teacher's status where the reviewer's is at least as
-    strong, and takes the reviewer's where the teacher's is stronger (a finding the reviewer struck out
-    is struck out of every sentence that claimed it; a sentence shared with other reports takes the
-    weakest review). Where the sentences then cannot give the reviewer's status (a finding the teacher
-    missed: no sentence says which one holds it) the whole report becomes one more example with the
-    reviewer's labels. Returns the corrected sentence labels and those report examples, all with the
-    `review` provenance: only what the review changed, since a label the reviewer confirmed is the
-    teacher's and the examples with that provenance are the ones `train` shows `review.repeat` times."""
-    corrected: dict[str, dict[str, str]] = {}
+    No sentence of a reviewed report keeps a status stronger than the review's: a finding the reviewer
+    struck out is struck out of every sentence that claimed it. A finding the reviewer rates stronger than
+    every sentence does is raised in the sentences that mention it most strongly ("possible effusion" for
+    an effusion marked present). A sentence shared by several reviewed reports goes no higher than the
+    weakest of their reviews. Where no sentence mentions the finding (nothing says which one holds it)
+    the whole report becomes one more example with the reviewer's labels. Returns the corrected sentence
+    labels and those report examples, all with the `review` provenance: only what the review changed,
+    since a label the reviewer confirmed is the teacher's and the examples with that provenance are the
+    ones `train` shows `review.repeat` times."""
+    ceiling: dict[str, dict[str, str]] = {}
     for report, review in reviewed:
         for sid in sentences_of[report.report_id]:
-            current = corrected.get(sid) or dict(sentence_labels[sid].labels)
-            corrected[sid] = {f: weaker(current[f], review.labels[f]) for f in FINDINGS} | {
-                "No Finding": "not_mentioned"
-            }
+            ceiling[sid] = {f: weaker(ceiling.get(sid, review.labels)[f], review.labels[f]) for f in FINDINGS}
+    corrected = {
+        sid: {f: weaker(sentence_labels[sid].labels[f], cap[f]) for f in FINDINGS} | {"No Finding": "not_mentioned"}
+        for sid, cap in ceiling.items()
+    }
+    for report, review in reviewed:
+        for finding in FINDINGS:
+            if finding == "No Finding":
+                continue
+            statuses = {sid: corrected[sid][finding] for sid in sentences_of[report.report_id]}
+            for sid in overruled_mentions(statuses, review.labels[finding]):
+                corrected[sid][finding] = ceiling[sid][finding]
     examples = []
     for report, review in reviewed:
         reached = {
