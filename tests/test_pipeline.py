@@ -284,6 +284,10 @@ def test_reviews_from_label_studio_become_gold_in_test_and_targets_in_training_a
     assert len(chosen) == 20
     pushed = run([str(BIN / "deberta-rad"), "review", "push"], project, extra_env=ls_env)
     assert "imported 20 tasks" in pushed.stdout
+    # Before anyone reviewed them, another selection leaves the pushed reports to the reviewer they wait for.
+    again = run([str(BIN / "deberta-rad"), *select, "--output", "data/review/next.jsonl"], project, extra_env=ls_env)
+    assert "20 already tasks in Label Studio" in again.stdout
+    assert not {r.report_id for r in read_reports(project / "data/review/next.jsonl")} & {r.report_id for r in chosen}
 
     # A radiologist corrects the student's pre-filled labels to the generator's truth in the web app.
     reviewer = add_reviewer(label_studio, "pipeline.radiologist@example.org")
@@ -325,8 +329,10 @@ def test_reviews_from_label_studio_become_gold_in_test_and_targets_in_training_a
     val_reviewed = read_label_records(val_path) if val_path.is_file() else []
     assert int(train_params["n_reviewed"]) == len(train_reviewed) + len(val_reviewed)
     assert int(train_params["n_reviewed_examples"]) > 0
-    (selection_run,) = client.search_runs(
-        [client.get_experiment_by_name("deberta-rad").experiment_id], "tags.stage = 'review-select'"
+    selection_run, _ = client.search_runs(  # the first selection, then the one beside the waiting tasks
+        [client.get_experiment_by_name("deberta-rad").experiment_id],
+        "tags.stage = 'review-select'",
+        order_by=["attributes.start_time ASC"],
     )
     assert selection_run.data.params["budget"] == "20" and selection_run.data.metrics["selected"] == 20
     logged = json.dumps([selection_run.data.params, selection_run.data.metrics, selection_run.data.tags])

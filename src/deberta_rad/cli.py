@@ -229,8 +229,9 @@ def review_select(
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Rank the reports by what a review would teach (student uncertainty, student-teacher disagreement,
-    rare findings; params `review`), keep near-duplicate texts apart, skip reports already reviewed, and
-    write the best `budget`; the choice (ids and scores) is logged to MLflow."""
+    rare findings; params `review`), keep near-duplicate texts apart, skip reports already reviewed or
+    already tasks in the Label Studio project (when its token is set), and write the best `budget`; the
+    choice (ids and scores) is logged to MLflow."""
     from deberta_rad.predict import predict_reports
     from deberta_rad.review import (
         log_selection,
@@ -245,6 +246,9 @@ def review_select(
     pool = data.read_reports(reports)
     if not pool:
         raise data.InputError(f"{reports}: holds no reports")
+    waiting = tasks_waiting_in_label_studio(config.project)
+    in_label_studio = sum(r.report_id in (waiting or set()) for r in pool)
+    pool = [r for r in pool if r.report_id not in (waiting or set())]
     if teacher_labels is None and Path("data/pseudo_labels.jsonl").is_file():
         teacher_labels = Path("data/pseudo_labels.jsonl")
     teacher = data.labels_by_id(data.read_label_records(teacher_labels)) if teacher_labels else {}
@@ -260,9 +264,26 @@ def review_select(
     typer.echo(
         f"selected {len(selection.chosen)} of {selection.pool} reports into {output} (MLflow run {run_id}); "
         f"{selection.already_reviewed} already reviewed, {selection.near_duplicates_skipped} near-duplicates "
-        f"skipped, {selection.without_teacher_label} without a teacher label"
+        f"skipped, {selection.without_teacher_label} without a teacher label, "
+        + (f"{in_label_studio} already tasks in Label Studio" if waiting is not None else LABEL_STUDIO_NOT_ASKED)
         + ("" if teacher_labels else " (no --teacher-labels: disagreement not scored)")
     )
+
+
+LABEL_STUDIO_NOT_ASKED = "Label Studio not asked for the tasks it holds (no DEBERTA_RAD_LABEL_STUDIO_TOKEN)"
+
+
+def tasks_waiting_in_label_studio(title: str) -> set[str] | None:
+    """Report ids that are already tasks in the review project, reviewed or still waiting for a
+    reviewer, so a second `select` before the first batch is done does not choose them again; None when
+    no Label Studio token is set (select also works without one)."""
+    from deberta_rad.settings import get_settings
+
+    if get_settings().label_studio_token is None:
+        return None
+    client, _ = label_studio_client()
+    project_id = client.find_project(title)
+    return client.task_report_ids(project_id) if project_id is not None else set()
 
 
 def label_studio_client() -> tuple[LabelStudioClient, str]:
