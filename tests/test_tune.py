@@ -12,7 +12,8 @@ from tiny_backbones import tiny_deberta_backbone
 from typer.testing import CliRunner
 
 from deberta_rad.cli import app
-from deberta_rad.data import write_jsonl
+from deberta_rad.data import read_label_records, write_jsonl
+from deberta_rad.review import REVIEW_TEACHER
 from deberta_rad.synthetic import generate_corpus
 from deberta_rad.tune import SEARCHED
 
@@ -34,6 +35,9 @@ def write_tiny_splits(splits: Path) -> None:
 @pytest.mark.slow
 def test_two_trials_are_nested_runs_and_the_best_is_reported(isolated_mlflow: str, tmp_path: Path) -> None:
     write_tiny_splits(tmp_path / "splits")
+    val_labels = read_label_records(tmp_path / "splits/val/labels.jsonl")
+    reviews = [r.model_copy(update={"teacher": REVIEW_TEACHER}) for r in val_labels[:3]]
+    write_jsonl(tmp_path / "splits/val/reviewed.jsonl", reviews)  # the search chooses on them, as train does
     backbone = tiny_deberta_backbone(tmp_path / "tiny-deberta")
     params = {
         "model": {"backbone": str(backbone), "max_length": 32, "unit": "report"},
@@ -51,6 +55,7 @@ def test_two_trials_are_nested_runs_and_the_best_is_reported(isolated_mlflow: st
     assert [t["trial"] for t in summary["trials"]] == [0, 1]
     assert summary["best"] == max(summary["trials"], key=lambda t: t["val_macro_f1"])
     assert (summary["n_train"], summary["n_val"], summary["epochs_per_trial"]) == (40, 12, 1)
+    assert summary["n_reviewed"] == 3
     for trial in summary["trials"]:
         for name, bounds in RANGES.items():
             assert bounds["low"] <= trial["params"][name] <= bounds["high"]

@@ -546,6 +546,12 @@ def read_reviewed(splits_dir: Path, name: str) -> list[LabelRecord]:
     return read_label_records(path) if path.is_file() else []
 
 
+def read_reviewed_for_training(splits_dir: Path) -> list[LabelRecord]:
+    """Train's and val's reviewed labels, which replace the teacher's wherever a model is fitted and its
+    epoch chosen (`train` and `tune` alike)."""
+    return [*read_reviewed(splits_dir, "train"), *read_reviewed(splits_dir, "val")]
+
+
 def selection_table(chosen: Sequence[Candidate], top: int = 10) -> str:
     """The first picks with their scores, for the terminal (ids only)."""
     lines = [f"{'report':24s} {'score':>6s} {'uncert.':>8s} {'disagr.':>8s} {'rarity':>7s}"]

@@ -33,7 +33,7 @@ from deberta_rad.metrics import compute_metrics
 from deberta_rad.model import Student, student_from_backbone
 from deberta_rad.params import ModelParams, Params, TrainParams
 from deberta_rad.pretrain import MARKER, adapted_location, resolve_max_length
-from deberta_rad.review import REVIEW_TEACHER, read_reviewed
+from deberta_rad.review import REVIEW_TEACHER, read_reviewed, read_reviewed_for_training
 from deberta_rad.schema import FINDINGS, STATUS_INDEX, STATUSES, LabelRecord, Report
 from deberta_rad.sentences import aggregate_reports, distinct_sentences, report_sentences
 from deberta_rad.tracking import RUN_FILE, configure_mlflow, data_version_tags
@@ -492,7 +492,7 @@ def train_from_splits(
     train_reports, train_labels = read_split(splits_dir, "train")
     augmented_reports, augmented_labels = read_augmented(augmented_dir, train_reports)
     val_reports, val_labels = read_split(splits_dir, "val")
-    reviewed = [*read_reviewed(splits_dir, "train"), *read_reviewed(splits_dir, "val")]
+    reviewed = read_reviewed_for_training(splits_dir)
     labels = labels_by_id([*train_labels, *augmented_labels, *val_labels, *reviewed])  # reviews replace the teacher's
     n_train = len(train_reports)
     train_reports = [*train_reports, *augmented_reports]

@@ -21,8 +21,9 @@ import optuna
 
 from deberta_rad.data import InputError, labels_by_id
 from deberta_rad.params import Params, TuneParams
+from deberta_rad.review import read_reviewed_for_training
 from deberta_rad.tracking import configure_mlflow, data_version_tags
-from deberta_rad.train import TrainConfig, read_split, train_student, training_examples
+from deberta_rad.train import TrainConfig, read_split, reviewed_example_ids, train_student, training_examples
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,12 @@ def tune(
     val_reports, val_labels = read_split(splits_dir, "val")
     if not train_reports or not val_reports:
         raise InputError(f"{splits_dir}: the train and val splits must both hold reports")
-    labels = labels_by_id([*train_labels, *val_labels])
+    reviewed = read_reviewed_for_training(splits_dir)
+    labels = labels_by_id([*train_labels, *val_labels, *reviewed])  # reviews replace the teacher's, as in train
     train_reports, val_reports, labels, val_whole_reports = training_examples(
         base, train_reports, val_reports, labels, sentences_dir
     )
+    reviewed_examples = reviewed_example_ids(base, splits_dir, sentences_dir)
     if config.max_train_reports and len(train_reports) > config.max_train_reports:
         train_reports = random.Random(config.seed).sample(train_reports, config.max_train_reports)
     teacher = train_labels[0].teacher.name if train_labels and train_labels[0].teacher else "unknown"
@@ -82,6 +85,7 @@ def tune(
                     trial_config,
                     Path(checkpoints),
                     val_whole_reports=val_whole_reports,
+                    reviewed=reviewed_examples,
                 )
             record = {
                 "trial": trial.number,
@@ -116,6 +120,7 @@ def tune(
                 "epochs_per_trial": epochs,
                 "n_train": len(train_reports),
                 "n_val": len(val_reports),
+                "n_reviewed": len(reviewed),
             }
         )
         study.optimize(objective, n_trials=config.n_trials)
@@ -124,7 +129,8 @@ def tune(
         mlflow.log_params({"best.trial": best["trial"]})
         mlflow.log_metrics({"best_val_macro_f1": best["val_macro_f1"], "best_val_agreement": best["val_agreement"]})
         result = {
-            "objective": "macro F1 of the student against the teacher on the val split (maximised)",
+            "objective": "macro F1 of the student against the teacher on the val split, a radiologist's labels "
+            "where reviewed (maximised)",
             "best": best,
             "dvc_exp_run": dvc_exp_command(best["params"]),
             "trials": records,
@@ -134,6 +140,7 @@ def tune(
             "epochs_per_trial": epochs,
             "n_train": len(train_reports),
             "n_val": len(val_reports),
+            "n_reviewed": len(reviewed),
             "mlflow_run_id": parent.info.run_id,
         }
         mlflow.log_dict(result, "tune.json")
