@@ -247,8 +247,8 @@ def review_select(
     if not pool:
         raise data.InputError(f"{reports}: holds no reports")
     waiting = tasks_waiting_in_label_studio(config.project)
-    in_label_studio = sum(r.report_id in (waiting or set()) for r in pool)
-    pool = [r for r in pool if r.report_id not in (waiting or set())]
+    open_pool = [r for r in pool if r.report_id not in (waiting or set())]
+    in_label_studio, pool = len(pool) - len(open_pool), open_pool
     if teacher_labels is None and Path("data/pseudo_labels.jsonl").is_file():
         teacher_labels = Path("data/pseudo_labels.jsonl")
     teacher = data.labels_by_id(data.read_label_records(teacher_labels)) if teacher_labels else {}
