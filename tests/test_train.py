@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -41,12 +42,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     gold = labels_by_id(labels for _, labels in pairs)
     splits = split_reports([report for report, _ in pairs], seed=1, fractions=FRACTIONS)
     config = TrainConfig(max_length=96, epochs=6, batch_size=16, learning_rate=1e-4, head_learning_rate=3e-3)
-    student, scores = train_student(splits["train"], splits["val"], gold, config, tmp_path_factory.mktemp("ck"))
-    return student, scores, splits, gold
+    work_dir = tmp_path_factory.mktemp("ck")
+    student, scores = train_student(splits["train"], splits["val"], gold, config, work_dir)
+    return student, scores, splits, gold, work_dir
 
 
 def test_short_training_run_learns_well_above_chance(trained) -> None:
-    student, scores, splits, gold = trained
+    student, scores, splits, gold, _ = trained
     test = splits["test"]
     predicted = labels_by_id(LabelingEngine(student, batch_size=32).label(test, model_name="test"))
     test_gold = {r.report_id: gold[r.report_id] for r in test}
@@ -55,6 +57,18 @@ def test_short_training_run_learns_well_above_chance(trained) -> None:
     chance = compute_metrics(chance_labels(train_gold, list(test_gold)), test_gold)["macro_f1"]
     assert learned > chance + 0.2, f"student macro F1 {learned:.3f} vs chance {chance:.3f}"
     assert scores["eval_macro_f1"] > chance
+
+
+def test_the_epoch_with_the_lowest_validation_loss_is_kept(trained) -> None:
+    """train.select_on: loss (the default) keeps the epoch whose val distillation loss is lowest, not the
+    one whose noisier val macro F1 is highest."""
+    _, scores, _, _, work_dir = trained
+    last = max(work_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    state = json.loads((last / "trainer_state.json").read_text())
+    evaluations = [entry for entry in state["log_history"] if "eval_loss" in entry]
+    best = min(evaluations, key=lambda entry: entry["eval_loss"])
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    assert scores["eval_loss"] == pytest.approx(best["eval_loss"], abs=1e-6)
 
 
 def test_heads_get_their_own_learning_rate(trained) -> None:

@@ -140,6 +140,7 @@ class TrainParams(Section):
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.5
     temperature: Positive = 2.0
     early_stopping_patience: Count = 2
+    select_on: Literal["loss", "macro_f1"] = "loss"
     logging_steps: Annotated[int, Field(ge=1)] = 10
     repeat_threshold: NonNegative = 0.0
     deepspeed: OnOffAuto = "auto"

@@ -203,7 +203,8 @@ def _one_process_world() -> None:
 def training_arguments(
     config: TrainConfig, work_dir: Path, report_to: list[str], **overrides: object
 ) -> TrainingArguments:
-    """Cosine schedule with warm-up, length-grouped batches, per-epoch validation (AdamW is passed in);
+    """Cosine schedule with warm-up, length-grouped batches, per-epoch validation that keeps the best
+    epoch by `train.select_on` and stops early on it (AdamW is passed in);
     DeepSpeed ZeRO-2 when `deepspeed` says so, in bf16 on a GPU that has it. ``overrides`` replace any
     of these (the training benchmark runs a fixed number of steps without validation)."""
     deepspeed = config.deepspeed_config_path()
@@ -223,8 +224,8 @@ def training_arguments(
         save_strategy="epoch",
         save_total_limit=2,
         load_best_model_at_end=True,
-        metric_for_best_model="macro_f1",
-        greater_is_better=True,
+        metric_for_best_model=config.select_on,
+        greater_is_better=config.select_on != "loss",
         label_names=["labels"],
         logging_steps=config.logging_steps,
         seed=config.seed,
