@@ -3,6 +3,7 @@
     python benchmarks/review_iu.py [--budgets 100 200 400] [--epochs 4] [--train-seeds 13 14 15] [--json OUT]
     python benchmarks/review_iu.py --ranker WORK/none-s13/model --budgets 400 --strategies random  # one cell
     python benchmarks/review_iu.py --combine run1.json run2.json  # their rows in one table
+    python benchmarks/review_iu.py --hedges WORK/none-s15/model WORK/selected-400-s15/model  # hedges
 
 The pool is the development half of IU dev (DESIGN.md section 6), labelled by the rule teacher; the
 locked half is only scored (no strategy picks from it). A student is trained on the pool's teacher
@@ -10,7 +11,10 @@ labels (no review), and that student ranks the pool for `review select`'s strate
 For each budget K, K reports chosen by the strategy and K chosen at random go to a simulated reviewer
 who knows the human MeSH codes (presence only): a finding the codes mark present and the teacher did
 not call present becomes present, one the teacher called present and the codes do not becomes absent,
-every other status stays the teacher's, and No Finding follows the convention. A student is then
+every other status stays the teacher's (an "uncertain" too: the codes cannot say uncertain, and on the
+development half they mark 24 of the 73 findings the teacher calls uncertain present, so a hedge coded
+present is the coder's convention more than the teacher's error; `--uncertain correct` makes them
+present), and No Finding follows the convention. A student is then
 trained with those reviewed labels through the pipeline's own `sentences` and `train` steps (reviewed
 labels replace the teacher's, and the examples a review changed are shown `review.repeat` times), and
 each student is scored on the locked half: presence macro F1 against the MeSH codes. Prints counts and
@@ -42,15 +46,19 @@ from deberta_rad.teachers import get_teacher
 PresenceGold = dict[str, dict[str, bool]]
 
 
-def simulated_review(teacher: LabelRecord, gold: dict[str, bool]) -> tuple[LabelRecord, int]:
+def simulated_review(
+    teacher: LabelRecord, gold: dict[str, bool], correct_uncertain: bool = False
+) -> tuple[LabelRecord, int]:
     """The teacher's labels with presence corrected by the MeSH codes; returns them and the number of
-    findings corrected."""
+    findings corrected. The codes do not code uncertainty (DESIGN.md section 6), so a finding the teacher
+    calls uncertain keeps that status unless ``correct_uncertain`` makes it present where they code it."""
     labels = dict(teacher.labels)
     corrected = 0
+    kept = {"present"} if correct_uncertain else {"present", "uncertain"}
     for finding in FINDINGS:
         if finding == "No Finding":
             continue
-        if gold[finding] and labels[finding] != "present":
+        if gold[finding] and labels[finding] not in kept:
             labels[finding], corrected = "present", corrected + 1
         elif not gold[finding] and labels[finding] == "present":
             labels[finding], corrected = "absent", corrected + 1
@@ -134,9 +142,27 @@ def main() -> None:
         "whole-report example (on) or not at all (off)",
     )
     parser.add_argument(
+        "--uncertain",
+        choices=["keep", "correct"],
+        default="keep",
+        help="a finding the teacher calls uncertain and the MeSH codes mark present: the reviewer keeps "
+        "uncertain (the codes do not code uncertainty) or makes it present (the rounds before)",
+    )
+    parser.add_argument(
         "--combine", type=Path, nargs="+", default=None, help="print one table from the --json files of several runs"
     )
+    parser.add_argument(
+        "--hedges",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="students to check on the findings the teacher calls uncertain (locked half): how many they call "
+        "present and how many of those the MeSH codes mark present",
+    )
     args = parser.parse_args()
+    if args.hedges:
+        print_hedges(args.data, args.hedges)
+        return
     if args.combine:
         rows = [row for path in args.combine for row in json.loads(path.read_text())["results"]]
         print(format_table(list({(r["strategy"], r["k"], r["seed"]): r for r in rows}.values())))  # one no-review row
@@ -182,6 +208,35 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
+def print_hedges(data: Path, models: list[Path]) -> None:
+    """How often the MeSH codes mark present a finding the rule teacher calls uncertain, on each half, and
+    per student on the locked half: the hedges it calls present (and how many the codes mark present), and
+    its true and false positives and misses on every other finding. Counts only."""
+    gold = iu_presence_gold(data)
+    subsets, _ = iu_subsets(data, gold)
+    teacher = {}
+    for half in ("development", "locked"):
+        teacher[half] = labels_by_id(get_teacher("rules").label(subsets[half]))
+        hedges = [(rid, f) for rid, labels in teacher[half].items() for f in FINDINGS if labels[f] == "uncertain"]
+        coded = sum(gold[rid][f] for rid, f in hedges)
+        print(f"{half} half: the teacher calls {len(hedges)} findings uncertain; the MeSH codes mark {coded} present")
+    locked = subsets["locked"]
+    cells = [(r.report_id, f) for r in locked for f in FINDINGS if f != "No Finding"]
+    print("| student | hedges called present | of which coded present | other: true pos. | false pos. | missed |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for model in models:
+        predicted = labels_by_id(predict_reports(str(model), locked)[0])
+        present = {(rid, f) for rid, f in cells if predicted[rid][f] == "present"}
+        hedged = {(rid, f) for rid, f in cells if teacher["locked"][rid][f] == "uncertain"}
+        called = present & hedged
+        other = [cell for cell in cells if cell not in hedged]
+        tp = sum(cell in present and gold[cell[0]][cell[1]] for cell in other)
+        fp = sum(cell in present and not gold[cell[0]][cell[1]] for cell in other)
+        missed = sum(cell not in present and gold[cell[0]][cell[1]] for cell in other)
+        coded = sum(gold[rid][f] for rid, f in called)
+        print(f"| {model} | {len(called)} | {coded} | {tp} | {fp} | {missed} |")
+
+
 def seed_results(
     seed: int,
     args: argparse.Namespace,
@@ -212,15 +267,20 @@ def seed_results(
     for k in args.budgets:
         for strategy in args.strategies:
             reports = chosen_for_review(strategy, k, seed, args.seed, pool, predictions, teacher_labels, params)
-            reviews = {r.report_id: simulated_review(teacher[r.report_id], gold[r.report_id]) for r in reports}
+            correct_uncertain = args.uncertain == "correct"
+            reviews = {
+                r.report_id: simulated_review(teacher[r.report_id], gold[r.report_id], correct_uncertain)
+                for r in reports
+            }
             reviewed = {rid: record for rid, (record, _) in reviews.items()}
-            name = f"{strategy}-{k}-s{seed}" + ("" if params.sentences.review_report_examples else "-sentences-only")
+            variant = ("" if params.sentences.review_report_examples else ", sentence corrections only") + (
+                ", uncertain corrected" if correct_uncertain else ""
+            )
+            name = f"{strategy}-{k}-s{seed}" + variant.replace(", ", "-").replace(" ", "-")
             _, score = train_and_score(name, work, splits, teacher, reviewed, params, locked, gold)
             rows.append(
                 {
-                    "strategy": strategy
-                    if params.sentences.review_report_examples
-                    else f"{strategy}, sentence corrections only",
+                    "strategy": strategy + variant,
                     "k": len(reports),
                     "seed": seed,
                     "corrected_reports": sum(n > 0 for _, n in reviews.values()),
@@ -276,16 +336,17 @@ def paired_differences(results: list[dict[str, Any]]) -> list[str]:
     more than a few dozen corrections, so the criterion is read from the pairs, not from one run."""
     f1 = {(row["strategy"], row["k"], row["seed"]): row["f1"] for row in results}
     lines = []
-    for k in sorted({k for strategy, k, _ in f1 if strategy == "selected"}):
+    for strategy, k in sorted({(s, k) for s, k, _ in f1 if s.startswith("selected")}):
+        rival = strategy.replace("selected", "random", 1)  # the same variant drawn at random
         gaps = [
-            f1[("selected", k, seed)] - f1[("random", k, seed)]
-            for strategy, kk, seed in f1
-            if (strategy, kk) == ("selected", k) and ("random", k, seed) in f1
+            f1[(s, kk, seed)] - f1[(rival, k, seed)]
+            for s, kk, seed in f1
+            if (s, kk) == (strategy, k) and (rival, k, seed) in f1
         ]
         if gaps:
             lines.append(
-                f"K = {k}: selected minus random {sum(gaps) / len(gaps):+.3f} on average over {len(gaps)} seeds, "
-                f"selected ahead under {sum(g > 0 for g in gaps)}"
+                f"{strategy}, K = {k}: minus random {sum(gaps) / len(gaps):+.3f} on average over {len(gaps)} seeds, "
+                f"ahead under {sum(g > 0 for g in gaps)}"
             )
     return lines
 
