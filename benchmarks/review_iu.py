@@ -39,6 +39,7 @@ from deberta_rad.gold import iu_presence_gold
 from deberta_rad.metrics import presence_metrics
 from deberta_rad.params import Fractions, Params, load_params
 from deberta_rad.predict import predict_reports
+from deberta_rad.registry import check_model_ref
 from deberta_rad.review import REVIEW_TEACHER, select_for_review
 from deberta_rad.schema import FINDINGS, LabelRecord, Report, apply_no_finding_rule
 from deberta_rad.teachers import get_teacher
@@ -160,9 +161,6 @@ def main() -> None:
         "present and how many of those the MeSH codes mark present",
     )
     args = parser.parse_args()
-    if args.hedges:
-        print_hedges(args.data, args.hedges)
-        return
     if args.combine:
         rows = [row for path in args.combine for row in json.loads(path.read_text())["results"]]
         print(format_table(list({(r["strategy"], r["k"], r["seed"]): r for r in rows}.values())))  # one no-review row
@@ -171,6 +169,14 @@ def main() -> None:
         raise SystemExit("--ranker is one seed's no-review student: pass a single --train-seeds")
     if not args.data.is_file():
         raise SystemExit(f"IU data not found at {args.data} (expected ../shared/data beside the repo)")
+    if args.hedges:
+        for model in args.hedges:
+            try:
+                check_model_ref(str(model))
+            except FileNotFoundError as error:
+                raise SystemExit(f"--hedges: {error}") from None
+        print_hedges(args.data, args.hedges)
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="review-iu-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.resolve()}/mlflow.db")
 
@@ -222,14 +228,14 @@ def print_hedges(data: Path, models: list[Path]) -> None:
         print(f"{half} half: the teacher calls {len(hedges)} findings uncertain; the MeSH codes mark {coded} present")
     locked = subsets["locked"]
     cells = [(r.report_id, f) for r in locked for f in FINDINGS if f != "No Finding"]
+    hedged = {(rid, f) for rid, f in cells if teacher["locked"][rid][f] == "uncertain"}
+    other = [cell for cell in cells if cell not in hedged]
     print("| student | hedges called present | of which coded present | other: true pos. | false pos. | missed |")
     print("|---|---:|---:|---:|---:|---:|")
     for model in models:
         predicted = labels_by_id(predict_reports(str(model), locked)[0])
         present = {(rid, f) for rid, f in cells if predicted[rid][f] == "present"}
-        hedged = {(rid, f) for rid, f in cells if teacher["locked"][rid][f] == "uncertain"}
         called = present & hedged
-        other = [cell for cell in cells if cell not in hedged]
         tp = sum(cell in present and gold[cell[0]][cell[1]] for cell in other)
         fp = sum(cell in present and not gold[cell[0]][cell[1]] for cell in other)
         missed = sum(cell not in present and gold[cell[0]][cell[1]] for cell in other)
@@ -264,18 +270,18 @@ def seed_results(
         )
         predictions, _ = predict_reports(str(model), pool)
     teacher_labels = labels_by_id(teacher.values())
+    correct_uncertain = args.uncertain == "correct"
+    variant = ("" if params.sentences.review_report_examples else ", sentence corrections only") + (
+        ", uncertain corrected" if correct_uncertain else ""
+    )
     for k in args.budgets:
         for strategy in args.strategies:
             reports = chosen_for_review(strategy, k, seed, args.seed, pool, predictions, teacher_labels, params)
-            correct_uncertain = args.uncertain == "correct"
             reviews = {
                 r.report_id: simulated_review(teacher[r.report_id], gold[r.report_id], correct_uncertain)
                 for r in reports
             }
             reviewed = {rid: record for rid, (record, _) in reviews.items()}
-            variant = ("" if params.sentences.review_report_examples else ", sentence corrections only") + (
-                ", uncertain corrected" if correct_uncertain else ""
-            )
             name = f"{strategy}-{k}-s{seed}" + variant.replace(", ", "-").replace(" ", "-")
             _, score = train_and_score(name, work, splits, teacher, reviewed, params, locked, gold)
             rows.append(
