@@ -162,7 +162,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.combine:
-        rows = [row for path in args.combine for row in json.loads(path.read_text())["results"]]
+        rows = [row for path in args.combine for row in result_rows(path)]
         print(format_table(list({(r["strategy"], r["k"], r["seed"]): r for r in rows}.values())))  # one no-review row
         return
     if args.ranker and len(args.train_seeds or [None]) > 1:
@@ -212,6 +212,14 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"epochs": params.train.epochs, "results": results}, indent=2))
         print(f"wrote {args.json}")
+
+
+def result_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of one run's --json file; a file that is missing or not such a file ends in one line."""
+    try:
+        return json.loads(path.read_text())["results"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise SystemExit(f"--combine: {path} is not a --json file of this benchmark ({error!r})") from None
 
 
 def print_hedges(data: Path, models: list[Path]) -> None:
