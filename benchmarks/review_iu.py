@@ -3,6 +3,7 @@
     python benchmarks/review_iu.py [--budgets 100 200 400] [--epochs 4] [--train-seeds 13 14 15] [--json OUT]
     python benchmarks/review_iu.py --ranker WORK/none-s13/model --budgets 400 --strategies random  # one cell
     python benchmarks/review_iu.py --combine run1.json run2.json  # their rows in one table
+    python benchmarks/review_iu.py --repeat-confirmed on [--reviewer confirms]  # confirmed repeated too; control
     python benchmarks/review_iu.py --hedges WORK/none-s15/model WORK/selected-400-s15/model  # hedges
 
 The pool is the development half of IU dev (DESIGN.md section 6), labelled by the rule teacher; the
@@ -16,7 +17,8 @@ development half they mark 24 of the 73 findings the teacher calls uncertain pre
 present is the coder's convention more than the teacher's error; `--uncertain correct` makes them
 present), and No Finding follows the convention. A student is then
 trained with those reviewed labels through the pipeline's own `sentences` and `train` steps (reviewed
-labels replace the teacher's, and the examples a review changed are shown `review.repeat` times), and
+labels replace the teacher's, and the examples a review changed, with `review.repeat_confirmed` also those
+it confirmed, are shown `review.repeat` times), and
 each student is scored on the locked half: presence macro F1 against the MeSH codes. Prints counts and
 scores only, never report text.
 """
@@ -66,6 +68,11 @@ def simulated_review(
     return LabelRecord(
         report_id=teacher.report_id, labels=apply_no_finding_rule(labels), teacher=REVIEW_TEACHER
     ), corrected
+
+
+def confirmed_review(teacher: LabelRecord) -> tuple[LabelRecord, int]:
+    """A review that confirms every teacher label: the control for what a review's corrections add."""
+    return LabelRecord(report_id=teacher.report_id, labels=teacher.labels, teacher=REVIEW_TEACHER), 0
 
 
 def train_and_score(
@@ -143,6 +150,21 @@ def main() -> None:
         "whole-report example (on) or not at all (off)",
     )
     parser.add_argument(
+        "--repeat-confirmed",
+        choices=["params", "on", "off"],
+        default="params",
+        help="review.repeat_confirmed for every student: the examples of a reviewed report whose labels the "
+        "reviewer confirmed are repeated like the corrected ones (on) or shown as often as the teacher's (off)",
+    )
+    parser.add_argument(
+        "--reviewer",
+        choices=["codes", "confirms"],
+        default="codes",
+        help="codes: the simulated reviewer corrects presence by the MeSH codes; confirms: it confirms every "
+        "teacher label (with --repeat-confirmed on, the control: what repeating the chosen reports does without "
+        "any correction)",
+    )
+    parser.add_argument(
         "--uncertain",
         choices=["keep", "correct"],
         default="keep",
@@ -184,10 +206,14 @@ def main() -> None:
     report_examples = (
         base.sentences.review_report_examples if args.report_examples == "params" else args.report_examples == "on"
     )
+    repeat_confirmed = (
+        base.review.repeat_confirmed if args.repeat_confirmed == "params" else args.repeat_confirmed == "on"
+    )
     params = base.model_copy(
         update={
             "train": base.train.model_copy(update={"epochs": args.epochs or base.train.epochs}),
             "sentences": base.sentences.model_copy(update={"review_report_examples": report_examples}),
+            "review": base.review.model_copy(update={"repeat_confirmed": repeat_confirmed}),
         }
     )
     gold = iu_presence_gold(args.data)
@@ -279,14 +305,19 @@ def seed_results(
         predictions, _ = predict_reports(str(model), pool)
     teacher_labels = labels_by_id(teacher.values())
     correct_uncertain = args.uncertain == "correct"
-    variant = ("" if params.sentences.review_report_examples else ", sentence corrections only") + (
-        ", uncertain corrected" if correct_uncertain else ""
+    variant = (
+        ("" if params.sentences.review_report_examples else ", sentence corrections only")
+        + (", uncertain corrected" if correct_uncertain else "")
+        + (", confirmed repeated" if params.review.repeat_confirmed else "")
+        + (", no corrections" if args.reviewer == "confirms" else "")
     )
     for k in args.budgets:
         for strategy in args.strategies:
             reports = chosen_for_review(strategy, k, seed, args.seed, pool, predictions, teacher_labels, params)
             reviews = {
                 r.report_id: simulated_review(teacher[r.report_id], gold[r.report_id], correct_uncertain)
+                if args.reviewer == "codes"
+                else confirmed_review(teacher[r.report_id])
                 for r in reports
             }
             reviewed = {rid: record for rid, (record, _) in reviews.items()}

@@ -364,3 +364,26 @@ def test_training_emphasises_the_examples_whose_labels_a_review_changed(tmp_path
     write_jsonl(tmp_path / "sentences/train/labels.jsonl", sentence_labels)
     assert reviewed_example_ids(TrainConfig(unit="sentence"), tmp_path / "splits", tmp_path / "sentences") == {"s-2"}
     assert TrainConfig.from_params(Params()).review_repeat == ReviewParams().repeat
+
+
+def test_review_repeat_confirmed_emphasises_every_reviewed_example(tmp_path: Path) -> None:
+    from deberta_rad.sentences import report_sentences, sentence_id
+    from deberta_rad.train import TrainConfig, reviewed_example_ids
+
+    texts = {
+        "a": "FINDINGS: The heart is enlarged.",
+        "b": "FINDINGS: No pneumothorax. Lungs are clear.",
+        "c": "FINDINGS: Normal.",
+    }
+    write_jsonl(tmp_path / "splits/train/reports.jsonl", [Report(report_id=k, text=v) for k, v in texts.items()])
+    write_jsonl(tmp_path / "splits/train/labels.jsonl", [LabelRecord(report_id=k, labels=NORMAL) for k in texts])
+    reviews = [LabelRecord(report_id=rid, labels=NORMAL, teacher=REVIEW_TEACHER) for rid in ("a", "b")]
+    write_jsonl(tmp_path / "splits/train/reviewed.jsonl", reviews)  # both confirmed
+    write_jsonl(tmp_path / "sentences/train/labels.jsonl", [sentence_record("s-1")])
+    confirmed = TrainConfig(unit="report", review_repeat_confirmed=True)
+    assert reviewed_example_ids(confirmed, tmp_path / "splits", None) == {"a", "b"}
+    sentences = {sentence_id(s) for rid in ("a", "b") for s in report_sentences(texts[rid])}
+    assert len(sentences) == 3
+    by_sentence = confirmed.model_copy(update={"unit": "sentence"})
+    assert reviewed_example_ids(by_sentence, tmp_path / "splits", tmp_path / "sentences") == sentences
+    assert TrainConfig.from_params(Params()).review_repeat_confirmed is ReviewParams().repeat_confirmed

@@ -46,9 +46,10 @@ DEEPSPEED_CONFIG = Path(__file__).with_name("deepspeed_zero2_bf16.json")
 
 class TrainConfig(ModelParams, TrainParams):
     """The `model` and `train` sections of params.yaml in one place, and how often a reviewed example
-    is shown (`review.repeat`)."""
+    is shown (`review.repeat`, `review.repeat_confirmed`)."""
 
     review_repeat: Annotated[int, Field(ge=1)] = 1
+    review_repeat_confirmed: bool = False
 
     def deepspeed_config_path(self) -> str | None:
         """The DeepSpeed config for the Trainer on this machine, or None when DeepSpeed is off."""
@@ -57,7 +58,12 @@ class TrainConfig(ModelParams, TrainParams):
 
     @classmethod
     def from_params(cls, params: Params) -> TrainConfig:
-        return cls(**params.model.model_dump(), **params.train.model_dump(), review_repeat=params.review.repeat)
+        return cls(
+            **params.model.model_dump(),
+            **params.train.model_dump(),
+            review_repeat=params.review.repeat,
+            review_repeat_confirmed=params.review.repeat_confirmed,
+        )
 
 
 class LabelledReports(Dataset):
@@ -414,15 +420,22 @@ def read_split(splits_dir: Path, name: str) -> tuple[list[Report], list[LabelRec
 
 
 def reviewed_example_ids(config: TrainConfig, splits_dir: Path, sentences_dir: Path | None) -> set[str]:
-    """The training examples whose labels a review changed: the reviewed train reports whose labels
-    differ from the teacher's, or for a sentence-level student the sentences and reports the `sentences`
-    stage relabelled from reviews. A label the reviewer confirmed is not shown more often than the
-    teacher's, so students with and without review differ only in the corrections."""
+    """The training examples a review weighs more: those whose labels it changed (the reviewed train
+    reports whose labels differ from the teacher's, or for a sentence-level student the sentences and
+    reports the `sentences` stage relabelled from reviews). With `review.repeat_confirmed` also those it
+    confirmed (every reviewed train report, or every sentence of one): a verified label is worth more
+    than a teacher's. Without it students with and without review differ only in the corrections."""
+    reviewed = read_reviewed(splits_dir, "train")
     if config.unit == "report" or sentences_dir is None:
         teacher = labels_by_id(read_label_records(splits_dir / "train" / "labels.jsonl"))
-        return {r.report_id for r in read_reviewed(splits_dir, "train") if r.labels != teacher.get(r.report_id)}
+        return {r.report_id for r in reviewed if config.review_repeat_confirmed or r.labels != teacher.get(r.report_id)}
     records = read_label_records(sentences_dir / "train" / "labels.jsonl")
-    return {r.report_id for r in records if r.teacher is not None and r.teacher.name == REVIEW_TEACHER.name}
+    changed = {r.report_id for r in records if r.teacher is not None and r.teacher.name == REVIEW_TEACHER.name}
+    if not config.review_repeat_confirmed:
+        return changed
+    ids = {r.report_id for r in reviewed}
+    train = read_reports(splits_dir / "train" / "reports.jsonl")
+    return changed | {s.report_id for s in distinct_sentences(r for r in train if r.report_id in ids)}
 
 
 def read_augmented(
