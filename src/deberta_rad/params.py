@@ -257,7 +257,7 @@ class ReviewParams(Section):
     gold_fraction: Annotated[float, Field(ge=0, le=1)] = 0.3
     gold_seed: int = 13
     repeat: Annotated[int, Field(ge=1)] = 2
-    repeat_confirmed: bool = False
+    repeat_confirmed: bool = True
 
 
 class Params(Section):
