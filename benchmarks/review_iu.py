@@ -116,6 +116,16 @@ def pool_splits(pool: list[Report], seed: int) -> dict[str, list[Report]]:
     return {"train": parts["train"] + parts["test"], "val": parts["val"]}
 
 
+def add_switch(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
+    """A flag that sets one boolean of params.yaml for every student: on, off, or as params has it."""
+    parser.add_argument(flag, choices=["params", "on", "off"], default="params", help=text)
+
+
+def switched(choice: str, in_params: bool) -> bool:
+    """The value an `add_switch` flag gives its boolean."""
+    return in_params if choice == "params" else choice == "on"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="IU X-ray dev.jsonl (MeSH codes)")
@@ -142,18 +152,16 @@ def main() -> None:
         default=["selected", "random"],
         help="which to train (all: the whole pool reviewed, the ceiling of what review can teach here)",
     )
-    parser.add_argument(
+    add_switch(
+        parser,
         "--report-examples",
-        choices=["params", "on", "off"],
-        default="params",
-        help="sentences.review_report_examples for every student: a reviewed finding no sentence carries as a "
+        "sentences.review_report_examples for every student: a reviewed finding no sentence carries as a "
         "whole-report example (on) or not at all (off)",
     )
-    parser.add_argument(
+    add_switch(
+        parser,
         "--repeat-confirmed",
-        choices=["params", "on", "off"],
-        default="params",
-        help="review.repeat_confirmed for every student: the examples of a reviewed report whose labels the "
+        "review.repeat_confirmed for every student: the examples of a reviewed report whose labels the "
         "reviewer confirmed are repeated like the corrected ones (on) or shown as often as the teacher's (off)",
     )
     parser.add_argument(
@@ -203,12 +211,8 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.resolve()}/mlflow.db")
 
     base = load_params(args.params)
-    report_examples = (
-        base.sentences.review_report_examples if args.report_examples == "params" else args.report_examples == "on"
-    )
-    repeat_confirmed = (
-        base.review.repeat_confirmed if args.repeat_confirmed == "params" else args.repeat_confirmed == "on"
-    )
+    report_examples = switched(args.report_examples, base.sentences.review_report_examples)
+    repeat_confirmed = switched(args.repeat_confirmed, base.review.repeat_confirmed)
     params = base.model_copy(
         update={
             "train": base.train.model_copy(update={"epochs": args.epochs or base.train.epochs}),
