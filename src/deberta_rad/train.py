@@ -35,7 +35,7 @@ from deberta_rad.params import ModelParams, Params, TrainParams
 from deberta_rad.pretrain import MARKER, adapted_location, resolve_max_length
 from deberta_rad.review import REVIEW_TEACHER, read_reviewed, read_reviewed_for_training
 from deberta_rad.schema import FINDINGS, STATUS_INDEX, STATUSES, LabelRecord, Report
-from deberta_rad.sentences import aggregate_reports, distinct_sentences, report_sentences
+from deberta_rad.sentences import aggregate_reports, distinct_sentences, report_sentences, reviewed_train_reports
 from deberta_rad.tracking import RUN_FILE, configure_mlflow, data_version_tags
 
 logger = logging.getLogger(__name__)
@@ -425,17 +425,16 @@ def reviewed_example_ids(config: TrainConfig, splits_dir: Path, sentences_dir: P
     reports the `sentences` stage relabelled from reviews). With `review.repeat_confirmed` also those it
     confirmed (every reviewed train report, or every sentence of one): a verified label is worth more
     than a teacher's. Without it students with and without review differ only in the corrections."""
-    reviewed = read_reviewed(splits_dir, "train")
     if config.unit == "report" or sentences_dir is None:
         teacher = labels_by_id(read_label_records(splits_dir / "train" / "labels.jsonl"))
+        reviewed = read_reviewed(splits_dir, "train")
         return {r.report_id for r in reviewed if config.review_repeat_confirmed or r.labels != teacher.get(r.report_id)}
     records = read_label_records(sentences_dir / "train" / "labels.jsonl")
     changed = {r.report_id for r in records if r.teacher is not None and r.teacher.name == REVIEW_TEACHER.name}
     if not config.review_repeat_confirmed:
         return changed
-    ids = {r.report_id for r in reviewed}
-    train = read_reports(splits_dir / "train" / "reports.jsonl")
-    return changed | {s.report_id for s in distinct_sentences(r for r in train if r.report_id in ids)}
+    reviewed_reports = (report for report, _ in reviewed_train_reports(splits_dir))
+    return changed | {s.report_id for s in distinct_sentences(reviewed_reports)}
 
 
 def read_augmented(
