@@ -32,6 +32,7 @@ from deberta_rad.synthetic import generate_corpus
 BIN = Path(sys.executable).parent
 # A user's own reports beside the generator's, so that editing a source can be tried.
 OWN_REPORTS = "reports/own.jsonl"
+CHAMPION_URI = "models:/deberta-rad@champion"
 SMALL_PARAMS = {
     ("ingest", "sources"): ["synthetic", OWN_REPORTS],
     ("ingest", "synthetic", "n_reports"): 150,
@@ -225,7 +226,7 @@ def test_predict_with_the_champion_uri_and_evaluate(project: Path) -> None:
             "deberta-rad",
             "predict",
             "--model",
-            "models:/deberta-rad@champion",
+            CHAMPION_URI,
             "--input",
             str(test_split / "reports.jsonl"),
             "--output",
@@ -256,11 +257,18 @@ def test_predict_with_the_champion_uri_and_evaluate(project: Path) -> None:
 
 
 def test_changed_knob_reruns_from_train_and_registers_a_challenger(project: Path) -> None:
-    set_params(project / "params.yaml", {("train", "alpha"): 0.6})
+    """Here the retraining also continues the champion from the registry (train.init_from)."""
+    from mlflow import MlflowClient
+
+    set_params(project / "params.yaml", {("train", "alpha"): 0.6, ("train", "init_from"): CHAMPION_URI})
     rerun = run([str(BIN / "dvc"), "repro"], project, timeout=900)  # a retraining: 600 s ran out on a loaded machine
     assert "Running stage 'train'" in rerun.stdout and "Running stage 'split'" not in rerun.stdout
     registered = json.loads((project / "metrics/register.json").read_text())
     assert registered["version"] == 2 and registered["aliases"] == ["challenger"]
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    params = client.get_run(client.get_model_version("deberta-rad", "2").run_id).data.params
+    assert params["params.init_from"] == CHAMPION_URI and params["resolved.init_from"] == "deberta-rad/1"
 
 
 @pytest.mark.slow

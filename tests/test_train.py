@@ -10,15 +10,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tiny_backbones import tiny_deberta_backbone
 
-from deberta_rad.data import labels_by_id, split_reports
+from deberta_rad.data import InputError, labels_by_id, split_reports
 from deberta_rad.metrics import compute_metrics
 from deberta_rad.params import Fractions
 from deberta_rad.predict import LabelingEngine
 from deberta_rad.schema import FINDINGS, STATUS_INDEX, STATUSES
 from deberta_rad.synthetic import generate_corpus
-from deberta_rad.train import TrainConfig, adamw_with_head_rate, repeat_factors, train_student
+from deberta_rad.train import (
+    TrainConfig,
+    adamw_with_head_rate,
+    initial_student,
+    repeat_factors,
+    resolved_init,
+    train_student,
+)
 
 FRACTIONS = Fractions(train=0.7, val=0.1, test=0.2)
 
@@ -78,6 +86,25 @@ def test_heads_get_their_own_learning_rate(trained) -> None:
     assert rates == {(1e-4, 0.01), (1e-4, 0.0), (3e-3, 0.01), (3e-3, 0.0)}
     n_heads = sum(p.numel() for p in trained[0].model.heads.parameters())
     assert n_heads == trained[0].model.encoder.config.hidden_size * 52 + 52
+
+
+def test_init_from_continues_a_saved_student_and_refuses_one_of_another_kind(trained, tmp_path: Path) -> None:
+    """train.init_from starts from the saved encoder and heads, not the backbone's with fresh heads; a
+    student whose pooling (or unit, or backbone) params.yaml does not describe, or a path that holds none,
+    is refused by name."""
+    student = trained[0]
+    student.save(tmp_path / "student")
+    config = TrainConfig(max_length=96, init_from=str(tmp_path / "student"))
+    start = initial_student(config, None).model.state_dict()
+    saved = student.model.state_dict()
+    assert start.keys() == saved.keys() and all(torch.equal(start[name], saved[name]) for name in saved)
+    fresh = initial_student(config.model_copy(update={"init_from": None}), None).model.heads.state_dict()
+    assert not all(torch.equal(fresh[name], saved[f"heads.{name}"]) for name in fresh)
+    with pytest.raises(InputError, match=r"params.yaml says model.pooling 'cls' but it has 'mean'"):
+        resolved_init(config.model_copy(update={"pooling": "cls"}))
+    with pytest.raises(InputError, match=r"^train.init_from: .*nowhere"):
+        resolved_init(config.model_copy(update={"init_from": str(tmp_path / "nowhere")}))
+    assert resolved_init(config) == (config, str(tmp_path / "student"))
 
 
 def test_repeat_factors_show_rare_finding_status_pairs_more_often() -> None:

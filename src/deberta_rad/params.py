@@ -145,6 +145,7 @@ class TrainParams(Section):
     repeat_threshold: NonNegative = 0.0
     deepspeed: OnOffAuto = "auto"
     deepspeed_config: str | None = None
+    init_from: str | None = None
 
 
 class EvaluateParams(Section):

@@ -30,8 +30,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from deberta_rad.data import InputError, labels_by_id, read_label_records, read_reports
 from deberta_rad.kd import distillation_loss
 from deberta_rad.metrics import compute_metrics
-from deberta_rad.model import Student, student_from_backbone
+from deberta_rad.model import DebertaRadConfig, Student, load_student, student_from_backbone
 from deberta_rad.params import ModelParams, Params, TrainParams
+from deberta_rad.predict import weights_digest
 from deberta_rad.pretrain import MARKER, adapted_location, resolve_max_length
 from deberta_rad.review import REVIEW_TEACHER, read_reviewed, read_reviewed_for_training
 from deberta_rad.schema import FINDINGS, STATUS_INDEX, STATUSES, LabelRecord, Report
@@ -316,11 +317,14 @@ def run_fingerprint(
     labels: Mapping[str, Mapping[str, str]],
     encoder_dir: Path | None = None,
     reviewed: Collection[str] = (),
+    initial_weights: str | None = None,
 ) -> str:
     """A hash of everything that shapes a training run, so a checkpoint is resumed only by its own run
     (the knobs as resolved on this machine: `deepspeed: auto` means ZeRO-2 bf16 on a GPU, plain on a CPU;
-    the pretrain stage's summary, which names the MLflow run that adapted the encoder)."""
+    the pretrain stage's summary, which names the MLflow run that adapted the encoder; the digest of the
+    `train.init_from` weights, which an alias or a rewritten directory can change under the same name)."""
     resolved = {**config.model_dump(), "deepspeed": config.deepspeed_config_path(), "cuda": torch.cuda.is_available()}
+    resolved["init_from"] = initial_weights
     if encoder_dir is not None:
         resolved["pretrained"] = (encoder_dir / MARKER).read_text()
     resolved["reviewed"] = sorted(reviewed)
@@ -344,6 +348,42 @@ def checkpoint_to_resume(trainer: Trainer, work_dir: Path, fingerprint: str, res
         marker.write_text(fingerprint)
     trainer.accelerator.wait_for_everyone()
     return None
+
+
+def initial_student(config: TrainConfig, encoder_dir: Path | None) -> Student:
+    """Where training starts: the backbone's encoder (or the pretrain stage's adapted copy) with fresh
+    heads, or with `train.init_from` (a model directory that `resolved_init` made and checked) a trained
+    student's encoder and heads, so a review round can continue the champion instead of starting over."""
+    if config.init_from is None:
+        encoder = str(encoder_dir) if encoder_dir else None
+        return student_from_backbone(config.backbone, 512, config.head_dropout, config.pooling, encoder, config.unit)
+    return load_student(config.init_from)
+
+
+def resolved_init(config: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """The config with `train.init_from` as a local model directory (a registry reference such as
+    `models:/deberta-rad@champion` downloaded, its alias pinned to a version), and the name of what it
+    starts from (the registry version, or the directory) for the MLflow run; unchanged without it.
+    Checked before any run starts: a student of another backbone, unit or pooling is refused, since its
+    weights and its aggregation would not be what params.yaml describes."""
+    if config.init_from is None:
+        return config, None
+    from deberta_rad.registry import check_model_ref, resolve_model
+
+    try:
+        check_model_ref(config.init_from)
+        location, label = resolve_model(config.init_from)
+    except FileNotFoundError as error:
+        raise InputError(f"train.init_from: {error}") from None
+    saved = DebertaRadConfig.from_pretrained(location)
+    differing = [
+        f"model.{key} {getattr(config, key)!r} but it has {getattr(saved, key)!r}"
+        for key in ("backbone", "unit", "pooling")
+        if getattr(saved, key) != getattr(config, key)
+    ]
+    if differing:
+        raise InputError(f"train.init_from {config.init_from}: params.yaml says {'; '.join(differing)}")
+    return config.model_copy(update={"init_from": str(location)}), label
 
 
 def with_resolved_max_length(config: TrainConfig, train_reports: Sequence[Report], student: Student) -> TrainConfig:
@@ -374,10 +414,11 @@ def train_student(
     pretrain stage's adapted encoder, to start from instead of the backbone's own weights. With
     ``resume``, an interrupted run of the same config and data continues from its last checkpoint in
     ``work_dir``; checkpoints of any other run there are cleared first. The ``reviewed`` examples (whose
-    labels a radiologist corrected) are shown at least ``config.review_repeat`` times per epoch."""
+    labels a radiologist corrected) are shown at least ``config.review_repeat`` times per epoch. With
+    ``config.init_from`` (a model directory) training continues that student instead."""
     torch.manual_seed(config.seed)
-    encoder = str(encoder_dir) if encoder_dir else None
-    student = student_from_backbone(config.backbone, 512, config.head_dropout, config.pooling, encoder, config.unit)
+    student = initial_student(config, encoder_dir)
+    initial_weights = weights_digest(student) if config.init_from else None
     config = with_resolved_max_length(config, train_reports, student)  # replaces the 512 placeholder
     train_set = build_dataset(train_reports, labels, student.tokenizer, config.max_length)
     factors = repeat_factors(train_set.targets, config.repeat_threshold, config.seed)
@@ -400,7 +441,7 @@ def train_student(
         callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)],
     )
     fingerprint = run_fingerprint(
-        config, [*train_reports, *val_whole_reports], val_reports, labels, encoder_dir, reviewed
+        config, [*train_reports, *val_whole_reports], val_reports, labels, encoder_dir, reviewed, initial_weights
     )
     checkpoint = checkpoint_to_resume(trainer, work_dir, fingerprint, resume)
     if checkpoint:
@@ -501,7 +542,8 @@ def train_from_splits(
     sentences instead and is selected on the val reports. The run id is written beside the model so
     `register` logs into the same run."""
     config = TrainConfig.from_params(params)
-    encoder_dir = adapted_location(pretrained_dir, config.backbone)
+    start, start_label = resolved_init(config)
+    encoder_dir = None if config.init_from else adapted_location(pretrained_dir, config.backbone)
     train_reports, train_labels = read_split(splits_dir, "train")
     augmented_reports, augmented_labels = read_augmented(augmented_dir, train_reports)
     val_reports, val_labels = read_split(splits_dir, "val")
@@ -521,7 +563,7 @@ def train_from_splits(
             train_reports,
             val_reports,
             labels,
-            config,
+            start,
             work_dir,
             resume=resume,
             encoder_dir=encoder_dir,
@@ -547,7 +589,7 @@ def train_from_splits(
             train_reports,
             val_reports,
             labels,
-            config,
+            start,
             work_dir,
             ("mlflow",),
             resume,
@@ -555,7 +597,13 @@ def train_from_splits(
             val_whole_reports,
             reviewed_examples,
         )
-        mlflow.log_params({"resolved.max_length": student.max_length, "resolved.pretrained": encoder_dir is not None})
+        mlflow.log_params(
+            {
+                "resolved.max_length": student.max_length,
+                "resolved.pretrained": encoder_dir is not None,
+                "resolved.init_from": start_label,
+            }
+        )
         student.save(output)
         (output / RUN_FILE).write_text(json.dumps({"mlflow_run_id": run.info.run_id}, indent=2))
     return scores

@@ -1,7 +1,7 @@
 """Optional hyper-parameter search: alpha, T_distill and the learning rate, chosen on the validation split.
 
-Each trial trains a fresh student on the train split with `train.train_student` (same seed, same data,
-only the searched knobs differ) and is scored by its macro F1 against the teacher on the val split.
+Each trial trains a student on the train split with `train.train_student` (same seed, same data, the
+same start: the backbone, or `train.init_from` as the train stage would; only the searched knobs differ) and is scored by its macro F1 against the teacher on the val split.
 A seeded TPE sampler (Optuna) proposes the values. MLflow gets one parent run `tune` with a nested run
 per trial (its knobs and validation scores) and the best knobs and score on the parent; nothing in the
 runs, the JSON or the table carries report text. Not a `dvc repro` stage: run it when you want to
@@ -23,7 +23,14 @@ from deberta_rad.data import InputError, labels_by_id
 from deberta_rad.params import Params, TuneParams
 from deberta_rad.review import read_reviewed_for_training
 from deberta_rad.tracking import configure_mlflow, data_version_tags
-from deberta_rad.train import TrainConfig, read_split, reviewed_example_ids, train_student, training_examples
+from deberta_rad.train import (
+    TrainConfig,
+    read_split,
+    resolved_init,
+    reviewed_example_ids,
+    train_student,
+    training_examples,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +57,7 @@ def tune(
 
     `on_trial(record)` is called after each trial (the CLI prints progress with it). Trainer checkpoints
     go to a temporary folder per trial (under `work_dir` when given) and are removed after it."""
-    base = TrainConfig.from_params(params)
+    base, _ = resolved_init(TrainConfig.from_params(params))  # trials start where the train stage would
     config = params.tune
     train_reports, train_labels = read_split(splits_dir, "train")
     val_reports, val_labels = read_split(splits_dir, "val")
