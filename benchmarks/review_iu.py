@@ -5,6 +5,8 @@
     python benchmarks/review_iu.py --combine run1.json run2.json  # their rows in one table
     python benchmarks/review_iu.py --repeat-confirmed on [--reviewer confirms]  # confirmed repeated too; control
     python benchmarks/review_iu.py --hedges WORK/none-s15/model WORK/selected-400-s15/model  # hedges
+    python benchmarks/review_iu.py --continue-epochs 1 --continue-rate 0.2  # continue the no-review student
+    python benchmarks/review_iu.py --score WORK/*/model  # students of earlier runs, scored again
 
 The pool is the development half of IU dev (DESIGN.md section 6), labelled by the rule teacher; the
 locked half is only scored (no strategy picks from it). A student is trained on the pool's teacher
@@ -18,9 +20,14 @@ present is the coder's convention more than the teacher's error; `--uncertain co
 present), and No Finding follows the convention. A student is then
 trained with those reviewed labels through the pipeline's own `sentences` and `train` steps (reviewed
 labels replace the teacher's, and the examples a review changed, with `review.repeat_confirmed` also those
-it confirmed, are shown `review.repeat` times), and
-each student is scored on the locked half: presence macro F1 against the MeSH codes. Prints counts and
-scores only, never report text.
+it confirmed, are shown `review.repeat` times), from the backbone or, with `--continue-epochs N`, for N
+epochs from the no-review student (`train.init_from`, as a review round would continue the champion;
+then a student that continues it as long without review is the baseline) at `--continue-rate` times the
+params' learning rates, and each student is scored
+on the locked half: presence macro F1 against the MeSH codes, and its presence errors (the findings
+other than No Finding that it calls present where the codes do not, or not present where they do: a
+count that moves by one where one flip on a rare finding moves the macro F1 by up to 0.01). Prints counts
+and scores only, never report text.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from deberta_rad.schema import FINDINGS, LabelRecord, Report, apply_no_finding_r
 from deberta_rad.teachers import get_teacher
 
 PresenceGold = dict[str, dict[str, bool]]
+Scores = dict[str, float]
 
 
 def simulated_review(
@@ -84,9 +92,9 @@ def train_and_score(
     params: Params,
     locked: list[Report],
     gold: PresenceGold,
-) -> tuple[Path, float]:
+) -> tuple[Path, Scores]:
     """Run the `sentences` and `train` steps on the pool with these reviews; the student and its
-    locked-half presence macro F1."""
+    locked-half scores."""
     from deberta_rad.sentences import label_sentence_splits
     from deberta_rad.train import train_from_splits
 
@@ -99,15 +107,28 @@ def train_and_score(
         folder / "splits", folder / "model", params, folder / "checkpoints", False, None, None, folder / "sentences"
     )
     minutes = (time.perf_counter() - started) / 60
-    score = locked_half_f1(folder / "model", locked, gold)
-    print(f"{name}: locked-half presence macro F1 {score:.3f} (trained in {minutes:.1f} min)", flush=True)
-    return folder / "model", score
+    scores = locked_half_scores(folder / "model", locked, gold)
+    print(f"{name}: {described(scores)} (trained in {minutes:.1f} min)", flush=True)
+    return folder / "model", scores
 
 
-def locked_half_f1(model: Path, locked: list[Report], gold: PresenceGold) -> float:
-    """A student's presence macro F1 on the locked half against the MeSH codes."""
-    predictions, _ = predict_reports(str(model), locked)
-    return presence_metrics(labels_by_id(predictions), {r.report_id: gold[r.report_id] for r in locked})["macro_f1"]
+def locked_half_scores(model: Path, locked: list[Report], gold: PresenceGold) -> Scores:
+    """A student's presence macro F1 on the locked half against the MeSH codes, and its presence errors
+    on the findings other than No Finding (which only restates the others)."""
+    predicted = labels_by_id(predict_reports(str(model), locked)[0])
+    codes = {r.report_id: gold[r.report_id] for r in locked}
+    errors = sum(
+        (predicted[rid][f] == "present") != coded[f]
+        for rid, coded in codes.items()
+        for f in FINDINGS
+        if f != "No Finding"
+    )
+    return {"f1": presence_metrics(predicted, codes)["macro_f1"], "errors": errors}
+
+
+def described(scores: Scores) -> str:
+    """One student's locked-half scores in words."""
+    return f"locked-half presence macro F1 {scores['f1']:.3f}, {scores['errors']} presence errors"
 
 
 def pool_splits(pool: list[Report], seed: int) -> dict[str, list[Report]]:
@@ -180,7 +201,24 @@ def main() -> None:
         "uncertain (the codes do not code uncertainty) or makes it present (the rounds before)",
     )
     parser.add_argument(
+        "--continue-epochs",
+        type=int,
+        default=None,
+        help="train the reviewed students for this many epochs from the no-review student (train.init_from) "
+        "instead of from the backbone, beside a no-review student continued as long",
+    )
+    parser.add_argument(
+        "--continue-rate",
+        type=float,
+        default=1.0,
+        help="with --continue-epochs: the continued students' learning rates (encoder and heads) as a share of "
+        "the params' (a trained student restarted at full rate moves far from where it was)",
+    )
+    parser.add_argument(
         "--combine", type=Path, nargs="+", default=None, help="print one table from the --json files of several runs"
+    )
+    parser.add_argument(
+        "--score", type=Path, nargs="+", default=None, help="print the locked-half scores of these students"
     )
     parser.add_argument(
         "--hedges",
@@ -197,15 +235,20 @@ def main() -> None:
         return
     if args.ranker and len(args.train_seeds or [None]) > 1:
         raise SystemExit("--ranker is one seed's no-review student: pass a single --train-seeds")
+    if args.continue_epochs is not None and (
+        args.continue_epochs < 1 or args.continue_rate <= 0 or not (args.ranker or "selected" in args.strategies)
+    ):
+        raise SystemExit(
+            "--continue-epochs: a positive number of epochs at a positive --continue-rate, from --ranker or "
+            "from the no-review student a run with `selected` among --strategies trains"
+        )
     if not args.data.is_file():
         raise SystemExit(f"IU data not found at {args.data} (expected ../shared/data beside the repo)")
     if args.hedges:
-        for model in args.hedges:
-            try:
-                check_model_ref(str(model))
-            except FileNotFoundError as error:
-                raise SystemExit(f"--hedges: {error}") from None
-        print_hedges(args.data, args.hedges)
+        print_hedges(args.data, students("--hedges", args.hedges))
+        return
+    if args.score:
+        print_scores(args.data, students("--score", args.score))
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="review-iu-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.resolve()}/mlflow.db")
@@ -250,6 +293,24 @@ def result_rows(path: Path) -> list[dict[str, Any]]:
         return json.loads(path.read_text())["results"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise SystemExit(f"--combine: {path} is not a --json file of this benchmark ({error!r})") from None
+
+
+def students(option: str, models: list[Path]) -> list[Path]:
+    """The model directories an option names; one that is none ends in one line naming it."""
+    for model in models:
+        try:
+            check_model_ref(str(model))
+        except FileNotFoundError as error:
+            raise SystemExit(f"{option}: {error}") from None
+    return models
+
+
+def print_scores(data: Path, models: list[Path]) -> None:
+    """Each student's locked-half scores, one line each."""
+    gold = iu_presence_gold(data)
+    locked = iu_subsets(data, gold)[0]["locked"]
+    for model in models:
+        print(f"{model}: {described(locked_half_scores(model, locked, gold))}", flush=True)
 
 
 def print_hedges(data: Path, models: list[Path]) -> None:
@@ -298,14 +359,12 @@ def seed_results(
     rows: list[dict[str, Any]] = []
     predictions: list[LabelRecord] = []
     if args.ranker:
-        model, score = args.ranker, locked_half_f1(args.ranker, locked, gold)
-        print(f"none-s{seed} (--ranker {model}): locked-half presence macro F1 {score:.3f}", flush=True)
+        model, scores = args.ranker, locked_half_scores(args.ranker, locked, gold)
+        print(f"none-s{seed} (--ranker {model}): {described(scores)}", flush=True)
     elif "selected" in args.strategies:
-        model, score = train_and_score(f"none-s{seed}", work, splits, teacher, {}, params, locked, gold)
+        model, scores = train_and_score(f"none-s{seed}", work, splits, teacher, {}, params, locked, gold)
     if "selected" in args.strategies or args.ranker:
-        rows.append(
-            {"strategy": "no review", "k": 0, "seed": seed, "corrected_reports": 0, "corrected_cells": 0, "f1": score}
-        )
+        rows.append(no_review_row("", seed, scores))
         predictions, _ = predict_reports(str(model), pool)
     teacher_labels = labels_by_id(teacher.values())
     correct_uncertain = args.uncertain == "correct"
@@ -314,7 +373,14 @@ def seed_results(
         + (", uncertain corrected" if correct_uncertain else "")
         + (", confirmed repeated" if params.review.repeat_confirmed else "")
         + (", no corrections" if args.reviewer == "confirms" else "")
+        + (f", continued {args.continue_epochs} epochs at {args.continue_rate:g}" if args.continue_epochs else "")
     )
+    if args.continue_epochs:
+        params = continued(params, model, args.continue_epochs, args.continue_rate)
+        if "selected" in args.strategies:
+            name = f"none-s{seed}" + variant.replace(", ", "-").replace(" ", "-")
+            _, scores = train_and_score(name, work, splits, teacher, {}, params, locked, gold)
+            rows.append(no_review_row(variant, seed, scores))
     for k in args.budgets:
         for strategy in args.strategies:
             reports = chosen_for_review(strategy, k, seed, args.seed, pool, predictions, teacher_labels, params)
@@ -326,7 +392,7 @@ def seed_results(
             }
             reviewed = {rid: record for rid, (record, _) in reviews.items()}
             name = f"{strategy}-{k}-s{seed}" + variant.replace(", ", "-").replace(" ", "-")
-            _, score = train_and_score(name, work, splits, teacher, reviewed, params, locked, gold)
+            _, scores = train_and_score(name, work, splits, teacher, reviewed, params, locked, gold)
             rows.append(
                 {
                     "strategy": strategy + variant,
@@ -334,11 +400,35 @@ def seed_results(
                     "seed": seed,
                     "corrected_reports": sum(n > 0 for _, n in reviews.values()),
                     "corrected_cells": sum(n for _, n in reviews.values()),
-                    "f1": score,
                 }
+                | scores
             )
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def no_review_row(variant: str, seed: int, scores: Scores) -> dict[str, Any]:
+    """The table row of a student trained without review."""
+    return {
+        "strategy": "no review" + variant,
+        "k": 0,
+        "seed": seed,
+        "corrected_reports": 0,
+        "corrected_cells": 0,
+    } | scores
+
+
+def continued(params: Params, model: Path, epochs: int, rate: float) -> Params:
+    """Params whose students start from ``model`` (`train.init_from`) and train ``epochs`` epochs at
+    ``rate`` times the learning rates."""
+    train = params.train
+    update = {
+        "init_from": str(model),
+        "epochs": epochs,
+        "learning_rate": train.learning_rate * rate,
+        "head_learning_rate": train.head_learning_rate * rate,
+    }
+    return params.model_copy(update={"train": train.model_copy(update=update)})
 
 
 def chosen_for_review(
@@ -361,21 +451,25 @@ def chosen_for_review(
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    """One row per strategy and K: corrections and F1 averaged over the training seeds, with their range."""
+    """One row per strategy and K: corrections, F1 and presence errors averaged over the training seeds, with
+    the F1's range (errors: - for rows of runs that did not count them)."""
     cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in results:
         cells.setdefault((row["strategy"], row["k"]), []).append(row)
     lines = [
-        "| review | K | seeds | reports corrected | findings corrected | locked-half presence macro F1 (range) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| review | K | seeds | reports corrected | findings corrected | locked-half F1 (range) | presence errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for (strategy, k), rows in cells.items():
         f1 = [r["f1"] for r in rows]
         spread = f" ({min(f1):.3f}-{max(f1):.3f})" if len(rows) > 1 else ""
         corrected = sum(r["corrected_reports"] for r in rows) / len(rows)
         findings = sum(r["corrected_cells"] for r in rows) / len(rows)
+        errors = [r["errors"] for r in rows if "errors" in r]
+        counted = f"{sum(errors) / len(errors):.1f}" if len(errors) == len(rows) else "-"
         lines.append(
-            f"| {strategy} | {k} | {len(rows)} | {corrected:.0f} | {findings:.0f} | {sum(f1) / len(f1):.3f}{spread} |"
+            f"| {strategy} | {k} | {len(rows)} | {corrected:.0f} | {findings:.0f} | {sum(f1) / len(f1):.3f}{spread} "
+            f"| {counted} |"
         )
     return "\n".join([*lines, "", *paired_differences(results)])
 
@@ -384,6 +478,7 @@ def paired_differences(results: list[dict[str, Any]]) -> list[str]:
     """Selected minus random at each K, over the training seeds that ran both: one student's F1 moves by
     more than a few dozen corrections, so the criterion is read from the pairs, not from one run."""
     f1 = {(row["strategy"], row["k"], row["seed"]): row["f1"] for row in results}
+    errors = {(row["strategy"], row["k"], row["seed"]): row["errors"] for row in results if "errors" in row}
     lines = []
     for strategy, k in sorted({(s, k) for s, k, _ in f1 if s.startswith("selected")}):
         rival = strategy.replace("selected", "random", 1)  # the same variant drawn at random
@@ -392,10 +487,20 @@ def paired_differences(results: list[dict[str, Any]]) -> list[str]:
             for s, kk, seed in f1
             if (s, kk) == (strategy, k) and (rival, k, seed) in f1
         ]
+        fewer = [
+            errors[(rival, k, seed)] - errors[(s, kk, seed)]
+            for s, kk, seed in errors
+            if (s, kk) == (strategy, k) and (rival, k, seed) in errors
+        ]
         if gaps:
             lines.append(
                 f"{strategy}, K = {k}: minus random {sum(gaps) / len(gaps):+.3f} on average over {len(gaps)} seeds, "
                 f"ahead under {sum(g > 0 for g in gaps)}"
+                + (
+                    f"; {sum(fewer) / len(fewer):+.1f} fewer errors, under {sum(g > 0 for g in fewer)} of {len(fewer)}"
+                    if fewer
+                    else ""
+                )
             )
     return lines
 
