@@ -1,7 +1,8 @@
 """Optional hyper-parameter search: alpha, T_distill and the learning rate, chosen on the validation split.
 
 Each trial trains a student on the train split with `train.train_student` (same seed, same data, the
-same start: the backbone, or `train.init_from` as the train stage would; only the searched knobs differ) and is scored by its macro F1 against the teacher on the val split.
+same start: the backbone, or `train.init_from` as the train stage would; only the searched knobs
+differ) and is scored by its macro F1 against the teacher on the val split.
 A seeded TPE sampler (Optuna) proposes the values. MLflow gets one parent run `tune` with a nested run
 per trial (its knobs and validation scores) and the best knobs and score on the parent; nothing in the
 runs, the JSON or the table carries report text. Not a `dvc repro` stage: run it when you want to
