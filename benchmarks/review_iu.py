@@ -375,11 +375,11 @@ def seed_results(
         + (", no corrections" if args.reviewer == "confirms" else "")
         + (f", continued {args.continue_epochs} epochs at {args.continue_rate:g}" if args.continue_epochs else "")
     )
+    suffix = variant.replace(", ", "-").replace(" ", "-")  # the variant in the students' folder names
     if args.continue_epochs:
         params = continued(params, model, args.continue_epochs, args.continue_rate)
         if "selected" in args.strategies:
-            name = f"none-s{seed}" + variant.replace(", ", "-").replace(" ", "-")
-            _, scores = train_and_score(name, work, splits, teacher, {}, params, locked, gold)
+            _, scores = train_and_score(f"none-s{seed}{suffix}", work, splits, teacher, {}, params, locked, gold)
             rows.append(no_review_row(variant, seed, scores))
     for k in args.budgets:
         for strategy in args.strategies:
@@ -391,8 +391,9 @@ def seed_results(
                 for r in reports
             }
             reviewed = {rid: record for rid, (record, _) in reviews.items()}
-            name = f"{strategy}-{k}-s{seed}" + variant.replace(", ", "-").replace(" ", "-")
-            _, scores = train_and_score(name, work, splits, teacher, reviewed, params, locked, gold)
+            _, scores = train_and_score(
+                f"{strategy}-{k}-s{seed}{suffix}", work, splits, teacher, reviewed, params, locked, gold
+            )
             rows.append(
                 {
                     "strategy": strategy + variant,
@@ -474,6 +475,15 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join([*lines, "", *paired_differences(results)])
 
 
+def seed_gaps(scores: dict[tuple[str, int, int], float], first: str, second: str, k: int) -> list[float]:
+    """``first``'s score minus ``second``'s at budget K, for each training seed that ran both."""
+    return [
+        scores[(first, k, seed)] - scores[(second, k, seed)]
+        for strategy, budget, seed in scores
+        if (strategy, budget) == (first, k) and (second, k, seed) in scores
+    ]
+
+
 def paired_differences(results: list[dict[str, Any]]) -> list[str]:
     """Selected minus random at each K, over the training seeds that ran both: one student's F1 moves by
     more than a few dozen corrections, so the criterion is read from the pairs, not from one run."""
@@ -482,16 +492,8 @@ def paired_differences(results: list[dict[str, Any]]) -> list[str]:
     lines = []
     for strategy, k in sorted({(s, k) for s, k, _ in f1 if s.startswith("selected")}):
         rival = strategy.replace("selected", "random", 1)  # the same variant drawn at random
-        gaps = [
-            f1[(s, kk, seed)] - f1[(rival, k, seed)]
-            for s, kk, seed in f1
-            if (s, kk) == (strategy, k) and (rival, k, seed) in f1
-        ]
-        fewer = [
-            errors[(rival, k, seed)] - errors[(s, kk, seed)]
-            for s, kk, seed in errors
-            if (s, kk) == (strategy, k) and (rival, k, seed) in errors
-        ]
+        gaps = seed_gaps(f1, strategy, rival, k)
+        fewer = seed_gaps(errors, rival, strategy, k)
         if gaps:
             lines.append(
                 f"{strategy}, K = {k}: minus random {sum(gaps) / len(gaps):+.3f} on average over {len(gaps)} seeds, "

@@ -137,10 +137,10 @@ def check_model_ref(ref: str) -> None:
 def resolve_model(ref: str, cache_dir: Path | None = None) -> tuple[Path, str]:
     """A model directory or an MLflow model URI (`models:/deberta-rad@champion`, `runs:/...`) to a local
     model directory and a name for it (the registry version when there is one)."""
+    check_model_ref(ref)
     local = Path(ref)
     if local.is_dir():
         return local, str(local)
-    check_model_ref(ref)
     configure_mlflow()
     label = ref
     if ref.startswith("models:/") and "@" in ref:

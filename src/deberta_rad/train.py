@@ -368,10 +368,9 @@ def resolved_init(config: TrainConfig) -> tuple[TrainConfig, str | None]:
     weights and its aggregation would not be what params.yaml describes."""
     if config.init_from is None:
         return config, None
-    from deberta_rad.registry import check_model_ref, resolve_model
+    from deberta_rad.registry import resolve_model
 
     try:
-        check_model_ref(config.init_from)
         location, label = resolve_model(config.init_from)
     except FileNotFoundError as error:
         raise InputError(f"train.init_from: {error}") from None
