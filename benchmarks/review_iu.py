@@ -6,7 +6,9 @@
     python benchmarks/review_iu.py --repeat-confirmed on [--reviewer confirms]  # confirmed repeated too; control
     python benchmarks/review_iu.py --hedges WORK/none-s15/model WORK/selected-400-s15/model  # hedges
     python benchmarks/review_iu.py --continue-epochs 1 --continue-rate 0.2  # continue the no-review student
+    python benchmarks/review_iu.py --repeat 1 --repeat-confirmed off --report-examples off  # labels alone differ
     python benchmarks/review_iu.py --score WORK/*/model  # students of earlier runs, scored again
+    python benchmarks/review_iu.py --found WORK/none-s13/model  # correctable reports each term alone finds
 
 The pool is the development half of IU dev (DESIGN.md section 6), labelled by the rule teacher; the
 locked half is only scored (no strategy picks from it). A student is trained on the pool's teacher
@@ -46,7 +48,7 @@ from teachers_iu import DEFAULT_DATA, iu_subsets
 from deberta_rad.data import labels_by_id, merge_sources, split_reports, write_split
 from deberta_rad.gold import iu_presence_gold
 from deberta_rad.metrics import presence_metrics
-from deberta_rad.params import Fractions, Params, load_params
+from deberta_rad.params import Fractions, Params, ReviewWeights, load_params
 from deberta_rad.predict import predict_reports
 from deberta_rad.registry import check_model_ref
 from deberta_rad.review import REVIEW_TEACHER, select_for_review
@@ -54,6 +56,7 @@ from deberta_rad.schema import FINDINGS, LabelRecord, Report, apply_no_finding_r
 from deberta_rad.teachers import get_teacher
 
 PresenceGold = dict[str, dict[str, bool]]
+TERMS = ("uncertainty", "disagreement", "rarity")  # the terms of `review select`'s score
 Scores = dict[str, float]
 
 
@@ -137,6 +140,13 @@ def pool_splits(pool: list[Report], seed: int) -> dict[str, list[Report]]:
     return {"train": parts["train"] + parts["test"], "val": parts["val"]}
 
 
+def positive(text: str) -> int:
+    """A count that must be at least 1 (an epoch count, a repeat), or argparse's one-line error."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def add_switch(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
     """A flag that sets one boolean of params.yaml for every student: on, off, or as params has it."""
     parser.add_argument(flag, choices=["params", "on", "off"], default="params", help=text)
@@ -151,7 +161,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="IU X-ray dev.jsonl (MeSH codes)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[100, 200, 400])
-    parser.add_argument("--epochs", type=int, default=None, help="train.epochs for every student (default: params)")
+    parser.add_argument(
+        "--epochs", type=positive, default=None, help="train.epochs for every student (default: params)"
+    )
     parser.add_argument("--seed", type=int, default=13, help="the random strategy's draw")
     parser.add_argument(
         "--train-seeds", type=int, nargs="+", default=None, help="train.seed of each row of students (params: one)"
@@ -184,6 +196,12 @@ def main() -> None:
         "--repeat-confirmed",
         "review.repeat_confirmed for every student: the examples of a reviewed report whose labels the "
         "reviewer confirmed are repeated like the corrected ones (on) or shown as often as the teacher's (off)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=positive,
+        default=None,
+        help="review.repeat for every student: how often per epoch a reviewed example is shown (default: params)",
     )
     parser.add_argument(
         "--reviewer",
@@ -228,6 +246,13 @@ def main() -> None:
         help="students to check on the findings the teacher calls uncertain (locked half): how many they call "
         "present and how many of those the MeSH codes mark present",
     )
+    parser.add_argument(
+        "--found",
+        type=Path,
+        default=None,
+        help="a no-review student: how many of the pool's correctable reports the strategy, and each of its terms "
+        "alone, puts among its first K (no training)",
+    )
     args = parser.parse_args()
     if args.combine:
         rows = [row for path in args.combine for row in result_rows(path)]
@@ -250,6 +275,9 @@ def main() -> None:
     if args.score:
         print_scores(args.data, students("--score", args.score))
         return
+    if args.found:
+        print_found(args.data, students("--found", [args.found])[0], args.budgets, load_params(args.params))
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="review-iu-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work.resolve()}/mlflow.db")
 
@@ -260,7 +288,9 @@ def main() -> None:
         update={
             "train": base.train.model_copy(update={"epochs": args.epochs or base.train.epochs}),
             "sentences": base.sentences.model_copy(update={"review_report_examples": report_examples}),
-            "review": base.review.model_copy(update={"repeat_confirmed": repeat_confirmed}),
+            "review": base.review.model_copy(
+                update={"repeat_confirmed": repeat_confirmed, "repeat": args.repeat or base.review.repeat}
+            ),
         }
     )
     gold = iu_presence_gold(args.data)
@@ -311,6 +341,28 @@ def print_scores(data: Path, models: list[Path]) -> None:
     locked = iu_subsets(data, gold)[0]["locked"]
     for model in models:
         print(f"{model}: {described(locked_half_scores(model, locked, gold))}", flush=True)
+
+
+def print_found(data: Path, ranker: Path, budgets: list[int], params: Params) -> None:
+    """How many of the pool's correctable reports (those the keep-uncertain reviewer would change) the
+    params' strategy puts among its first K, and each of its terms alone: whether another weighting of
+    `review.weights` would find more of the teacher's errors. In-sample: it reads the pool's codes."""
+    gold = iu_presence_gold(data)
+    pool = merge_sources([("development", iu_subsets(data, gold)[0]["development"])]).reports
+    teacher = {r.report_id: r for r in get_teacher("rules").label(pool)}
+    correctable = {rid for rid, record in teacher.items() if simulated_review(record, gold[rid])[1]}
+    predictions, _ = predict_reports(str(ranker), pool)
+    only = {term: {name: float(name == term) for name in TERMS} for term in TERMS}
+    weightings = {"review.weights (params)": params.review.weights.model_dump()} | {
+        f"{t} alone": w for t, w in only.items()
+    }
+    print(f"{len(correctable)} of the pool's {len(pool)} reports are correctable; found among the first K:")
+    print("| ranking | " + " | ".join(f"K = {k}" for k in budgets) + " |\n|---|" + "---:|" * len(budgets))
+    for name, weights in weightings.items():
+        config = params.review.model_copy(update={"weights": ReviewWeights(**weights)})
+        chosen = select_for_review(pool, predictions, labels_by_id(teacher.values()), [], max(budgets), config).chosen
+        found = [sum(c.report.report_id in correctable for c in chosen[:k]) for k in budgets]
+        print(f"| {name} | " + " | ".join(map(str, found)) + " |")
 
 
 def print_hedges(data: Path, models: list[Path]) -> None:
@@ -372,6 +424,7 @@ def seed_results(
         ("" if params.sentences.review_report_examples else ", sentence corrections only")
         + (", uncertain corrected" if correct_uncertain else "")
         + (", confirmed repeated" if params.review.repeat_confirmed else "")
+        + (f", repeated {params.review.repeat}x" if params.review.repeat != Params().review.repeat else "")
         + (", no corrections" if args.reviewer == "confirms" else "")
         + (f", continued {args.continue_epochs} epochs at {args.continue_rate:g}" if args.continue_epochs else "")
     )
