@@ -352,9 +352,8 @@ def print_found(data: Path, ranker: Path, budgets: list[int], params: Params) ->
     teacher = {r.report_id: r for r in get_teacher("rules").label(pool)}
     correctable = {rid for rid, record in teacher.items() if simulated_review(record, gold[rid])[1]}
     predictions, _ = predict_reports(str(ranker), pool)
-    only = {term: {name: float(name == term) for name in TERMS} for term in TERMS}
     weightings = {"review.weights (params)": params.review.weights.model_dump()} | {
-        f"{t} alone": w for t, w in only.items()
+        f"{term} alone": {name: float(name == term) for name in TERMS} for term in TERMS
     }
     print(f"{len(correctable)} of the pool's {len(pool)} reports are correctable; found among the first K:")
     print("| ranking | " + " | ".join(f"K = {k}" for k in budgets) + " |\n|---|" + "---:|" * len(budgets))
@@ -424,7 +423,7 @@ def seed_results(
         ("" if params.sentences.review_report_examples else ", sentence corrections only")
         + (", uncertain corrected" if correct_uncertain else "")
         + (", confirmed repeated" if params.review.repeat_confirmed else "")
-        + (f", repeated {params.review.repeat}x" if params.review.repeat != Params().review.repeat else "")
+        + (f", repeated {args.repeat}x" if args.repeat else "")
         + (", no corrections" if args.reviewer == "confirms" else "")
         + (f", continued {args.continue_epochs} epochs at {args.continue_rate:g}" if args.continue_epochs else "")
     )
