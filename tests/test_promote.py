@@ -22,6 +22,7 @@ import requests
 import yaml
 from conftest import free_port, mlflow_store, noisy_copy, stop_server, wait_for_http, write_params
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from tiny_backbones import tiny_deberta_backbone
 from typer.testing import CliRunner
 
@@ -32,6 +33,7 @@ from deberta_rad.params import PromoteParams
 from deberta_rad.promote import EVALUATION_DATA_TAG, format_gate_table, gate_reference, promotion_gate
 from deberta_rad.registry import CHAMPION, finding_f1_tag, register_model, resolve_model
 from deberta_rad.schema import FINDINGS, STATUSES
+from deberta_rad.settings import get_settings
 
 pytestmark = pytest.mark.slow
 
@@ -176,6 +178,16 @@ def test_the_ui_rest_call_moves_champion_and_the_alias_resolves_to_it(registry: 
     finally:
         registry.set_champion_through_the_ui_api(registry.better)
     assert registry.champion() == registry.better
+
+
+@pytest.mark.parametrize("ref", [f"models:/{NAME}@nobody", f"models:/{NAME}/99", "models:/no-such-model@champion"])
+def test_a_reference_the_registry_lacks_is_named_with_the_registry_asked(
+    registry: Registry, tmp_path: Path, ref: str
+) -> None:
+    with pytest.raises(MlflowException) as raised:
+        resolve_model(ref, cache_dir=tmp_path)
+    assert raised.value.message.startswith(f"{ref}: ")
+    assert f"in the MLflow registry at {get_settings().mlflow_tracking_uri}" in raised.value.message
 
 
 def test_the_gate_refuses_a_worse_challenger_until_forced_with_a_reason(registry: Registry) -> None:

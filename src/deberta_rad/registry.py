@@ -142,13 +142,26 @@ def resolve_model(ref: str, cache_dir: Path | None = None) -> tuple[Path, str]:
     if local.is_dir():
         return local, str(local)
     configure_mlflow()
+    try:
+        return download_model(ref, cache_dir or get_settings().model_cache)
+    except MlflowException as err:
+        # MLflow's "Registered Model with name=... not found" does not say which registry was asked.
+        raise MlflowException(
+            f"{ref}: {err.message} in the MLflow registry at {get_settings().mlflow_tracking_uri} "
+            "(`mlflow ui` lists its models and aliases; MLFLOW_TRACKING_URI chooses the registry)",
+            error_code=err.error_code,
+        ) from None
+
+
+def download_model(ref: str, cache_dir: Path) -> tuple[Path, str]:
+    """Download an MLflow model URI's student into ``cache_dir``; returns its folder and its name."""
     label = ref
     if ref.startswith("models:/") and "@" in ref:
         # Pin the alias to its version first, so a promotion during the download cannot mix versions.
         name, alias = ref.removeprefix("models:/").split("@", 1)
         version = MlflowClient().get_model_version_by_alias(name, alias)
         label, ref = f"{name}/{version.version}", f"models:/{name}/{version.version}"
-    destination = (cache_dir or get_settings().model_cache) / label.replace(":", "_").replace("/", "_")
+    destination = cache_dir / label.replace(":", "_").replace("/", "_")
     downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(destination)))
     return downloaded / "artifacts" / "student", label
 
