@@ -2,7 +2,7 @@
 
     python benchmarks/review_iu.py [--budgets 100 200 400] [--epochs 4] [--train-seeds 13 14 15] [--json OUT]
     python benchmarks/review_iu.py --ranker WORK/none-s13/model --budgets 400 --strategies random  # one cell
-    python benchmarks/review_iu.py --combine run1.json run2.json  # their rows in one table
+    python benchmarks/review_iu.py --combine run1.json run2.json  # one table; pairs; a correction's worth
     python benchmarks/review_iu.py --repeat-confirmed on [--reviewer confirms]  # confirmed repeated too; control
     python benchmarks/review_iu.py --hedges WORK/none-s15/model WORK/selected-400-s15/model  # hedges
     python benchmarks/review_iu.py --continue-epochs 1 --continue-rate 0.2  # continue the no-review student
@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -524,7 +525,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f"| {strategy} | {k} | {len(rows)} | {corrected:.0f} | {findings:.0f} | {sum(f1) / len(f1):.3f}{spread} "
             f"| {counted} |"
         )
-    return "\n".join([*lines, "", *paired_differences(results)])
+    return "\n".join([*lines, "", *paired_differences(results), *correction_worth(results)])
 
 
 def seed_gaps(scores: dict[tuple[str, int, int], float], first: str, second: str, k: int) -> list[float]:
@@ -557,6 +558,33 @@ def paired_differences(results: list[dict[str, Any]]) -> list[str]:
                 )
             )
     return lines
+
+
+def correction_worth(results: list[dict[str, Any]]) -> list[str]:
+    """What one corrected report is worth: the least-squares slope of each reviewed student's F1 and errors
+    over its seed's no-review student (of the same variant) against the reports its review corrected.
+    Times the corrections selection finds beyond random, it is the gap a perfect measurement would see."""
+    baseline = {(row["strategy"], row["seed"]): row for row in results if row["k"] == 0}
+    pairs = [(row, base) for row in results if row["k"] > 0 and (base := no_review_of(row, baseline))]
+    if len(pairs) < 3 or len({row["corrected_reports"] for row, _ in pairs}) < 2:
+        return []
+    corrected = [row["corrected_reports"] for row, _ in pairs]
+    f1 = statistics.linear_regression(corrected, [row["f1"] - base["f1"] for row, base in pairs])
+    r = statistics.correlation(corrected, [row["f1"] - base["f1"] for row, base in pairs])
+    line = f"per corrected report, over {len(pairs)} reviewed students: F1 {f1.slope:+.4f} (r = {r:.2f})"
+    counted = [(row, base) for row, base in pairs if "errors" in row and "errors" in base]
+    if len(counted) >= 3:
+        errors = statistics.linear_regression(
+            [row["corrected_reports"] for row, _ in counted], [row["errors"] - base["errors"] for row, base in counted]
+        )
+        line += f", errors {errors.slope:+.2f}"
+    return [line + " (against the seed's no-review student)"]
+
+
+def no_review_of(row: dict[str, Any], baseline: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any] | None:
+    """A reviewed row's no-review student: the one of its variant (a continued one), else its seed's."""
+    _, comma, variant = row["strategy"].partition(",")
+    return baseline.get(("no review" + comma + variant, row["seed"])) or baseline.get(("no review", row["seed"]))
 
 
 if __name__ == "__main__":

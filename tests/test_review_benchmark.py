@@ -1,0 +1,66 @@
+"""`benchmarks/review_iu.py --combine` (issue 23): the table of several runs' --json files, selected minus
+random per K over the seeds, and what one corrected report is worth against the seed's no-review student."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def row(strategy: str, k: int, seed: int, corrected: int, f1: float, errors: int) -> dict:
+    return {
+        "strategy": strategy,
+        "k": k,
+        "seed": seed,
+        "corrected_reports": corrected,
+        "corrected_cells": corrected,
+        "f1": f1,
+        "errors": errors,
+    }
+
+
+def combine(*paths: Path) -> subprocess.CompletedProcess:
+    script = REPO / "benchmarks" / "review_iu.py"
+    return subprocess.run(
+        [sys.executable, str(script), "--combine", *map(str, paths)], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_combine_pairs_the_seeds_and_prices_a_correction(tmp_path: Path) -> None:
+    selected, chance = tmp_path / "selected.json", tmp_path / "random.json"
+    variant = ", confirmed repeated"
+    selected.write_text(
+        json.dumps(
+            {
+                "results": [
+                    row("no review", 0, 1, 0, 0.80, 100),
+                    row("selected" + variant, 10, 1, 4, 0.84, 92),
+                    row("no review", 0, 2, 0, 0.82, 90),
+                    row("selected" + variant, 10, 2, 2, 0.83, 88),
+                ]
+            }
+        )
+    )
+    chance.write_text(
+        json.dumps(
+            {"results": [row("random" + variant, 10, 1, 0, 0.80, 100), row("random" + variant, 10, 2, 1, 0.825, 89)]}
+        )
+    )
+    result = combine(selected, chance)
+    assert result.returncode == 0, result.stderr
+    assert "| no review | 0 | 2 | 0 | 0 | 0.810 (0.800-0.820) | 95.0 |" in result.stdout
+    assert f"selected{variant}, K = 10: minus random +0.022 on average over 2 seeds, ahead under 2" in result.stdout
+    # gains 0.04, 0, 0.01, 0.005 over 4, 0, 2, 1 corrections; errors -8, 0, -2, -1
+    slope = "per corrected report, over 4 reviewed students: F1 +0.0101 (r = 0.96), errors -2.03"
+    assert slope in result.stdout
+
+
+def test_combine_names_a_file_that_is_not_a_run(tmp_path: Path) -> None:
+    other = tmp_path / "other.json"
+    other.write_text("[1, 2]")
+    result = combine(other)
+    assert result.returncode == 1 and f"--combine: {other} is not a --json file of this benchmark" in result.stderr
