@@ -569,9 +569,9 @@ def correction_worth(results: list[dict[str, Any]]) -> list[str]:
     if len(pairs) < 3 or len({row["corrected_reports"] for row, _ in pairs}) < 2:
         return []
     corrected = [row["corrected_reports"] for row, _ in pairs]
-    f1 = statistics.linear_regression(corrected, [row["f1"] - base["f1"] for row, base in pairs])
-    r = statistics.correlation(corrected, [row["f1"] - base["f1"] for row, base in pairs])
-    line = f"per corrected report, over {len(pairs)} reviewed students: F1 {f1.slope:+.4f} (r = {r:.2f})"
+    gains = [row["f1"] - base["f1"] for row, base in pairs]
+    slope, r = statistics.linear_regression(corrected, gains).slope, statistics.correlation(corrected, gains)
+    line = f"per corrected report, over {len(pairs)} reviewed students: F1 {slope:+.4f} (r = {r:.2f})"
     counted = [(row, base) for row, base in pairs if "errors" in row and "errors" in base]
     if len(counted) >= 3:
         errors = statistics.linear_regression(
