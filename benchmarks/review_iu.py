@@ -353,6 +353,7 @@ def print_found(data: Path, ranker: Path, budgets: list[int], params: Params) ->
     teacher = {r.report_id: r for r in get_teacher("rules").label(pool)}
     correctable = {rid for rid, record in teacher.items() if simulated_review(record, gold[rid])[1]}
     predictions, _ = predict_reports(str(ranker), pool)
+    teacher_labels = labels_by_id(teacher.values())
     weightings = {"review.weights (params)": params.review.weights.model_dump()} | {
         f"{term} alone": {name: float(name == term) for name in TERMS} for term in TERMS
     }
@@ -360,7 +361,7 @@ def print_found(data: Path, ranker: Path, budgets: list[int], params: Params) ->
     print("| ranking | " + " | ".join(f"K = {k}" for k in budgets) + " |\n|---|" + "---:|" * len(budgets))
     for name, weights in weightings.items():
         config = params.review.model_copy(update={"weights": ReviewWeights(**weights)})
-        chosen = select_for_review(pool, predictions, labels_by_id(teacher.values()), [], max(budgets), config).chosen
+        chosen = select_for_review(pool, predictions, teacher_labels, [], max(budgets), config).chosen
         found = [sum(c.report.report_id in correctable for c in chosen[:k]) for k in budgets]
         print(f"| {name} | " + " | ".join(map(str, found)) + " |")
 
@@ -566,19 +567,26 @@ def correction_worth(results: list[dict[str, Any]]) -> list[str]:
     Times the corrections selection finds beyond random, it is the gap a perfect measurement would see."""
     baseline = {(row["strategy"], row["seed"]): row for row in results if row["k"] == 0}
     pairs = [(row, base) for row in results if row["k"] > 0 and (base := no_review_of(row, baseline))]
-    if len(pairs) < 3 or len({row["corrected_reports"] for row, _ in pairs}) < 2:
+    if not fittable(pairs):
         return []
     corrected = [row["corrected_reports"] for row, _ in pairs]
     gains = [row["f1"] - base["f1"] for row, base in pairs]
-    slope, r = statistics.linear_regression(corrected, gains).slope, statistics.correlation(corrected, gains)
-    line = f"per corrected report, over {len(pairs)} reviewed students: F1 {slope:+.4f} (r = {r:.2f})"
+    r = f"{statistics.correlation(corrected, gains):.2f}" if len(set(gains)) > 1 else "n/a"
+    slope = statistics.linear_regression(corrected, gains).slope
+    line = f"per corrected report, over {len(pairs)} reviewed students: F1 {slope:+.4f} (r = {r})"
     counted = [(row, base) for row, base in pairs if "errors" in row and "errors" in base]
-    if len(counted) >= 3:
+    if fittable(counted):
         errors = statistics.linear_regression(
             [row["corrected_reports"] for row, _ in counted], [row["errors"] - base["errors"] for row, base in counted]
         )
         line += f", errors {errors.slope:+.2f}"
     return [line + " (against the seed's no-review student)"]
+
+
+def fittable(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> bool:
+    """Whether a line can be fitted through these students: three or more, with two correction counts at least
+    (statistics.linear_regression refuses a constant x)."""
+    return len(pairs) >= 3 and len({row["corrected_reports"] for row, _ in pairs}) > 1
 
 
 def no_review_of(row: dict[str, Any], baseline: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any] | None:

@@ -64,3 +64,16 @@ def test_combine_names_a_file_that_is_not_a_run(tmp_path: Path) -> None:
     other.write_text("[1, 2]")
     result = combine(other)
     assert result.returncode == 1 and f"--combine: {other} is not a --json file of this benchmark" in result.stderr
+
+
+def test_combine_leaves_out_a_fit_the_rows_cannot_make(tmp_path: Path) -> None:
+    """Equal gains have no correlation, and errors counted at one correction count only have no slope."""
+    run = tmp_path / "run.json"
+    rows = [row("no review", 0, seed, 0, 0.80, 100) for seed in (1, 2, 3, 4)]
+    rows += [row("selected", 10, seed, 4, 0.80, 99) for seed in (1, 2, 3)]
+    rows.append({key: value for key, value in row("selected", 10, 4, 2, 0.80, 99).items() if key != "errors"})
+    run.write_text(json.dumps({"results": rows}))
+    result = combine(run)
+    assert result.returncode == 0, result.stderr
+    assert "per corrected report, over 4 reviewed students: F1 +0.0000 (r = n/a) (against" in result.stdout
+    assert "errors" not in result.stdout.splitlines()[-1]
