@@ -59,6 +59,7 @@ from deberta_rad.teachers import get_teacher
 PresenceGold = dict[str, dict[str, bool]]
 TERMS = ("uncertainty", "disagreement", "rarity")  # the terms of `review select`'s score
 Scores = dict[str, float]
+ROW_KEYS = {"strategy", "k", "seed", "corrected_reports", "corrected_cells", "f1"}  # a --json row ("errors": optional)
 
 
 def simulated_review(
@@ -319,11 +320,16 @@ def main() -> None:
 
 
 def result_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of one run's --json file; a file that is missing or not such a file ends in one line."""
+    """The rows of one run's --json file; a file that is missing or not such a file, or a row without the
+    figures the table reads, ends in one line."""
     try:
-        return json.loads(path.read_text())["results"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        rows = json.loads(path.read_text())["results"]
+        for number, row in enumerate(rows, 1):
+            if missing := ROW_KEYS - row.keys():
+                raise KeyError(f"row {number} lacks {', '.join(sorted(missing))}")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise SystemExit(f"--combine: {path} is not a --json file of this benchmark ({error!r})") from None
+    return rows
 
 
 def students(option: str, models: list[Path]) -> list[Path]:

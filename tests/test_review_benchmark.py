@@ -59,11 +59,16 @@ def test_combine_pairs_the_seeds_and_prices_a_correction(tmp_path: Path) -> None
     assert slope in result.stdout
 
 
-def test_combine_names_a_file_that_is_not_a_run(tmp_path: Path) -> None:
+def test_combine_names_a_file_that_is_not_a_run_and_a_row_without_its_figures(tmp_path: Path) -> None:
     other = tmp_path / "other.json"
     other.write_text("[1, 2]")
     result = combine(other)
     assert result.returncode == 1 and f"--combine: {other} is not a --json file of this benchmark" in result.stderr
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"results": [row("no review", 0, 1, 0, 0.8, 90), {"strategy": "random", "k": 10}]}))
+    result = combine(partial)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "row 2 lacks corrected_cells, corrected_reports, f1, seed" in result.stderr
 
 
 def test_combine_leaves_out_a_fit_the_rows_cannot_make(tmp_path: Path) -> None:
