@@ -41,6 +41,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,9 @@ def main() -> None:
     )
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--work", type=Path, default=None, help="keep the students here (default: a temp folder)")
-    parser.add_argument("--json", type=Path, default=None, help="write the table as JSON here")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="write the rows as JSON here (rewritten after each student)"
+    )
     parser.add_argument(
         "--ranker",
         type=Path,
@@ -309,13 +312,19 @@ def main() -> None:
     )
 
     results: list[dict[str, Any]] = []
+
+    def keep(row: dict[str, Any]) -> None:
+        """Add a student's row, and rewrite --json with it: a run stopped midway keeps what it scored."""
+        results.append(row)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"epochs": params.train.epochs, "results": results}, indent=2))
+
     for seed in args.train_seeds or [params.train.seed]:
         seeded = params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
-        results += seed_results(seed, args, work, splits, teacher, seeded, pool, locked, gold)
+        seed_results(seed, args, work, splits, teacher, seeded, pool, locked, gold, keep)
     print(format_table(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"epochs": params.train.epochs, "results": results}, indent=2))
         print(f"wrote {args.json}")
 
 
@@ -411,11 +420,12 @@ def seed_results(
     pool: list[Report],
     locked: list[Report],
     gold: PresenceGold,
-) -> list[dict[str, Any]]:
-    """One training seed's row of students: no review, then selected and random review at each K. The
-    no-review student of this seed ranks the pool, as the last champion would; without `selected` among
-    the strategies nothing ranks, and no no-review student is trained (another process's row has it)."""
-    rows: list[dict[str, Any]] = []
+    keep: Callable[[dict[str, Any]], None],
+) -> None:
+    """One training seed's row of students, each handed to ``keep`` once scored: no review, then selected
+    and random review at each K. The no-review student of this seed ranks the pool, as the last champion
+    would; without `selected` among the strategies nothing ranks, and no no-review student is trained
+    (another process's row has it)."""
     predictions: list[LabelRecord] = []
     if args.ranker:
         model, scores = args.ranker, locked_half_scores(args.ranker, locked, gold)
@@ -423,7 +433,7 @@ def seed_results(
     elif "selected" in args.strategies:
         model, scores = train_and_score(f"none-s{seed}", work, splits, teacher, {}, params, locked, gold)
     if "selected" in args.strategies or args.ranker:
-        rows.append(no_review_row("", seed, scores))
+        keep(no_review_row("", seed, scores))
         predictions, _ = predict_reports(str(model), pool)
     teacher_labels = labels_by_id(teacher.values())
     correct_uncertain = args.uncertain == "correct"
@@ -440,7 +450,7 @@ def seed_results(
         params = continued(params, model, args.continue_epochs, args.continue_rate)
         if "selected" in args.strategies:
             _, scores = train_and_score(f"none-s{seed}{suffix}", work, splits, teacher, {}, params, locked, gold)
-            rows.append(no_review_row(variant, seed, scores))
+            keep(no_review_row(variant, seed, scores))
     for k in args.budgets:
         for strategy in args.strategies:
             reports = chosen_for_review(strategy, k, seed, args.seed, pool, predictions, teacher_labels, params)
@@ -454,18 +464,15 @@ def seed_results(
             _, scores = train_and_score(
                 f"{strategy}-{k}-s{seed}{suffix}", work, splits, teacher, reviewed, params, locked, gold
             )
-            rows.append(
-                {
-                    "strategy": strategy + variant,
-                    "k": len(reports),
-                    "seed": seed,
-                    "corrected_reports": sum(n > 0 for _, n in reviews.values()),
-                    "corrected_cells": sum(n for _, n in reviews.values()),
-                }
-                | scores
-            )
-            print(json.dumps(rows[-1]), flush=True)
-    return rows
+            row = {
+                "strategy": strategy + variant,
+                "k": len(reports),
+                "seed": seed,
+                "corrected_reports": sum(n > 0 for _, n in reviews.values()),
+                "corrected_cells": sum(n for _, n in reviews.values()),
+            } | scores
+            keep(row)
+            print(json.dumps(row), flush=True)
 
 
 def no_review_row(variant: str, seed: int, scores: Scores) -> dict[str, Any]:
@@ -553,14 +560,14 @@ def paired_differences(results: list[dict[str, Any]]) -> list[str]:
     for strategy, k in sorted({(s, k) for s, k, _ in f1 if s.startswith("selected")}):
         rival = strategy.replace("selected", "random", 1)  # the same variant drawn at random
         gaps = seed_gaps(f1, strategy, rival, k)
-        fewer = seed_gaps(errors, rival, strategy, k)
+        more = seed_gaps(errors, strategy, rival, k)  # selected's errors minus random's: below 0 is better
         if gaps:
             lines.append(
                 f"{strategy}, K = {k}: minus random {sum(gaps) / len(gaps):+.3f} on average over {len(gaps)} seeds, "
                 f"ahead under {sum(g > 0 for g in gaps)}"
                 + (
-                    f"; {sum(fewer) / len(fewer):+.1f} fewer errors, under {sum(g > 0 for g in fewer)} of {len(fewer)}"
-                    if fewer
+                    f"; errors {sum(more) / len(more):+.1f}, fewer under {sum(g < 0 for g in more)} of {len(more)}"
+                    if more
                     else ""
                 )
             )
