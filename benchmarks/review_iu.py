@@ -47,7 +47,7 @@ from typing import Any
 
 from teachers_iu import DEFAULT_DATA, iu_subsets
 
-from deberta_rad.data import labels_by_id, merge_sources, split_reports, write_split
+from deberta_rad.data import labels_by_id, merge_sources, split_reports, write_split, write_text_atomically
 from deberta_rad.gold import iu_presence_gold
 from deberta_rad.metrics import presence_metrics
 from deberta_rad.params import Fractions, Params, ReviewWeights, load_params
@@ -314,11 +314,11 @@ def main() -> None:
     results: list[dict[str, Any]] = []
 
     def keep(row: dict[str, Any]) -> None:
-        """Add a student's row, and rewrite --json with it: a run stopped midway keeps what it scored."""
+        """Add a student's row, and rewrite --json with it (whole or not at all): a run stopped midway keeps
+        what it scored."""
         results.append(row)
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"epochs": params.train.epochs, "results": results}, indent=2))
+            write_text_atomically(args.json, json.dumps({"epochs": params.train.epochs, "results": results}, indent=2))
 
     for seed in args.train_seeds or [params.train.seed]:
         seeded = params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})

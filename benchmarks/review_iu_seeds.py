@@ -4,15 +4,15 @@
         --out seeds.json [review_iu.py options: --params P --data D --epochs N ...]
 
 Each seed's selected row (its no-review student, which ranks the pool, then the selected students at every
-K) is one `review_iu.py` process, and each of its random students another (they need no ranker), each of
-one torch thread, `--workers` at a time, in seed order. No job starts after `--stop-after` seconds, nor one
-that the slowest finished job of its kind says would not end by then; at `--stop-after` the jobs still
-running are stopped, and the students they finished are kept (review_iu.py rewrites its --json after each).
-Then every row goes to --out and the table, the selected-minus-random pairs and a correction's worth are
-printed (`review_iu.py --combine`). The seeds are fixed before any student is scored, and a seed cut short
-is reported with the students it has. Each job's log (counts and scores, no report text) is in --work's
-logs/ folder; its students are deleted once it ends (a student and its checkpoints take about 1 GB) unless
---keep-students.
+K) is one `review_iu.py` process, and each of its random students another (they need no ranker), each of one
+torch thread, `--workers` at a time, in seed order. No job starts after `--stop-after` seconds, nor one that
+the slowest finished job of its kind says would not end by then, nor any after it (seeds are run in order,
+so that their rows pair up); at `--stop-after` the jobs still running are stopped, and the students they
+finished are kept (review_iu.py rewrites its --json after each). Then every row goes to --out and the table,
+the selected-minus-random pairs and a correction's worth are printed (`review_iu.py --combine`). The seeds
+are fixed before any student is scored, and a seed cut short is reported with the students it has. Each
+job's log (counts and scores, no report text) is in --work's logs/ folder; its students are deleted once it
+ends (a student and its checkpoints take about 1 GB) unless --keep-students.
 """
 
 from __future__ import annotations
@@ -100,15 +100,18 @@ def expected_seconds(kind: str, finished: list[Job]) -> float | None:
     return max(own or every) if every else None
 
 
-def stop(job: Job, grace: float = 10.0) -> None:
-    """End a running job: SIGTERM, then SIGKILL after ``grace`` seconds."""
-    assert job.process is not None
-    job.process.send_signal(signal.SIGTERM)
-    try:
-        job.process.wait(grace)
-    except subprocess.TimeoutExpired:
-        job.process.kill()
-        job.process.wait()
+def stop(jobs: list[Job], grace: float = 10.0) -> None:
+    """End running jobs: SIGTERM to each, then SIGKILL to any still running ``grace`` seconds later."""
+    processes = [job.process for job in jobs if job.process is not None]
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    until = time.monotonic() + grace
+    for process in processes:
+        try:
+            process.wait(max(0.0, until - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def run_jobs(queue: list[Job], options: list[str], workers: int, stop_after: float, keep: bool) -> list[Job]:
@@ -139,8 +142,8 @@ def run_jobs(queue: list[Job], options: list[str], workers: int, stop_after: flo
                 shutil.rmtree(job.students, ignore_errors=True)
         if running and time.monotonic() >= deadline:
             print(f"[{time.monotonic() - began:5.0f} s] time is up: stopping {', '.join(j.name for j in running)}")
+            stop(running)
             for job in running:
-                stop(job)
                 if not keep:
                     shutil.rmtree(job.students, ignore_errors=True)
             running.clear()
@@ -148,7 +151,7 @@ def run_jobs(queue: list[Job], options: list[str], workers: int, stop_after: flo
     return finished
 
 
-def merged_rows(jobs: list[Job]) -> tuple[int | None, list[dict[str, Any]]]:
+def merged_rows(jobs: list[Job]) -> tuple[float | None, list[dict[str, Any]]]:
     """Every job's rows, and the epochs their students trained."""
     epochs, rows = None, []
     for job in jobs:
