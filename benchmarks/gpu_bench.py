@@ -56,6 +56,10 @@ SECTIONS = {
     "training": ("bench-train-deepspeed", "bench-train-plain"),
     "kd_training": ("kd-generate", "kd-label", "kd-split", "kd-sentences", "kd-train"),
 }
+TRAIN_SIDES = ("deepspeed", "plain")
+# Sections whose figures are kept for the steps that ran when another of their steps failed: one side of
+# bench-train says something alone (the first GPU run stopped the plain side at its time limit).
+PARTIAL_SECTIONS = {"training"}
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -310,23 +314,30 @@ def kd_summary(out: Path) -> dict[str, Any]:
     }
 
 
-def training_summary(out: Path) -> dict[str, Any]:
-    """`bench-train` with DeepSpeed ZeRO-2 and with the plain Trainer, each side's train-stage batches."""
-    runs = {name: read_json(out / f"train_{name}.json") for name in ("deepspeed", "plain")}
-    missing = [name for name, run in runs.items() if run is None]
-    if missing:
-        raise FileNotFoundError(f"no bench-train figures for {missing}")
-    side = {name: run["train_stage"] for name, run in runs.items()}
-    return {
+def training_summary(out: Path, steps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """`bench-train` with DeepSpeed ZeRO-2 and with the plain Trainer, each side's train-stage batches. A side
+    whose step failed is named under `missing` with the reason, and the side that ran keeps its figures (the
+    ratios need both)."""
+    missing = {name: reason for name in TRAIN_SIDES if (reason := failure(out, steps, (f"bench-train-{name}",)))}
+    runs = {name: read_json(out / f"train_{name}.json") for name in TRAIN_SIDES if name not in missing}
+    missing |= {name: f"{out / f'train_{name}.json'} was not written" for name, run in runs.items() if run is None}
+    side = {name: run["train_stage"] for name, run in runs.items() if run is not None}
+    if not side:
+        raise FileNotFoundError("no bench-train figures: " + "; ".join(missing.values()))
+    summary: dict[str, Any] = {
         "batches": "the train stage's (length-grouped, padded to the longest)",
         "reports_per_s": {name: s["reports_per_s"] for name, s in side.items()},
         "peak_memory_mb": {name: s["working_memory_mb"] for name, s in side.items()},
         "precision": {name: s["precision"] for name, s in side.items()},
-        "deepspeed_speedup": side["deepspeed"]["reports_per_s"] / side["plain"]["reports_per_s"],
-        "memory_ratio": side["deepspeed"]["working_memory_mb"] / max(side["plain"]["working_memory_mb"], 1e-9),
         "peak_memory_is": "memory taken during the run on top of what was held before it (the device's on a GPU, "
         "the resident set on a CPU): weights, gradients, optimizer state, activations",
-        "runs": runs,
+        "runs": {name: run for name, run in runs.items() if run is not None},
+    }
+    if missing:
+        return summary | {"missing": missing}
+    return summary | {
+        "deepspeed_speedup": side["deepspeed"]["reports_per_s"] / side["plain"]["reports_per_s"],
+        "memory_ratio": side["deepspeed"]["working_memory_mb"] / max(side["plain"]["working_memory_mb"], 1e-9),
     }
 
 
@@ -361,7 +372,7 @@ def combine(out: Path, dry_run: bool, wall_s: float | None) -> dict[str, Any]:
         "student": lambda: read_json(out / "build.json"),
         "inference": lambda: read_json(out / "bench.json"),
         "token_budget": lambda: read_json(out / "token_budget.json"),
-        "training": lambda: training_summary(out),
+        "training": lambda: training_summary(out, steps),
         "kd_training": lambda: kd_summary(out),
     }
     result: dict[str, Any] = {
@@ -375,13 +386,14 @@ def combine(out: Path, dry_run: bool, wall_s: float | None) -> dict[str, Any]:
     for section, maker in makers.items():
         try:
             reason = failure(out, steps, SECTIONS[section])
-            if reason is None:
+            if reason is None or section in PARTIAL_SECTIONS:
                 result[section] = maker()
         except Exception as err:  # any section's failure (an MLflow error, a torn JSON) is that section's alone
             lines = str(err).strip().splitlines()
             reason = type(err).__name__ + (f": {lines[0][:300]}" if lines else "")
-        if reason is not None:
             result[section] = {"error": reason}
+        if reason is not None:
+            result.setdefault(section, {"error": reason})
             errors[section] = reason
     result["steps"] = steps
     result["errors"] = errors
@@ -447,14 +459,16 @@ def table(result: Mapping[str, Any]) -> str:
     training = result.get("training", {})
     if "error" not in training:
         for name, label in (("deepspeed", "DeepSpeed ZeRO-2"), ("plain", "plain Trainer")):
-            rows.append(
-                (
-                    f"training: {label}",
-                    f"{training['reports_per_s'][name]:.1f} reports/s ({training['precision'][name]}), "
-                    f"peak {training['peak_memory_mb'][name]:.0f} MB",
+            if name in training["reports_per_s"]:
+                rows.append(
+                    (
+                        f"training: {label}",
+                        f"{training['reports_per_s'][name]:.1f} reports/s ({training['precision'][name]}), "
+                        f"peak {training['peak_memory_mb'][name]:.0f} MB",
+                    )
                 )
-            )
-        rows.append(("training: ZeRO-2 / plain", f"{training['deepspeed_speedup']:.2f}x reports/s"))
+        if "deepspeed_speedup" in training:
+            rows.append(("training: ZeRO-2 / plain", f"{training['deepspeed_speedup']:.2f}x reports/s"))
     kd = result.get("kd_training", {})
     if "error" not in kd:
         metrics = kd["mlflow"]["metrics"]
