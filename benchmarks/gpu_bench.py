@@ -387,9 +387,8 @@ def combine(out: Path, dry_run: bool, wall_s: float | None) -> dict[str, Any]:
         try:
             reason = failure(out, steps, SECTIONS[section])
             if reason is None or section in PARTIAL_SECTIONS:
-                result[section] = maker()
-                missing = result[section].get("missing", {})
-                reason = reason or ("; ".join(missing.values()) if missing else None)
+                result[section] = figures = maker()
+                reason = reason or "; ".join((figures or {}).get("missing", {}).values()) or None
         except Exception as err:  # any section's failure (an MLflow error, a torn JSON) is that section's alone
             lines = str(err).strip().splitlines()
             reason = type(err).__name__ + (f": {lines[0][:300]}" if lines else "")

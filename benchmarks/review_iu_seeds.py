@@ -87,10 +87,14 @@ def seed_list(text: str) -> list[int]:
     try:
         if "-" in text:
             first, last = (int(part) for part in text.split("-", 1))
-            return list(range(first, last + 1))
-        return [int(part) for part in text.split(",")]
+            seeds = list(range(first, last + 1))
+        else:
+            seeds = [int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: seeds are FIRST-LAST or a comma-separated list") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"{text!r}: no seeds (FIRST is above LAST)")
+    return seeds
 
 
 def expected_seconds(kind: str, finished: list[Job]) -> float | None:

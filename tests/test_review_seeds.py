@@ -38,6 +38,8 @@ def test_seeds_are_a_range_or_a_list_and_anything_else_is_named() -> None:
     assert seed_list("5,9") == [5, 9]
     with pytest.raises(argparse.ArgumentTypeError, match="'twenty': seeds are FIRST-LAST"):
         seed_list("twenty")
+    with pytest.raises(argparse.ArgumentTypeError, match="'30-20': no seeds"):
+        seed_list("30-20")
 
 
 def test_time_up_stops_the_running_job_and_starts_none_that_would_overrun(tmp_path: Path) -> None:
