@@ -171,14 +171,14 @@ def test_label_studio_accepts_the_labeling_config(server: LabelStudioServer) -> 
 def test_ensure_project_creates_then_finds_it_and_restores_a_changed_config(
     server: LabelStudioServer, admin: LabelStudioClient
 ) -> None:
-    project_id, created = admin.ensure_project("Config check")
-    assert created
-    assert admin.ensure_project("Config check") == (project_id, False)
-    assert admin.ensure_project("Config check (copy)")[1], "a title is matched exactly, not as a substring"
+    project_id, state = admin.ensure_project("Config check")
+    assert state == "created"
+    assert admin.ensure_project("Config check") == (project_id, "unchanged")
+    assert admin.ensure_project("Config check (copy)")[1] == "created", "a title is matched exactly, not as a substring"
     older = labeling_config().replace('<Choice value="uncertain"/>', "")
     as_admin(server, "PATCH", f"/api/projects/{project_id}/", {"label_config": older}).raise_for_status()
     assert admin.project(project_id)["label_config"].strip() == older.strip()
-    assert admin.ensure_project("Config check") == (project_id, False)
+    assert admin.ensure_project("Config check") == (project_id, "config restored")
     assert admin.project(project_id)["label_config"].strip() == labeling_config().strip()
 
 
@@ -282,7 +282,7 @@ def test_pull_settles_each_task_checks_it_and_appends_only_what_is_new(
     # Finding present beside an uncertain Cardiomegaly; r2: one annotation; r3 skipped, r4 not opened.
     (refused,) = result.refused
     assert refused.startswith(f"task {review.task_ids['r1']} (report 'r1'): No Finding is present beside Cardiomegaly")
-    assert (result.appended, result.not_annotated, result.already_stored) == (1, 2, 0)
+    assert (result.appended, result.not_annotated, result.skipped, result.already_stored) == (1, 1, 1, 0)
     (row,) = AppendOnlyStore(store).records()
     assert row["report_id"] == "r2" and row["labels"] == EFFUSION and row["settled_by"] == "single"
     assert row["reviewer"] == reviewer_pseudonym(server.url, review.first.user_id)
@@ -313,8 +313,8 @@ def test_a_legacy_token_is_refused_until_the_organization_allows_it(server: Labe
         server, "POST", "/api/jwt/settings", {"api_tokens_enabled": True, "legacy_api_tokens_enabled": True}
     ).raise_for_status()
     try:
-        project_id, created = legacy.ensure_project("Legacy")
-        assert created and legacy.ensure_project("Legacy") == (project_id, False)
+        project_id, state = legacy.ensure_project("Legacy")
+        assert state == "created" and legacy.ensure_project("Legacy") == (project_id, "unchanged")
     finally:
         as_admin(
             server, "POST", "/api/jwt/settings", {"api_tokens_enabled": True, "legacy_api_tokens_enabled": False}

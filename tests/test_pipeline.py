@@ -300,8 +300,8 @@ def test_reviews_from_label_studio_become_gold_in_test_and_targets_in_training_a
     # A radiologist corrects the student's pre-filled labels to the generator's truth in the web app.
     reviewer = add_reviewer(label_studio, "pipeline.radiologist@example.org")
     admin = LabelStudioClient(label_studio.url, label_studio.token)
-    project_id, created = admin.ensure_project("deberta-rad review")
-    assert not created
+    project_id, state = admin.ensure_project("deberta-rad review")
+    assert state == "unchanged"
     for task in admin.export_tasks(project_id):
         predicted = annotation_labels(task_opened(label_studio, reviewer, task["id"])["predictions"][0]["result"])
         corrections = {f: s for f, s in truth[task["data"]["report_id"]].items() if predicted[f] != s}
@@ -337,6 +337,16 @@ def test_reviews_from_label_studio_become_gold_in_test_and_targets_in_training_a
     val_reviewed = read_label_records(val_path) if val_path.is_file() else []
     assert int(train_params["n_reviewed"]) == len(train_reviewed) + len(val_reviewed)
     assert int(train_params["n_reviewed_examples"]) > 0
+    # The reviewed gold moved reports into test, so the champion was scored on other test data: promote
+    # scores it again on the new split rather than leaving the two versions incomparable.
+    champion = client.get_model_version_by_alias("deberta-rad", "champion")
+    assert champion.tags["data.data/splits.md5"] != version.tags["data.data/splits.md5"]
+    promoted = run([str(BIN / "deberta-rad"), "promote", "--force", "--reason", "the gate's figures vary"], project)
+    assert f"champion version {champion.version} was evaluated on other test data: scored again" in promoted.stdout
+    assert "Not comparable" not in promoted.stdout
+    tags = client.get_model_version("deberta-rad", version.version).tags
+    assert tags["promotion.gate"] in ("passed", "forced") and "scored again" in tags["promotion.gate_detail"]
+    assert client.get_model_version("deberta-rad", champion.version).tags == champion.tags, "left as registered"
     selection_run, _ = client.search_runs(  # the first selection, then the one beside the waiting tasks
         [client.get_experiment_by_name("deberta-rad").experiment_id],
         "tags.stage = 'review-select'",

@@ -30,7 +30,13 @@ from deberta_rad.cli import app
 from deberta_rad.metrics import compute_metrics
 from deberta_rad.model import student_from_backbone
 from deberta_rad.params import PromoteParams
-from deberta_rad.promote import EVALUATION_DATA_TAG, format_gate_table, gate_reference, promotion_gate
+from deberta_rad.promote import (
+    EVALUATION_DATA_TAG,
+    champion_on_candidates_test_data,
+    format_gate_table,
+    gate_reference,
+    promotion_gate,
+)
 from deberta_rad.registry import CHAMPION, finding_f1_tag, register_model, resolve_model
 from deberta_rad.schema import FINDINGS, STATUSES
 from deberta_rad.settings import get_settings
@@ -263,6 +269,26 @@ def test_versions_evaluated_on_other_data_are_not_compared() -> None:
     no_gold = {"teacher": metrics["teacher"]}
     other_reference = promotion_gate(version("1", metrics, "a"), version("2", no_gold, "a"), "gold", 0.05)
     assert other_reference.problems == ["version 2 (candidate) has no evaluation against 'gold'"]
+
+
+def test_the_champion_is_scored_again_only_when_the_candidate_was_scored_on_the_workspaces_test_split(
+    tmp_path: Path,
+) -> None:
+    metrics = synthetic_evaluation(seed=2, error_rate=0.1)
+    lock = tmp_path / "dvc.lock"
+    split = tmp_path / "splits/test"
+
+    def rescored(champion_md5: str, candidate_md5: str) -> object:
+        champion, candidate = version("1", metrics, champion_md5), version("2", metrics, candidate_md5)
+        return champion_on_candidates_test_data(champion, candidate, split, 8, lock_path=lock)
+
+    assert rescored("old.dir", "new.dir") is None, "no dvc.lock: not a DVC workspace"
+    lock.write_text(yaml.safe_dump({"stages": {"split": {"outs": [{"path": "data/splits", "md5": "new.dir"}]}}}))
+    assert rescored("old.dir", "new.dir") is None, "the test split is not checked out"
+    split.mkdir(parents=True)
+    (split / "reports.jsonl").write_text("")
+    assert rescored("new.dir", "new.dir") is None, "both were scored on it already"
+    assert rescored("old.dir", "other.dir") is None, "the candidate was scored on another split than the workspace's"
 
 
 AUTO = PromoteParams(reference="auto")

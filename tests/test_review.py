@@ -201,6 +201,14 @@ def test_pull_settles_agreement_and_ground_truth_and_refuses_what_it_cannot_read
     assert settled["unreadable"][0].startswith("task 5 (report 'r5'): an annotation cannot be read")
 
 
+def test_a_task_everyone_skipped_is_counted_apart_from_one_nobody_opened() -> None:
+    skipped = task_with([]) | {"annotations": [{"id": 1, "result": [], "was_cancelled": True}]}
+    result = PullResult()
+    assert review_rows([skipped, task_with()], "http://ls", 1, result) == []
+    assert (result.skipped, result.not_annotated, result.refused) == (1, 1, [])
+    assert "1 tasks await review, 1 skipped by all who opened them" in result.describe(Path("store.jsonl"))
+
+
 def test_gold_is_a_stable_share_of_the_reviewed_ids() -> None:
     ids = [f"r{i}" for i in range(2000)]
     gold = [rid for rid in ids if is_gold(rid, 13, 0.3)]

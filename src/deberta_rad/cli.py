@@ -21,7 +21,7 @@ from typer.core import TyperGroup
 from deberta_rad import data, evaluate
 from deberta_rad.comparison import compare_labelers, format_comparison_table
 from deberta_rad.metrics import format_metrics_table, format_presence_table
-from deberta_rad.params import MonitoringParams, ParamsError, PromoteParams, load_params
+from deberta_rad.params import EvaluateParams, MonitoringParams, ParamsError, PromoteParams, load_params
 from deberta_rad.schema import LabelRecord, Report
 
 if TYPE_CHECKING:
@@ -331,7 +331,14 @@ def review_pull(params: ParamsOption = Path("params.yaml")) -> None:
         typer.secho(f"refused {problem}", err=True, fg=typer.colors.YELLOW)
     typer.echo(result.describe(store))
     if result.refused:
+        typer.secho(REFUSED_HINT, err=True)
         raise typer.Exit(code=1)
+
+
+REFUSED_HINT = (
+    "a refused task stays out of the store until it is fixed in Label Studio (correct the annotation, or mark "
+    "one of those that disagree as ground truth) and pulled again"
+)
 
 
 platform_app = typer.Typer(
@@ -1022,6 +1029,10 @@ def register(
     typer.echo(f"registered {result['name']} version {result['version']} (aliases: {', '.join(result['aliases'])})")
 
 
+# The test split the evaluate stage scores (dvc.yaml); `promote` scores a champion evaluated on other test data here.
+PROMOTION_TEST_SPLIT = Path("data/splits/test")
+
+
 @app.command()
 def promote(
     version: Annotated[int | None, typer.Option(help="Version to promote (default: the `challenger`).")] = None,
@@ -1042,17 +1053,26 @@ def promote(
         _fail("--force needs --reason TEXT (it is recorded on the version)")
     if reason and not force:
         _fail("--reason goes with --force")
-    config = load_params(params).promote if params.is_file() else PromoteParams()
+    loaded = load_params(params) if params.is_file() else None
+    config = loaded.promote if loaded else PromoteParams()
+    batch_size = (loaded.evaluate if loaded else EvaluateParams()).batch_size
     require_registry()
     configure_mlflow()
     candidate, champion = promotion.promotion_candidates(version)
     if champion is not None and champion.version == candidate.version:
         typer.echo(f"version {candidate.version} is already {CHAMPION}; nothing to do")
         return
-    gate = None
+    gate = detail = None
     if champion is not None:
-        reference = promotion.gate_reference(config, champion, candidate)
-        gate = promotion.promotion_gate(champion, candidate, reference, config.max_finding_drop)
+        rescored = promotion.champion_on_candidates_test_data(champion, candidate, PROMOTION_TEST_SPLIT, batch_size)
+        if rescored is not None:
+            detail = (
+                f"champion version {champion.version} was evaluated on other test data: scored again on "
+                f"{PROMOTION_TEST_SPLIT}, the candidate's"
+            )
+            typer.echo(detail)
+        reference = promotion.gate_reference(config, rescored or champion, candidate)
+        gate = promotion.promotion_gate(rescored or champion, candidate, reference, config.max_finding_drop)
         typer.echo(promotion.format_gate_table(gate))
         if not gate.passed and not force:
             typer.secho(
@@ -1060,7 +1080,7 @@ def promote(
                 err=True,
             )
             raise typer.Exit(code=1)
-    promotion.promote_version(candidate, champion, gate, reason)
+    promotion.promote_version(candidate, champion, gate, reason, detail)
     previous = f"was version {champion.version}" if champion else "there was none"
     forced = " (forced past the gate)" if gate and not gate.passed else ""
     typer.echo(f"promoted version {candidate.version} to {CHAMPION}{forced}; {previous}")

@@ -89,13 +89,18 @@ def format_disagreements(cells: Sequence[Mapping[str, Any]], max_ids: int = 3) -
 
 
 def evaluate_split(
-    model_dir: Path, split_dir: Path, plots_dir: Path, batch_size: int = 64, disagreements_out: Path | None = None
+    model_dir: Path,
+    split_dir: Path,
+    plots_dir: Path | None,
+    batch_size: int = 64,
+    disagreements_out: Path | None = None,
 ) -> dict[str, Any]:
     """The evaluate stage: label a split with the student and score it against the teacher's labels,
     ground truth where the sources carried it, and the reviewed gold (`reviewed.jsonl`) where a
-    radiologist reviewed reports of the split. Writes DVC plots and, to ``disagreements_out``, the
-    cells where the student differs from the teacher by finding and phrase; returns the metrics.
-    Reports and labels stream; what stays per report is its predicted and reference status codes."""
+    radiologist reviewed reports of the split. Writes DVC plots (unless ``plots_dir`` is None: a
+    champion scored again at promotion) and, to ``disagreements_out``, the cells where the student
+    differs from the teacher by finding and phrase; returns the metrics. Reports and labels stream;
+    what stays per report is its predicted and reference status codes."""
     from deberta_rad.data import iter_label_records, iter_reports
     from deberta_rad.predict import load_engine
 
@@ -120,11 +125,19 @@ def evaluate_split(
             results[name]["disagreements"] = disagreement_counts(cells)
             if disagreements_out:
                 write_text_atomically(disagreements_out, format_disagreements(cells))
-        plot_confusion_matrices(confusion_matrices(predictions, gold), plots_dir / f"confusion_{name}.png")
-        write_confusion_plots(predictions, gold, plots_dir / "confusion" / name)
-        rows = [{"finding": f, "f1": m["f1"]} for f, m in results[name]["per_finding"].items() if m["f1"] is not None]
-        (plots_dir / f"per_finding_f1_{name}.json").write_text(json.dumps(rows, indent=1))
+        if plots_dir is not None:
+            write_plots(predictions, gold, results[name], plots_dir, name)
     return results
+
+
+def write_plots(
+    predictions: StatusCodes, gold: StatusCodes, scores: Mapping[str, Any], plots_dir: Path, name: str
+) -> None:
+    """DVC's plots of one reference: the confusion matrices (image and per finding) and the per-finding F1."""
+    plot_confusion_matrices(confusion_matrices(predictions, gold), plots_dir / f"confusion_{name}.png")
+    write_confusion_plots(predictions, gold, plots_dir / "confusion" / name)
+    rows = [{"finding": f, "f1": m["f1"]} for f, m in scores["per_finding"].items() if m["f1"] is not None]
+    (plots_dir / f"per_finding_f1_{name}.json").write_text(json.dumps(rows, indent=1))
 
 
 def _added(records: Iterable[LabelRecord], codes: StatusCodes) -> Iterator[LabelRecord]:

@@ -11,7 +11,7 @@ import base64
 import binascii
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 from xml.sax.saxutils import quoteattr
 
 # Plain requests, not label-studio-sdk: for these few REST calls the SDK would pull opencv-python-headless,
@@ -27,6 +27,8 @@ FINDING_OF: dict[str, str] = {name: finding for finding, name in FROM_NAMES.item
 TOKEN_HINT = "check DEBERTA_RAD_LABEL_STUDIO_TOKEN"
 PAGE_SIZE = 100
 MAX_DETAIL_CHARS = 500
+# What `ensure_project` did to the project it returns.
+ProjectState = Literal["created", "config restored", "unchanged"]
 
 
 class LabelStudioError(RuntimeError):
@@ -156,17 +158,19 @@ class LabelStudioClient:
         found = [p for p in self._pages("/api/projects/", {"title": title}, "results") if p.get("title") == title]
         return int(min(p["id"] for p in found)) if found else None
 
-    def ensure_project(self, title: str) -> tuple[int, bool]:
-        """(project id, created): the oldest project with exactly this title, its labeling interface
-        brought up to date when it differs, or a new project."""
+    def ensure_project(self, title: str) -> tuple[int, ProjectState]:
+        """(project id, what was done): the oldest project with exactly this title, its labeling interface
+        restored when it differs (an edit in the web app is overwritten, so the state says so), or a new
+        project."""
         project_id = self.find_project(title)
         if project_id is None:
             body = {"title": title, "label_config": labeling_config(), "description": PROJECT_DESCRIPTION}
-            return int(self._json("POST", "/api/projects/", body=body)["id"]), True
+            return int(self._json("POST", "/api/projects/", body=body)["id"]), "created"
         current = self._json("GET", f"/api/projects/{project_id}/").get("label_config")
-        if (current or "").strip() != labeling_config().strip():
-            self._json("PATCH", f"/api/projects/{project_id}/", body={"label_config": labeling_config()})
-        return project_id, False
+        if (current or "").strip() == labeling_config().strip():
+            return project_id, "unchanged"
+        self._json("PATCH", f"/api/projects/{project_id}/", body={"label_config": labeling_config()})
+        return project_id, "config restored"
 
     def project(self, project_id: int) -> dict:
         """The project's settings as Label Studio holds them (label_config, model_version, counts)."""

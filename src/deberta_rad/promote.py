@@ -1,6 +1,7 @@
 """Promotion: alias `champion` moves to a registered version that passes the gate against the current
 champion (same test data, no finding's F1 down by more than `promote.max_finding_drop`, Macro F1 not
-down), or that a person overrides the gate for, with the reason recorded on the version."""
+down), or that a person overrides the gate for, with the reason recorded on the version. A champion
+scored on an older test split than the candidate's is scored again on the candidate's first."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
@@ -100,7 +103,17 @@ def _tag_score(tags: Mapping[str, str], key: str) -> float | None:
         return None
 
 
-def comparability_problems(champion: ModelVersion, candidate: ModelVersion, reference: str) -> list[str]:
+class Evaluated(Protocol):
+    """What the gate reads of a version: a registered ModelVersion, or the champion scored again."""
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def tags(self) -> Mapping[str, str]: ...
+
+
+def comparability_problems(champion: Evaluated, candidate: Evaluated, reference: str) -> list[str]:
     """Why two versions' evaluations cannot be compared: unknown or different test data, no scores
     against ``reference``, or a finding scored on one of them only. Empty when they are comparable."""
     problems = []
@@ -127,7 +140,47 @@ def comparability_problems(champion: ModelVersion, candidate: ModelVersion, refe
     return [f"scored on one version only: {', '.join(one_sided)}"] if one_sided else []
 
 
-def gate_reference(config: PromoteParams, champion: ModelVersion, candidate: ModelVersion) -> str:
+@dataclass(frozen=True)
+class Rescored:
+    """The champion as the gate reads it after it was scored again on the candidate's test data: its
+    number and its tags with that evaluation. Only the gate sees these: the registered tags stay as they
+    were, since `data.data/splits.md5` there also names the data the champion was trained on."""
+
+    version: str
+    tags: Mapping[str, str]
+
+
+def champion_on_candidates_test_data(
+    champion: ModelVersion,
+    candidate: ModelVersion,
+    split_dir: Path,
+    batch_size: int,
+    lock_path: Path = Path("dvc.lock"),
+) -> Rescored | None:
+    """The champion scored now on the workspace's test split, when the candidate was evaluated on that
+    split (its data tag is dvc.lock's) and the champion on other test data: a review round moves
+    reviewed gold into the test split, which would otherwise leave every retrained version incomparable
+    with the champion. None when there is nothing to do or no way to do it (no dvc.lock, split not
+    checked out)."""
+    from deberta_rad.evaluate import evaluate_split
+    from deberta_rad.registry import evaluation_tags, resolve_model
+    from deberta_rad.tracking import data_version_tags
+
+    current = data_version_tags(lock_path).get(EVALUATION_DATA_TAG)
+    if (
+        current is None
+        or candidate.tags.get(EVALUATION_DATA_TAG) != current
+        or champion.tags.get(EVALUATION_DATA_TAG) == current
+        or not (split_dir / "reports.jsonl").is_file()
+    ):
+        return None
+    model_dir, _ = resolve_model(f"models:/{champion.name}/{champion.version}")
+    metrics = evaluate_split(model_dir, split_dir, plots_dir=None, batch_size=batch_size)
+    kept = {key: value for key, value in champion.tags.items() if not key.startswith("eval.")}
+    return Rescored(champion.version, {**kept, **evaluation_tags(metrics), EVALUATION_DATA_TAG: current})
+
+
+def gate_reference(config: PromoteParams, champion: Evaluated, candidate: Evaluated) -> str:
     """`auto`: the reviewed gold when both versions were scored on at least `min_reviewed_reports` of it
     (a radiologist's labels, but on the first few dozen reviews the gate would be a coin toss), else
     ground truth when both were scored against it (sources that carry gold), else the teacher labels;
@@ -141,7 +194,7 @@ def gate_reference(config: PromoteParams, champion: ModelVersion, candidate: Mod
     return "teacher"
 
 
-def _reviewed_reports(version: ModelVersion) -> int:
+def _reviewed_reports(version: Evaluated) -> int:
     """How many reviewed gold reports a version was scored on (0 when none, or when it was registered
     before the count was tagged)."""
     if "eval.reviewed.macro_f1" not in version.tags:
@@ -149,9 +202,7 @@ def _reviewed_reports(version: ModelVersion) -> int:
     return int(version.tags.get("eval.reviewed.n_reports", 0))
 
 
-def promotion_gate(
-    champion: ModelVersion, candidate: ModelVersion, reference: str, max_finding_drop: float
-) -> GateResult:
+def promotion_gate(champion: Evaluated, candidate: Evaluated, reference: str, max_finding_drop: float) -> GateResult:
     """The gate: on the same test data, the candidate's Macro F1 is not lower than the champion's and no
     finding's F1 drops by more than ``max_finding_drop``."""
     rows = [
@@ -242,7 +293,11 @@ def _now() -> str:
 
 
 def promote_version(
-    candidate: ModelVersion, previous: ModelVersion | None, gate: GateResult | None, forced_reason: str | None
+    candidate: ModelVersion,
+    previous: ModelVersion | None,
+    gate: GateResult | None,
+    forced_reason: str | None,
+    detail: str | None = None,
 ) -> None:
     """Move `champion` to ``candidate`` and record on it who promoted it, when, over which version and
     how (`promotion.gate`: passed, forced or no champion). The tags are written before the alias moves,
@@ -257,6 +312,8 @@ def promote_version(
     }
     if outcome == "forced":
         tags["promotion.forced_reason"] = forced_reason or ""
+    if detail:
+        tags["promotion.gate_detail"] = detail[:MAX_TAG_CHARS]
     _record_promotion(candidate, tags)
     MlflowClient().set_registered_model_alias(candidate.name, CHAMPION, candidate.version)
     logger.info("version %s of %s is now %s (gate: %s)", candidate.version, candidate.name, CHAMPION, outcome)

@@ -38,7 +38,7 @@ from deberta_rad.params import ReviewParams
 from deberta_rad.schema import FINDINGS, STATUS_INDEX, STATUSES, LabelRecord, Report, TeacherInfo
 
 if TYPE_CHECKING:
-    from deberta_rad.label_studio import LabelStudioClient
+    from deberta_rad.label_studio import LabelStudioClient, ProjectState
 
 # The provenance of a reviewed label, so training and evaluation can tell it from a teacher's.
 REVIEW_TEACHER = TeacherInfo(name="review", model="label-studio")
@@ -339,12 +339,14 @@ class PullResult:
     appended: int = 0
     already_stored: int = 0
     not_annotated: int = 0
+    skipped: int = 0
     refused: list[str] = field(default_factory=list)
 
     def describe(self, store: Path) -> str:
         return (
             f"appended {self.appended} reviewed reports to {store}; {self.already_stored} were already there; "
-            f"{self.not_annotated} tasks await review; {len(self.refused)} refused"
+            f"{self.not_annotated} tasks await review, {self.skipped} skipped by all who opened them; "
+            f"{len(self.refused)} refused"
         )
 
 
@@ -376,9 +378,10 @@ def settled_annotation(task: Mapping[str, Any]) -> tuple[dict[str, Any] | None, 
     one marked ground truth; None with the reason when there is none or they disagree."""
     from deberta_rad.label_studio import annotation_labels
 
-    submitted = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+    annotations = task.get("annotations") or []
+    submitted = [a for a in annotations if not a.get("was_cancelled")]
     if not submitted:
-        return None, "not annotated"
+        return None, "skipped" if annotations else "not annotated"
     if len(submitted) == 1:
         return submitted[0], "single"
     try:
@@ -406,6 +409,8 @@ def review_rows(tasks: Sequence[Mapping[str, Any]], server_url: str, project_id:
         if annotation is None:
             if reason == "not annotated":
                 result.not_annotated += 1
+            elif reason == "skipped":
+                result.skipped += 1
             else:
                 result.refused.append(f"{where}: {reason}")
             continue
@@ -568,15 +573,19 @@ def selection_table(chosen: Sequence[Candidate], top: int = 10) -> str:
 @dataclass
 class PushResult:
     project_id: int
-    created: bool
+    state: ProjectState
     imported: int
     already_in_project: int
     already_reviewed: int
 
     def describe(self, url: str) -> str:
-        made = "created" if self.created else "updated"
+        what = {
+            "created": "created",
+            "config restored": "restored the labeling interface of",
+            "unchanged": "found",
+        }[self.state]
         return (
-            f"{made} project {self.project_id} at {url}: imported {self.imported} tasks; "
+            f"{what} project {self.project_id} at {url}: imported {self.imported} tasks; "
             f"{self.already_in_project} were already tasks there, {self.already_reviewed} already reviewed"
         )
 
@@ -586,7 +595,7 @@ def push_selection(client: LabelStudioClient, rows: Sequence[Mapping[str, Any]],
     the student's labels, so the reviewer only corrects; a report already reviewed is not sent again."""
     from deberta_rad.label_studio import task_payload
 
-    project_id, created = client.ensure_project(title)
+    project_id, state = client.ensure_project(title)
     in_project = client.task_report_ids(project_id)
     done = set(reviewed_records(store)) if store.is_file() else set()
     fresh = [r for r in rows if r["report_id"] not in in_project and r["report_id"] not in done]
@@ -597,7 +606,7 @@ def push_selection(client: LabelStudioClient, rows: Sequence[Mapping[str, Any]],
     imported = client.import_tasks(project_id, tasks) if tasks else 0
     return PushResult(
         project_id,
-        created,
+        state,
         imported,
         sum(r["report_id"] in in_project for r in rows),
         sum(r["report_id"] in done and r["report_id"] not in in_project for r in rows),
