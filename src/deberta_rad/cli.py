@@ -1029,8 +1029,8 @@ def register(
     typer.echo(f"registered {result['name']} version {result['version']} (aliases: {', '.join(result['aliases'])})")
 
 
-# The test split the evaluate stage scores (dvc.yaml); `promote` scores a champion evaluated on other test data here.
-PROMOTION_TEST_SPLIT = Path("data/splits/test")
+# The test split the evaluate stage scores (dvc.yaml); `promote` scores a champion evaluated on other test data there.
+TEST_SPLIT = Path("data/splits/test")
 
 
 @app.command()
@@ -1064,11 +1064,11 @@ def promote(
         return
     gate = detail = None
     if champion is not None:
-        rescored = promotion.champion_on_candidates_test_data(champion, candidate, PROMOTION_TEST_SPLIT, batch_size)
+        rescored = promotion.champion_on_candidates_test_data(champion, candidate, TEST_SPLIT, batch_size)
         if rescored is not None:
             detail = (
                 f"champion version {champion.version} was evaluated on other test data: scored again on "
-                f"{PROMOTION_TEST_SPLIT}, the candidate's"
+                f"{TEST_SPLIT}, the candidate's"
             )
             typer.echo(detail)
         reference = promotion.gate_reference(config, rescored or champion, candidate)
@@ -1089,7 +1089,7 @@ def promote(
 @app.command()
 def evaluate_split(
     model: Annotated[Path, typer.Option(help="Model directory.")] = Path("models/student"),
-    split_dir: Annotated[Path, typer.Option(help="A split folder written by `split`.")] = Path("data/splits/test"),
+    split_dir: Annotated[Path, typer.Option(help="A split folder written by `split`.")] = TEST_SPLIT,
     json_out: Annotated[Path, typer.Option("--json")] = Path("metrics/evaluate.json"),
     plots_dir: Annotated[Path, typer.Option()] = Path("plots"),
     disagreements: Annotated[

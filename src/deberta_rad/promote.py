@@ -143,8 +143,9 @@ def comparability_problems(champion: Evaluated, candidate: Evaluated, reference:
 @dataclass(frozen=True)
 class Rescored:
     """The champion as the gate reads it after it was scored again on the candidate's test data: its
-    number and its tags with that evaluation. Only the gate sees these: the registered tags stay as they
-    were, since `data.data/splits.md5` there also names the data the champion was trained on."""
+    number, that evaluation's tags and the data tag of that test split. Only the gate sees these: the
+    registered tags stay as they were, since `data.data/splits.md5` there also names the data the
+    champion was trained on."""
 
     version: str
     tags: Mapping[str, str]
@@ -176,8 +177,7 @@ def champion_on_candidates_test_data(
         return None
     model_dir, _ = resolve_model(f"models:/{champion.name}/{champion.version}")
     metrics = evaluate_split(model_dir, split_dir, plots_dir=None, batch_size=batch_size)
-    kept = {key: value for key, value in champion.tags.items() if not key.startswith("eval.")}
-    return Rescored(champion.version, {**kept, **evaluation_tags(metrics), EVALUATION_DATA_TAG: current})
+    return Rescored(champion.version, {**evaluation_tags(metrics), EVALUATION_DATA_TAG: current})
 
 
 def gate_reference(config: PromoteParams, champion: Evaluated, candidate: Evaluated) -> str:
