@@ -250,6 +250,6 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
     database, 65-85 s measured on 2 busy cores, so the client tests and the review loop share it."""
     from label_studio_server import label_studio_server  # it imports this module's helpers
 
-    with label_studio_server(tmp_path_factory.mktemp("label-studio"), timeout_s=300) as running:
+    with label_studio_server(tmp_path_factory.mktemp("label-studio")) as running:
         print(f"Label Studio answered after {running.startup_s:.1f} s")
         yield running

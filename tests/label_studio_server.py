@@ -1,13 +1,12 @@
 """A real Label Studio for the review tests, from `make review-tools` (its own virtual environment under
-.cache): a fresh SQLite data folder per server, an admin account created at first start, and accounts
+.cache), started as `deberta-rad review server up` starts it: a fresh SQLite data folder per server, the
+admin account created at first start with its personal access token, and further accounts
 made the way people get them: a reviewer signs up through the organization's invite link, and everyone
 creates a personal access token in the web app (the calls its Account & Settings page makes)."""
 
 from __future__ import annotations
 
 import datetime
-import os
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,16 +15,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO, free_port, stop_server, wait_for_http
+from conftest import REPO
 
 from deberta_rad.label_studio import annotation_labels
+from deberta_rad.net import free_port
+from deberta_rad.review_server import INSTALLED, ReviewServerPaths, down, up
 
-LABEL_STUDIO = REPO / ".cache/label-studio/bin/label-studio"
-ADMIN_EMAIL = "admin@example.org"
-ADMIN_PASSWORD = "admin-Passw0rd-for-tests"
-# The admin's legacy token (LABEL_STUDIO_USER_TOKEN); Label Studio refuses it until the organization
-# enables legacy tokens (POST /api/jwt/settings).
-ADMIN_LEGACY_TOKEN = "legacy0admin0token0for0tests0000000000"
+LABEL_STUDIO = REPO / INSTALLED
 
 
 @dataclass
@@ -45,7 +41,6 @@ class LabelStudioServer:
     url: str
     admin: Account
     legacy_token: str
-    data_dir: Path
     log: Path
     startup_s: float
 
@@ -58,50 +53,25 @@ class LabelStudioServer:
         return self.admin.user_id
 
 
-def server_env(data_dir: Path) -> dict[str, str]:
-    """The environment of `label-studio start`: this data folder only, the admin account, sign-up only
-    through an invite link, nothing sent to Sentry or analytics, no version check against PyPI. Label
-    Studio also reads unprefixed HOST, PORT, DEBUG, USERNAME, PASSWORD...: the prefixed ones set here win."""
-    return {
-        **os.environ,
-        "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
-        "LABEL_STUDIO_DJANGO_DB": "sqlite",
-        "LABEL_STUDIO_HOST": "",
-        "LABEL_STUDIO_DEBUG": "false",
-        "LABEL_STUDIO_USERNAME": ADMIN_EMAIL,
-        "LABEL_STUDIO_PASSWORD": ADMIN_PASSWORD,
-        "LABEL_STUDIO_USER_TOKEN": ADMIN_LEGACY_TOKEN,
-        "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-        "LABEL_STUDIO_SENTRY_DSN": "",
-        "LABEL_STUDIO_FRONTEND_SENTRY_DSN": "",
-        "LABEL_STUDIO_COLLECT_ANALYTICS": "false",
-        "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
-    }
-
-
 @contextmanager
-def label_studio_server(tmp_dir: Path, timeout_s: float = 180) -> Iterator[LabelStudioServer]:
-    """`label-studio start` on a free loopback port with a fresh data folder under ``tmp_dir`` (the first
-    start migrates the SQLite database: about a minute on 2 busy cores); stopped with its process group."""
+def label_studio_server(tmp_dir: Path) -> Iterator[LabelStudioServer]:
+    """`deberta-rad review server up` on a free loopback port with a fresh folder under ``tmp_dir`` (the
+    first start migrates the SQLite database: about a minute on 2 busy cores), its admin's token and legacy
+    token; `down` at the end."""
     if not LABEL_STUDIO.exists():
         pytest.skip("Label Studio is not installed: run `make review-tools` (make test does)")
-    port = free_port()
-    data_dir = tmp_dir / "label-studio-data"
-    log = tmp_dir / "label-studio.log"
-    command = [str(LABEL_STUDIO), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)]
+    paths = ReviewServerPaths(tmp_dir / "review-server")
     started = time.monotonic()
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            command, env=server_env(data_dir), cwd=tmp_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    running = up(paths, free_port(), command=LABEL_STUDIO)
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{url}/health", server, log, timeout_s)
         startup_s = time.monotonic() - started
-        admin = account(url, ADMIN_EMAIL, ADMIN_PASSWORD, logged_in(url, ADMIN_EMAIL, ADMIN_PASSWORD))
-        yield LabelStudioServer(url, admin, ADMIN_LEGACY_TOKEN, data_dir, log, startup_s)
+        session = logged_in(running.url, running.admin_email, running.admin_password)
+        legacy = session.get(f"{running.url}/api/current-user/token", timeout=30)
+        legacy.raise_for_status()
+        admin = Account(running.admin_email, running.admin_password, running.token, user_id(running.url, running.token))
+        yield LabelStudioServer(running.url, admin, legacy.json()["token"], paths.log, startup_s)
     finally:
-        stop_server(server)
+        down(paths)
 
 
 def add_reviewer(server: LabelStudioServer, email: str, password: str = "reviewer-Passw0rd") -> Account:
@@ -129,14 +99,20 @@ def logged_in(url: str, email: str, password: str) -> requests.Session:
 
 
 def account(url: str, email: str, password: str, session: requests.Session) -> Account:
-    """The signed-in user's id and a new personal access token (POST /api/token/, as Account & Settings
-    does; Label Studio allows one unrevoked token per user)."""
+    """The signed-in user's new personal access token (POST /api/token/, as Account & Settings does; Label
+    Studio allows one unrevoked token per user) and id."""
     csrf = {"X-CSRFToken": session.cookies["csrftoken"], "Referer": url}
     created = session.post(f"{url}/api/token/", json={}, headers=csrf, timeout=30)
     assert created.status_code == 201, f"token for {email}: {created.status_code} {created.text[:200]}"
-    whoami = session.get(f"{url}/api/current-user/whoami", timeout=30)
+    token = created.json()["token"]
+    return Account(email, password, token, user_id(url, token))
+
+
+def user_id(url: str, personal_token: str) -> int:
+    """The id of the user a personal access token belongs to."""
+    whoami = requests.get(f"{url}/api/current-user/whoami", headers=bearer(url, personal_token), timeout=30)
     whoami.raise_for_status()
-    return Account(email, password, created.json()["token"], int(whoami.json()["id"]))
+    return int(whoami.json()["id"])
 
 
 def form(session: requests.Session, **fields: str) -> dict[str, str]:

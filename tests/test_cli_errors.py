@@ -221,7 +221,12 @@ BAD_INPUTS = [
         "review push --selection ok.jsonl --params split_ok.yaml",
         "ok.jsonl:1: not a line of `deberta-rad review select`",
     ),
-    ("review pull without a token", "review pull --params split_ok.yaml", "set DEBERTA_RAD_LABEL_STUDIO_TOKEN"),
+    (
+        "review pull without a token",
+        "review pull --params split_ok.yaml",
+        "`deberta-rad review server up` keeps its admin's in .label-studio/secrets.env",
+    ),
+    ("review server up, Label Studio not installed", "review server up", "run `make review-tools`"),
 ]
 UNREACHABLE = [
     ("predict, MLflow server down", "predict -i ok.jsonl -o out.jsonl"),

@@ -1,4 +1,4 @@
-"""The Label Studio client against a real Label Studio (tests/label_studio_server.py, `make review-tools`):
+"""The Label Studio client against a real Label Studio (`deberta-rad review server up`, `make review-tools`):
 the project and its labeling interface, tasks pre-annotated with the student's labels, two reviewers
 annotating through the calls the web app makes, the JSON export those labels come back from, and the
 errors a user sees. The labeling interface's shape and the result round trip are checked without it."""
@@ -6,13 +6,16 @@ errors a user sees. The labeling interface's shape and the result round trip are
 from __future__ import annotations
 
 import json
+import stat
+import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import REPO, free_port
 from label_studio_server import (
+    LABEL_STUDIO,
     Account,
     LabelStudioServer,
     add_reviewer,
@@ -22,6 +25,7 @@ from label_studio_server import (
     submit,
     task_opened,
 )
+from test_pipeline import BIN, clean_env
 
 from deberta_rad.data import AppendOnlyStore, InputError
 from deberta_rad.label_studio import (
@@ -33,6 +37,7 @@ from deberta_rad.label_studio import (
     task_payload,
     token_kind,
 )
+from deberta_rad.local_servers import read_env_file
 from deberta_rad.review import pull_reviews, reviewer_pseudonym
 from deberta_rad.schema import FINDINGS, STATUSES
 
@@ -373,3 +378,53 @@ def test_a_closed_port_says_label_studio_is_not_reachable_there() -> None:
     message = str(refused.value)
     assert f"Label Studio at {url}: GET /api/projects/ cannot connect" in message
     assert "DEBERTA_RAD_LABEL_STUDIO_URL" in message
+
+
+# -- `deberta-rad review server` -------------------------------------------------------------------------
+
+
+def review_server(folder: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """`deberta-rad review server ...` run from the repository (where `make review-tools` installed Label Studio)."""
+    command = [str(BIN / "deberta-rad"), "review", "server", *arguments, "--folder", str(folder)]
+    return subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_review_server_up_makes_the_admin_and_a_token_keeps_them_and_stops(tmp_path: Path) -> None:
+    if not LABEL_STUDIO.exists():
+        pytest.skip("Label Studio is not installed: run `make review-tools` (make test does)")
+    folder, port = tmp_path / "label-studio", free_port()
+    try:
+        first = review_server(folder, "up", "--port", str(port))
+        assert first.returncode == 0, first.stderr
+        assert f"Label Studio started: http://127.0.0.1:{port}" in first.stdout
+        secrets = read_env_file(folder / "secrets.env")
+        assert stat.S_IMODE((folder / "secrets.env").stat().st_mode) == 0o600
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert secrets["ADMIN_PASSWORD"] not in first.stdout + first.stderr
+        assert secrets["DEBERTA_RAD_LABEL_STUDIO_URL"] == f"http://127.0.0.1:{port}"
+        token = secrets["DEBERTA_RAD_LABEL_STUDIO_TOKEN"]
+        assert token_kind(token) == "personal" and token not in first.stdout + first.stderr
+        assert LabelStudioClient(f"http://127.0.0.1:{port}", token).ensure_project("Kept")[1] == "created"
+
+        again = review_server(folder, "up", "--port", str(port))
+        assert again.returncode == 0 and "Label Studio already running" in again.stdout
+        assert "/health answers" in review_server(folder, "status").stdout
+
+        other_admin = review_server(folder, "up", "--admin-email", "someone@example.org")
+        assert other_admin.returncode == 2
+        assert "the admin account is admin@example.org" in other_admin.stderr
+        taken = review_server(tmp_path / "second", "up", "--port", str(port))
+        assert taken.returncode == 2 and f"port {port} on 127.0.0.1 is taken" in taken.stderr
+
+        assert "stopped Label Studio" in review_server(folder, "down").stdout
+        assert "is not running" in review_server(folder, "status").stdout
+        assert "was not running" in review_server(folder, "down").stdout
+
+        moved = free_port()  # a restart on another port: the same database, admin and token
+        restarted = review_server(folder, "up", "--port", str(moved))
+        assert restarted.returncode == 0, restarted.stderr
+        assert read_env_file(folder / "secrets.env")["DEBERTA_RAD_LABEL_STUDIO_TOKEN"] == token
+        assert LabelStudioClient(f"http://127.0.0.1:{moved}", token).ensure_project("Kept")[1] == "unchanged"
+    finally:
+        review_server(folder, "down")

@@ -34,6 +34,7 @@ EXPECTED_ELSEWHERE = {
     "mlflow.exceptions": ("MlflowException",),
     "deberta_rad.model": ("BackboneUnavailableError",),
     "deberta_rad.platform_stack": ("PlatformError",),
+    "deberta_rad.review_server": ("ReviewServerError",),
     "deberta_rad.promote": ("PromotionError",),
     "deberta_rad.tracking": ("RegistryUnavailableError",),
     "deberta_rad.teachers.llm": ("LLMTeacherError",),
@@ -294,8 +295,9 @@ def label_studio_client() -> tuple[LabelStudioClient, str]:
     settings = get_settings()
     if settings.label_studio_token is None:
         raise data.InputError(
-            "no Label Studio token: set DEBERTA_RAD_LABEL_STUDIO_TOKEN (Account & Settings > Access Token) "
-            f"for {settings.label_studio_url} (DEBERTA_RAD_LABEL_STUDIO_URL)"
+            "no Label Studio token: set DEBERTA_RAD_LABEL_STUDIO_TOKEN for "
+            f"{settings.label_studio_url} (DEBERTA_RAD_LABEL_STUDIO_URL): `deberta-rad review server up` keeps its "
+            "admin's in .label-studio/secrets.env; elsewhere, Account & Settings > Personal Access Token"
         )
     url = settings.label_studio_url
     return LabelStudioClient(url, settings.label_studio_token.get_secret_value()), url
@@ -339,6 +341,53 @@ REFUSED_HINT = (
     "a refused task stays out of the store until it is fixed in Label Studio (correct the annotation, or mark "
     "one of those that disagree as ground truth) and pulled again"
 )
+
+
+review_server_app = typer.Typer(
+    help="Label Studio on this machine for review: up, down, status (README 'Radiologist review').",
+    no_args_is_help=True,
+)
+review_app.add_typer(review_server_app, name="server")
+ReviewServerFolder = Annotated[
+    Path, typer.Option("--folder", help="Where Label Studio keeps its database, secrets and log (holds report text).")
+]
+
+
+@review_server_app.command("up")
+def review_server_up(
+    folder: ReviewServerFolder = Path(".label-studio"),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The port on 127.0.0.1.")] = 8080,
+    admin_email: Annotated[
+        str | None, typer.Option(help="The admin account made at the first start [default: admin@example.org].")
+    ] = None,
+) -> None:
+    """Start Label Studio on loopback with a SQLite database, its admin account and a personal access token
+    (or find it running); `make review-tools` installs it."""
+    from deberta_rad.review_server import TOKEN_NAME, URL_NAME, ReviewServerPaths, up
+
+    paths = ReviewServerPaths(folder)
+    server = up(paths, port, admin_email)
+    how = "started" if server.started else "already running"
+    typer.echo(f"Label Studio {how}: {server.url} (pid {server.pid}; SQLite database and log in {folder})")
+    typer.echo(f"sign in as {server.admin_email}; its password and API token are in {paths.secrets}")
+    typer.echo(f"export $(grep -E '^({URL_NAME}|{TOKEN_NAME})=' {paths.secrets})   # for review select/push/pull")
+
+
+@review_server_app.command("down")
+def review_server_down(folder: ReviewServerFolder = Path(".label-studio")) -> None:
+    """Stop the Label Studio `review server up` started; its database, accounts and token stay."""
+    from deberta_rad.review_server import ReviewServerPaths, down
+
+    pid = down(ReviewServerPaths(folder))
+    typer.echo(f"stopped Label Studio (pid {pid})" if pid else "Label Studio was not running")
+
+
+@review_server_app.command("status")
+def review_server_status(folder: ReviewServerFolder = Path(".label-studio")) -> None:
+    """Whether the Label Studio `review server up` started runs and answers."""
+    from deberta_rad.review_server import ReviewServerPaths, status
+
+    typer.echo(status(ReviewServerPaths(folder)))
 
 
 platform_app = typer.Typer(

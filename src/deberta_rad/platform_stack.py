@@ -25,13 +25,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import httpx
-
+from deberta_rad.local_servers import (
+    answers,
+    is_running,
+    read_env_file,
+    stop_process,
+    why_not_answering,
+    write_env_file,
+)
 from deberta_rad.net import free_port
 from deberta_rad.webhooks import find_webhook, install_webhook, webhook_url
 
@@ -46,7 +51,6 @@ PROMOTER_PERMISSION = "MANAGE"
 START_TIMEOUT_S = 120.0
 # Where the webhook tells the label service of a promotion unless told otherwise: `deberta-rad serve`'s default.
 DEFAULT_SERVICE_URL = "http://127.0.0.1:3000"
-STOP_TIMEOUT_S = 30.0
 # What runs PostgreSQL when the platform is started as root (CI runs as root; PostgreSQL refuses it):
 # Debian's `postgresql` package creates this account.
 POSTGRES_ACCOUNT = "postgres"
@@ -107,20 +111,6 @@ class PlatformState:
         return f"http://127.0.0.1:{self.mlflow_port}"
 
 
-def is_running(pid: int) -> bool:
-    """Whether a process with this PID exists (a zombie of ours counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, run by another account (PostgreSQL's, when started as root)
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    return True
-
-
 # ----------------------------------------------------------------------------------------------
 # Secrets and state
 # ----------------------------------------------------------------------------------------------
@@ -141,19 +131,12 @@ def _secret_line_name(name: str) -> str:
 def load_secrets(paths: PlatformPaths) -> dict[str, str]:
     """The platform's passwords and keys, generated on first use and kept (mode 600) for every later `up`."""
     names = ["postgres", *ACCOUNTS, *KEYS]
-    known: dict[str, str] = {}
-    if paths.secrets.is_file():
-        for line in paths.secrets.read_text().splitlines():
-            name, _, value = line.partition("=")
-            if value:
-                known[name.strip().lower().removesuffix("_password")] = value.strip()
+    stored = read_env_file(paths.secrets)
+    known = {name.lower().removesuffix("_password"): value for name, value in stored.items()}
     missing = [name for name in names if name not in known]
     if missing:
         known |= {name: _new_secret(name) for name in missing}
-        paths.root.mkdir(parents=True, exist_ok=True)
-        paths.secrets.touch(mode=0o600)
-        paths.secrets.chmod(0o600)
-        paths.secrets.write_text("".join(f"{_secret_line_name(name)}={known[name]}\n" for name in names))
+        write_env_file(paths.secrets, {_secret_line_name(name): known[name] for name in names})
     return known
 
 
@@ -338,18 +321,9 @@ def _start_mlflow(paths: PlatformPaths, postgres_port: int, port: int, known: di
 
 
 def _wait_for_health(uri: str, server: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise PlatformError(f"mlflow server exited with {server.returncode}; its log, {log}, ends:\n{_tail(log)}")
-        if _healthy(uri):
-            return
-        time.sleep(0.5)
-    raise PlatformError(f"mlflow server at {uri} did not answer within {START_TIMEOUT_S:g} s; see {log}")
-
-
-def _tail(log: Path, lines: int = 15) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    why = why_not_answering(f"{uri}/health", server, log, START_TIMEOUT_S)
+    if why is not None:
+        raise PlatformError(f"mlflow server {why}")
 
 
 @contextlib.contextmanager
@@ -438,8 +412,8 @@ def up(paths: PlatformPaths, model_name: str, service_url: str | None = None) ->
         state = replace(state, webhook_url=_point_webhook(state.tracking_uri, known, service_url))
     except BaseException:  # half a platform is none: stop what started, so the next `up` starts afresh
         if mlflow_pid is not None:
-            _stop(mlflow_pid, signal.SIGTERM, group=True)
-        _stop(postgres_pid, signal.SIGINT)
+            stop_process(mlflow_pid, signal.SIGTERM, group=True)
+        stop_process(postgres_pid, signal.SIGINT)
         raise
     _write_state(paths, state)
     return state
@@ -451,28 +425,12 @@ def down(paths: PlatformPaths) -> list[str]:
     if state is None:
         return []
     stopped = []
-    if _stop(state.mlflow_pid, signal.SIGTERM, group=True):
+    if stop_process(state.mlflow_pid, signal.SIGTERM, group=True):
         stopped.append(f"mlflow server (pid {state.mlflow_pid})")
-    if _stop(state.postgres_pid, signal.SIGINT):
+    if stop_process(state.postgres_pid, signal.SIGINT):
         stopped.append(f"PostgreSQL (pid {state.postgres_pid})")
     paths.state.unlink()
     return stopped
-
-
-def _stop(pid: int, sig: signal.Signals, group: bool = False) -> bool:
-    """Signal a process (or its group) and wait for it to end; False if it was not running."""
-    if not is_running(pid):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, sig) if group else os.kill(pid, sig)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while is_running(pid):
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL) if group else os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-        time.sleep(0.2)
-    return True
 
 
 def status(paths: PlatformPaths) -> list[str]:
@@ -480,7 +438,7 @@ def status(paths: PlatformPaths) -> list[str]:
     state = read_state(paths)
     if state is None:
         return [f"the platform in {paths.root} is not running (deberta-rad platform up starts it)"]
-    health = "answers" if _healthy(state.tracking_uri) else "does not answer"
+    health = "answers" if answers(f"{state.tracking_uri}/health") else "does not answer"
     return [
         f"PostgreSQL: {'running' if is_running(state.postgres_pid) else 'stopped'} "
         f"(pid {state.postgres_pid}, 127.0.0.1:{state.postgres_port})",
@@ -488,10 +446,3 @@ def status(paths: PlatformPaths) -> list[str]:
         f"(pid {state.mlflow_pid}, {state.tracking_uri}, /health {health})",
         f"webhook: alias moves are sent to {state.webhook_url or 'nowhere'}",
     ]
-
-
-def _healthy(uri: str) -> bool:
-    try:
-        return httpx.get(f"{uri}/health", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
