@@ -406,6 +406,8 @@ def test_review_server_up_makes_the_admin_and_a_token_keeps_them_and_stops(tmp_p
         token = secrets["DEBERTA_RAD_LABEL_STUDIO_TOKEN"]
         assert token_kind(token) == "personal" and token not in first.stdout + first.stderr
         assert LabelStudioClient(f"http://127.0.0.1:{port}", token).ensure_project("Kept")[1] == "created"
+        log = (folder / "label-studio.log").read_text(errors="replace")
+        assert secrets["ADMIN_PASSWORD"] not in log and token not in log
 
         again = review_server(folder, "up", "--port", str(port))
         assert again.returncode == 0 and "Label Studio already running" in again.stdout
