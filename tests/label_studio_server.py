@@ -19,7 +19,7 @@ from conftest import REPO
 
 from deberta_rad.label_studio import annotation_labels
 from deberta_rad.net import free_port
-from deberta_rad.review_server import INSTALLED, ReviewServerPaths, down, up
+from deberta_rad.review_server import INSTALLED, ReviewServerPaths, down, new_personal_token, signed_in, up
 
 LABEL_STUDIO = REPO / INSTALLED
 
@@ -65,7 +65,7 @@ def label_studio_server(tmp_dir: Path) -> Iterator[LabelStudioServer]:
     running = up(paths, free_port(), command=LABEL_STUDIO)
     try:
         startup_s = time.monotonic() - started
-        session = logged_in(running.url, running.admin_email, running.admin_password)
+        session = signed_in(running.url, running.admin_email, running.admin_password)
         legacy = session.get(f"{running.url}/api/current-user/token", timeout=30)
         legacy.raise_for_status()
         admin = Account(running.admin_email, running.admin_password, running.token, user_id(running.url, running.token))
@@ -87,24 +87,10 @@ def add_reviewer(server: LabelStudioServer, email: str, password: str = "reviewe
     return account(server.url, email, password, session)
 
 
-def logged_in(url: str, email: str, password: str) -> requests.Session:
-    """A browser-like session signed in through the login form."""
-    session = requests.Session()
-    session.get(f"{url}/user/login/", timeout=30).raise_for_status()
-    answer = session.post(
-        f"{url}/user/login/", data=form(session, email=email, password=password), allow_redirects=False, timeout=30
-    )
-    assert answer.status_code == 302, f"login of {email} answered {answer.status_code}"
-    return session
-
-
 def account(url: str, email: str, password: str, session: requests.Session) -> Account:
-    """The signed-in user's new personal access token (POST /api/token/, as Account & Settings does; Label
-    Studio allows one unrevoked token per user) and id."""
-    csrf = {"X-CSRFToken": session.cookies["csrftoken"], "Referer": url}
-    created = session.post(f"{url}/api/token/", json={}, headers=csrf, timeout=30)
-    assert created.status_code == 201, f"token for {email}: {created.status_code} {created.text[:200]}"
-    token = created.json()["token"]
+    """The signed-in user's new personal access token (Label Studio allows one unrevoked token per user)
+    and id."""
+    token = new_personal_token(url, email, session)
     return Account(email, password, token, user_id(url, token))
 
 

@@ -8,11 +8,27 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ServerFolder:
+    """The one folder a server's `up` keeps everything in: its generated secrets and what it started."""
+
+    root: Path
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "secrets.env"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
 
 
 def is_running(pid: int) -> bool:

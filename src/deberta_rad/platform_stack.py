@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from deberta_rad.local_servers import (
+    ServerFolder,
     answers,
     is_running,
     read_env_file,
@@ -61,18 +62,8 @@ class PlatformError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class PlatformPaths:
+class PlatformPaths(ServerFolder):
     """Where the platform keeps its state; everything lives under one folder."""
-
-    root: Path
-
-    @property
-    def secrets(self) -> Path:
-        return self.root / "secrets.env"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state.json"
 
     @property
     def postgres(self) -> Path:

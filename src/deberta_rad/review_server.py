@@ -28,6 +28,7 @@ from pathlib import Path
 import requests
 
 from deberta_rad.local_servers import (
+    ServerFolder,
     answers,
     is_running,
     read_env_file,
@@ -51,22 +52,12 @@ class ReviewServerError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ReviewServerPaths:
+class ReviewServerPaths(ServerFolder):
     """Where `up` keeps Label Studio's data, the secrets, its PID and its log: one folder."""
-
-    root: Path
 
     @property
     def data(self) -> Path:
         return self.root / "data"
-
-    @property
-    def secrets(self) -> Path:
-        return self.root / "secrets.env"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state.json"
 
     @property
     def log(self) -> Path:
@@ -86,7 +77,11 @@ class ReviewServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return loopback_url(self.port)
+
+
+def loopback_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
 
 
 def label_studio_command() -> Path:
@@ -115,7 +110,7 @@ def up(
         )
     state = _read_state(paths)
     if state is not None and is_running(state["pid"]):
-        if not answers(f"http://127.0.0.1:{state['port']}/health"):
+        if not answers(f"{loopback_url(state['port'])}/health"):
             raise ReviewServerError(
                 f"Label Studio (pid {state['pid']}) runs but does not answer on port {state['port']}; "
                 f"see {paths.log}, or `deberta-rad review server down --folder {paths.root}` and up again"
@@ -125,17 +120,19 @@ def up(
     password = stored.get("ADMIN_PASSWORD") or secrets.token_urlsafe(18)
     _check_port_free(port)
     paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # the database holds report text
+    # Kept before Label Studio makes the account with it, so a start that fails later does not lose it.
     write_env_file(paths.secrets, stored | {"ADMIN_EMAIL": email, "ADMIN_PASSWORD": password})
     pid = _start(command, paths, port, email, password)
-    url = f"http://127.0.0.1:{port}"
+    url = loopback_url(port)
     try:
         token = _working_token(url, email, password, stored.get(TOKEN_NAME))
     except BaseException:  # a server whose token we could not make is of no use to review: stop it
         stop_process(pid, signal.SIGTERM, group=True)
         raise
-    write_env_file(paths.secrets, read_env_file(paths.secrets) | {URL_NAME: url, TOKEN_NAME: token})
+    kept = stored | {"ADMIN_EMAIL": email, "ADMIN_PASSWORD": password, URL_NAME: url, TOKEN_NAME: token}
+    write_env_file(paths.secrets, kept)
     paths.state.write_text(json.dumps({"pid": pid, "port": port}) + "\n")
-    return _server(pid, port, read_env_file(paths.secrets), started=True)
+    return _server(pid, port, kept, started=True)
 
 
 def down(paths: ReviewServerPaths) -> int | None:
@@ -153,7 +150,7 @@ def status(paths: ReviewServerPaths) -> str:
     state = _read_state(paths)
     if state is None or not is_running(state["pid"]):
         return f"Label Studio in {paths.root} is not running (deberta-rad review server up starts it)"
-    url = f"http://127.0.0.1:{state['port']}"
+    url = loopback_url(state["port"])
     health = "answers" if answers(f"{url}/health") else "does not answer"
     return f"Label Studio: running (pid {state['pid']}, {url}, /health {health}); secrets in {paths.secrets}"
 
@@ -208,7 +205,7 @@ def _start(command: Path, paths: ReviewServerPaths, port: int, email: str, passw
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    why = why_not_answering(f"http://127.0.0.1:{port}/health", server, paths.log, START_TIMEOUT_S)
+    why = why_not_answering(f"{loopback_url(port)}/health", server, paths.log, START_TIMEOUT_S)
     if why is not None:
         stop_process(server.pid, signal.SIGTERM, group=True)
         raise ReviewServerError(f"Label Studio {why}")
@@ -220,21 +217,26 @@ def _working_token(url: str, email: str, password: str, known: str | None) -> st
     takes it, else a new one (POST /api/token/ from a signed-in session, as Account & Settings does)."""
     if known and requests.post(f"{url}/api/token/refresh/", json={"refresh": known}, timeout=30).ok:
         return known
-    session = _signed_in(url, email, password)
+    return new_personal_token(url, email, signed_in(url, email, password))
+
+
+def new_personal_token(url: str, email: str, session: requests.Session) -> str:
+    """A new personal access token for the account ``session`` is signed in as (POST /api/token/, as
+    Account & Settings does)."""
     made = session.post(
         f"{url}/api/token/", json={}, headers={"X-CSRFToken": session.cookies["csrftoken"], "Referer": url}, timeout=30
     )
     if made.status_code == 409:  # Label Studio allows one unrevoked personal access token per account
         raise ReviewServerError(
-            f"the admin {email} has a personal access token that is not the one kept here: revoke it in Label "
-            f"Studio (sign in at {url}, Account & Settings) and run up again"
+            f"{email} has a personal access token that is not the one kept here: revoke it in Label Studio "
+            f"(sign in at {url}, Account & Settings) and run up again"
         )
     if made.status_code != 201:
         raise ReviewServerError(f"Label Studio at {url}: POST /api/token/ answered {made.status_code}")
     return str(made.json()["token"])
 
 
-def _signed_in(url: str, email: str, password: str) -> requests.Session:
+def signed_in(url: str, email: str, password: str) -> requests.Session:
     """A session signed in through the login form, as a browser is."""
     session = requests.Session()
     session.get(f"{url}/user/login/", timeout=30).raise_for_status()
@@ -242,7 +244,7 @@ def _signed_in(url: str, email: str, password: str) -> requests.Session:
     answer = session.post(f"{url}/user/login/", data=form, allow_redirects=False, timeout=30)
     if answer.status_code != 302:  # the form again: the account does not exist or has another password
         raise ReviewServerError(
-            f"Label Studio at {url} refused the admin {email}'s sign-in (HTTP {answer.status_code}): was its "
+            f"Label Studio at {url} refused {email}'s sign-in (HTTP {answer.status_code}): for the admin, was its "
             "data folder made by another `up`?"
         )
     return session
