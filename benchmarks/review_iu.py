@@ -45,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import scipy.stats
 from teachers_iu import DEFAULT_DATA, iu_subsets
 
 from deberta_rad.data import labels_by_id, merge_sources, split_reports, write_split, write_text_atomically
@@ -563,8 +564,8 @@ def paired_differences(results: list[dict[str, Any]]) -> list[str]:
         more = seed_gaps(errors, strategy, rival, k)  # selected's errors minus random's: below 0 is better
         if gaps:
             lines.append(
-                f"{strategy}, K = {k}: minus random {sum(gaps) / len(gaps):+.3f} on average over {len(gaps)} seeds, "
-                f"ahead under {sum(g > 0 for g in gaps)}"
+                f"{strategy}, K = {k}: minus random {sum(gaps) / len(gaps):+.3f} on average over {len(gaps)} seeds"
+                f"{standard_error_text(gaps)}, ahead under {sum(g > 0 for g in gaps)}"
                 + (
                     f"; errors {sum(more) / len(more):+.1f}, fewer under {sum(g < 0 for g in more)} of {len(more)}"
                     if more
@@ -574,10 +575,16 @@ def paired_differences(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def standard_error_text(gaps: list[float]) -> str:
+    """`` (standard error S)`` of the mean of the paired gaps, or nothing for a single pair."""
+    return f" (standard error {statistics.stdev(gaps) / len(gaps) ** 0.5:.3f})" if len(gaps) > 1 else ""
+
+
 def correction_worth(results: list[dict[str, Any]]) -> list[str]:
     """What one corrected report is worth: the least-squares slope of each reviewed student's F1 and errors
-    over its seed's no-review student (of the same variant) against the reports its review corrected.
-    Times the corrections selection finds beyond random, it is the gap a perfect measurement would see."""
+    over its seed's no-review student (of the same variant) against the reports its review corrected, with
+    the slope's standard error. Times the corrections selection finds beyond random, it is the gap a perfect
+    measurement would see; slope plus twice its standard error bounds what the choice can buy."""
     baseline = {(row["strategy"], row["seed"]): row for row in results if row["k"] == 0}
     pairs = [(row, base) for row in results if row["k"] > 0 and (base := no_review_of(row, baseline))]
     if not fittable(pairs):
@@ -585,11 +592,15 @@ def correction_worth(results: list[dict[str, Any]]) -> list[str]:
     corrected = [row["corrected_reports"] for row, _ in pairs]
     gains = [row["f1"] - base["f1"] for row, base in pairs]
     r = f"{statistics.correlation(corrected, gains):.2f}" if len(set(gains)) > 1 else "n/a"
-    slope = statistics.linear_regression(corrected, gains).slope
-    line = f"per corrected report, over {len(pairs)} reviewed students: F1 {slope:+.4f} (r = {r})"
+    fit = scipy.stats.linregress(corrected, gains)
+    spread = f"{fit.stderr:.4f}" if len(set(gains)) > 1 else "n/a"  # linregress gives nan for equal gains
+    line = (
+        f"per corrected report, over {len(pairs)} reviewed students: F1 {fit.slope:+.4f} "
+        f"(standard error {spread}, r = {r})"
+    )
     counted = [(row, base) for row, base in pairs if "errors" in row and "errors" in base]
     if fittable(counted):
-        errors = statistics.linear_regression(
+        errors = scipy.stats.linregress(
             [row["corrected_reports"] for row, _ in counted], [row["errors"] - base["errors"] for row, base in counted]
         )
         line += f", errors {errors.slope:+.2f}"
@@ -598,7 +609,7 @@ def correction_worth(results: list[dict[str, Any]]) -> list[str]:
 
 def fittable(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> bool:
     """Whether a line can be fitted through these students: three or more, with two correction counts at least
-    (statistics.linear_regression refuses a constant x)."""
+    (a line through a constant x has no slope)."""
     return len(pairs) >= 3 and len({row["corrected_reports"] for row, _ in pairs}) > 1
 
 

@@ -53,11 +53,14 @@ def test_combine_pairs_the_seeds_and_prices_a_correction(tmp_path: Path) -> None
     result = combine(selected, chance)
     assert result.returncode == 0, result.stderr
     assert "| no review | 0 | 2 | 0 | 0 | 0.810 (0.800-0.820) | 95.0 |" in result.stdout
-    pairs = f"selected{variant}, K = 10: minus random +0.022 on average over 2 seeds, ahead under 2"
+    # gaps 0.04 and 0.005: their standard deviation 0.0247 over the root of 2 (0.0175, rounded down)
+    pairs = (
+        f"selected{variant}, K = 10: minus random +0.022 on average over 2 seeds (standard error 0.017), ahead under 2"
+    )
     pairs += "; errors -4.5, fewer under 2 of 2"  # selected's errors minus random's: 92 - 100, 88 - 89
     assert pairs in result.stdout
     # gains 0.04, 0, 0.01, 0.005 over 4, 0, 2, 1 corrections; errors -8, 0, -2, -1
-    slope = "per corrected report, over 4 reviewed students: F1 +0.0101 (r = 0.96), errors -2.03"
+    slope = "per corrected report, over 4 reviewed students: F1 +0.0101 (standard error 0.0020, r = 0.96), errors -2.03"
     assert slope in result.stdout
 
 
@@ -82,5 +85,8 @@ def test_combine_leaves_out_a_fit_the_rows_cannot_make(tmp_path: Path) -> None:
     run.write_text(json.dumps({"results": rows}))
     result = combine(run)
     assert result.returncode == 0, result.stderr
-    assert "per corrected report, over 4 reviewed students: F1 +0.0000 (r = n/a) (against" in result.stdout
+    assert (
+        "per corrected report, over 4 reviewed students: F1 +0.0000 (standard error n/a, r = n/a) (against"
+        in result.stdout
+    )
     assert "errors" not in result.stdout.splitlines()[-1]
