@@ -53,7 +53,7 @@ def test_combine_pairs_the_seeds_and_prices_a_correction(tmp_path: Path) -> None
     result = combine(selected, chance)
     assert result.returncode == 0, result.stderr
     assert "| no review | 0 | 2 | 0 | 0 | 0.810 (0.800-0.820) | 95.0 |" in result.stdout
-    # gaps 0.04 and 0.005: their standard deviation 0.0247 over the root of 2 (0.0175, rounded down)
+    # gaps 0.04 and 0.005: their standard deviation 0.0247 over the root of 2 (0.017499... in floating point)
     pairs = (
         f"selected{variant}, K = 10: minus random +0.022 on average over 2 seeds (standard error 0.017), ahead under 2"
     )
