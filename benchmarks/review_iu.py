@@ -591,9 +591,9 @@ def correction_worth(results: list[dict[str, Any]]) -> list[str]:
         return []
     corrected = [row["corrected_reports"] for row, _ in pairs]
     gains = [row["f1"] - base["f1"] for row, base in pairs]
-    r = f"{statistics.correlation(corrected, gains):.2f}" if len(set(gains)) > 1 else "n/a"
     fit = scipy.stats.linregress(corrected, gains)
-    spread = f"{fit.stderr:.4f}" if len(set(gains)) > 1 else "n/a"  # linregress gives nan for equal gains
+    varies = len(set(gains)) > 1  # equal gains have no correlation: linregress gives nan for r and the error
+    spread, r = (f"{fit.stderr:.4f}", f"{fit.rvalue:.2f}") if varies else ("n/a", "n/a")
     line = (
         f"per corrected report, over {len(pairs)} reviewed students: F1 {fit.slope:+.4f} "
         f"(standard error {spread}, r = {r})"
