@@ -16,6 +16,11 @@ import httpx
 STOP_TIMEOUT_S = 30.0
 
 
+def loopback_url(port: int) -> str:
+    """The HTTP address of a server this project started: they listen on 127.0.0.1 only."""
+    return f"http://127.0.0.1:{port}"
+
+
 @dataclass(frozen=True)
 class ServerFolder:
     """The one folder a server's `up` keeps everything in: its generated secrets and what it started."""

@@ -33,6 +33,7 @@ from deberta_rad.local_servers import (
     ServerFolder,
     answers,
     is_running,
+    loopback_url,
     read_env_file,
     stop_process,
     why_not_answering,
@@ -99,7 +100,7 @@ class PlatformState:
 
     @property
     def tracking_uri(self) -> str:
-        return f"http://127.0.0.1:{self.mlflow_port}"
+        return loopback_url(self.mlflow_port)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +308,7 @@ def _start_mlflow(paths: PlatformPaths, postgres_port: int, port: int, known: di
     ]
     with paths.mlflow_log.open("ab") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    _wait_for_health(f"http://127.0.0.1:{port}", server, paths.mlflow_log)
+    _wait_for_health(loopback_url(port), server, paths.mlflow_log)
     return server.pid
 
 

@@ -31,6 +31,7 @@ from deberta_rad.local_servers import (
     ServerFolder,
     answers,
     is_running,
+    loopback_url,
     read_env_file,
     stop_process,
     why_not_answering,
@@ -78,10 +79,6 @@ class ReviewServer:
     @property
     def url(self) -> str:
         return loopback_url(self.port)
-
-
-def loopback_url(port: int) -> str:
-    return f"http://127.0.0.1:{port}"
 
 
 def label_studio_command() -> Path:
